@@ -1,0 +1,102 @@
+"""Catalog Lens: teach the computer to tag your product photos.
+
+Run with ``streamlit run app.py``. This file declares the journey and draws the sidebar;
+each step is a thin script in ``pages/`` over the ``core`` package.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import streamlit as st
+
+from core import journey, workspace
+from core.problems import InputError
+from pages import ui
+
+ASSETS = Path(__file__).parent / "assets"
+
+st.set_page_config(
+    page_title="Catalog Lens",
+    page_icon=str(ASSETS / "logo.png") if (ASSETS / "logo.png").exists() else "🔍",
+    layout="wide",
+)
+
+
+@st.cache_resource(show_spinner=False)
+def _device_badge() -> str:
+    from core.device import describe_device, pick_device
+
+    return describe_device(pick_device())
+
+
+def _project_picker() -> workspace.Project | None:
+    project = ui.current_project()
+    projects = workspace.list_projects()
+    st.sidebar.subheader("Project")
+    if projects:
+        slugs = [p.slug for p in projects]
+        names = {p.slug: p.name for p in projects}
+        index = slugs.index(project.slug) if project and project.slug in slugs else None
+        chosen = st.sidebar.selectbox(
+            "Open project", slugs, index=index, format_func=names.get,
+            placeholder="Choose a project", label_visibility="collapsed", key="project_picker",
+        )
+        if chosen and (project is None or chosen != project.slug):
+            ui.set_current_project(chosen)
+            st.rerun()
+    with st.sidebar.expander("New project", expanded=not projects):
+        with st.form("new_project", clear_on_submit=True, border=False):
+            name = st.text_input("Name", placeholder="e.g. Person in photo")
+            if st.form_submit_button("Create project", type="primary"):
+                try:
+                    created = workspace.create_project(name)
+                except InputError as exc:
+                    st.error(str(exc))
+                else:
+                    ui.set_current_project(created.slug)
+                    st.session_state.pop("project_picker", None)
+                    st.rerun()
+    if project is not None:
+        with st.sidebar.expander("Manage project"):
+            new_name = st.text_input("Rename to", value=project.name, key=f"rename-{project.slug}")
+            if st.button("Rename", key="rename") and new_name != project.name:
+                try:
+                    project.rename(new_name)
+                    st.rerun()
+                except InputError as exc:
+                    st.error(str(exc))
+            sure = st.checkbox(f"Yes, delete '{project.name}' and all its photos", key=f"sure-{project.slug}")
+            if st.button("Delete project", disabled=not sure, key="delete"):
+                workspace.delete_project(project.slug)
+                ui.set_current_project(None)
+                st.session_state.pop("project_picker", None)
+                st.rerun()
+    return project
+
+
+project = _project_picker()
+progress = journey.progress(project)
+
+
+def _title(step: str) -> str:
+    return ui.STEP_TITLES[step] + ("  ✓" if progress.done.get(step) else "")
+
+
+pages = {
+    "home": st.Page("pages/home.py", title="Home", icon="🏠", default=True, url_path="home"),
+    "data": st.Page("pages/data.py", title=_title("data"), url_path="data"),
+    "backbone": st.Page("pages/backbone.py", title=_title("backbone"), url_path="backbone"),
+    "train": st.Page("pages/train.py", title=_title("train"), url_path="train"),
+    "explore": st.Page("pages/explore.py", title=_title("explore"), url_path="explore"),
+    "tag": st.Page("pages/tag.py", title=_title("tag"), url_path="tag"),
+    "report": st.Page("pages/report.py", title=_title("report"), url_path="report"),
+}
+ui.register_pages(pages)
+nav = st.navigation({"": [pages["home"]], "Your journey": [pages[s] for s in journey.STEPS]})
+
+if (ASSETS / "logo.png").exists():
+    st.logo(str(ASSETS / "logo.png"), size="large")
+st.sidebar.divider()
+st.sidebar.caption(f"Computing on: **{_device_badge()}**")
+nav.run()

@@ -1,0 +1,131 @@
+"""Step 1: photos and the label sheet in; what matched, what did not and why; fixes."""
+
+import streamlit as st
+
+from core import intake, jobs, labels
+from core.problems import InputError
+from pages import ui
+
+PHOTO_TYPES = ["jpg", "jpeg", "jfif", "png", "webp", "gif", "bmp", "tif", "tiff", "zip"]
+SHEET_TYPES = ["csv", "tsv", "txt", "xlsx", "xlsm", "xls"]
+
+st.title("1 · Data")
+st.caption("Add your product photos and the label sheet you already have. Everything is saved as you go.")
+project = ui.require_project()
+
+left, right = st.columns(2)
+with left:
+    st.subheader("Photos")
+    files = st.file_uploader(
+        "Photos, or a zip of folders of photos", type=PHOTO_TYPES, accept_multiple_files=True,
+        key=ui.upload_key("photos"), help="JPEG, PNG, WebP, GIF, BMP, TIFF, or a .zip. Re-uploading a photo adds nothing.",
+    )
+    if files:
+        for f in files:
+            intake.stage_upload(project, filename=f.name, data=f)
+        jobs.submit(project, "intake")
+        ui.reset_upload("photos")
+        st.rerun()
+with right:
+    st.subheader("Label sheet")
+    sheet_file = st.file_uploader(
+        "CSV, TSV or Excel: one row per photo, with its file name and its label", type=SHEET_TYPES,
+        key=ui.upload_key("sheet"),
+    )
+    if sheet_file is not None:
+        try:
+            intake.apply_sheet(project, filename=sheet_file.name, data=sheet_file.getvalue())
+            ui.reset_upload("sheet")
+            st.rerun()
+        except InputError as exc:
+            st.error(f"{sheet_file.name}: {exc}")
+    state = intake.sheet_state(project)
+    if state:
+        st.caption(f"Using **{state.filename}**: photo names from column **{state.image_column or '?'}**, "
+                   f"labels from column **{state.label_column or '?'}**.")
+        with st.expander("Change the columns", expanded=not (state.image_column and state.label_column)):
+            cols = list(state.columns)
+            image_col = st.selectbox("Column with the photo file names", cols,
+                                     index=cols.index(state.image_column) if state.image_column in cols else None)
+            label_col = st.selectbox("Column with the labels", cols,
+                                     index=cols.index(state.label_column) if state.label_column in cols else None)
+            if st.button("Use these columns") and image_col and label_col:
+                intake.apply_sheet(project, filename=state.filename, image_column=image_col, label_column=label_col)
+                st.rerun()
+
+job = ui.job_panel(project, "intake", noun="files")
+if job and job.status == "done" and job.result and not st.session_state.get(f"seen-{job.id}"):
+    r = job.result
+    st.success(f"Checked {r['files_seen']} files: {r['photos_added']} new photos added, "
+               f"{r['photos_known']} already in the project, {r['problems']} could not be used.")
+    st.session_state[f"seen-{job.id}"] = True
+
+summary = intake.data_summary(project)
+if summary["photos"] == 0 and not state:
+    st.info("Nothing here yet. Drop your photos (or a zip) on the left and your label sheet on the right.")
+    st.stop()
+
+c = st.columns(5)
+c[0].metric("Photos", summary["photos"])
+c[1].metric("Labelled", summary["labelled"])
+c[2].metric("Without a label", summary["unlabelled"])
+c[3].metric("Left out", summary["excluded"])
+c[4].metric("Problems", summary["errors"], help=f"{summary['warnings']} more warnings")
+if summary["match"]:
+    m = summary["match"]
+    st.caption(f"The sheet has {m['rows_total']} rows: {m['rows_matched']} matched a photo, "
+               f"{m['rows_unmatched']} did not (see Problems).")
+
+names = project.class_names()
+classes = list(summary["classes"])
+if classes:
+    st.write("**Photos per class:** " + " · ".join(f"{names.get(k, k)}: {v}" for k, v in summary["classes"].items()))
+    coded = labels.labels_look_coded(classes)
+    with st.expander("Name the classes", expanded=coded and not names):
+        st.caption("Your labels are short codes. Give each a name people will understand, e.g. 1 → “Person in photo”.")
+        with st.form("class_names", border=False):
+            new = {k: st.text_input(f"Label “{k}”", value=names.get(k, "")) for k in classes}
+            if st.form_submit_button("Save names"):
+                project.set_class_names(new)
+                st.rerun()
+
+blockers = [p for p in intake.refresh_blockers(project) if p.severity == "error"]
+for p in blockers:
+    st.warning(p.message)
+
+tab_photos, tab_fix, tab_problems = st.tabs(["Photos by class", "Fix labels", f"Problems ({summary['errors'] + summary['warnings']})"])
+table = intake.review_table(project)
+with tab_photos:
+    groups = [*classes, ""] if (table["label"] == "").any() else classes
+    if groups:
+        group = st.radio("Show", groups, horizontal=True, format_func=lambda k: names.get(k, k) if k else "Without a label")
+        subset = table[(table["label"] == group)]
+        shown = ui.paged(list(subset.itertuples()), key=f"page-{group}")
+        ui.thumb_grid(project, [r.sha for r in shown], [r.name for r in shown])
+with tab_fix:
+    st.caption("Change a label or tick “Leave out” for photos that should not be used, then press Save. "
+               "Your fixes are kept even if you upload a new sheet.")
+    edited = st.data_editor(
+        table, hide_index=True, disabled=["name", "label_source"], column_order=["name", "label", "excluded", "label_source"],
+        column_config={
+            "label": st.column_config.SelectboxColumn("Label", options=classes or None),
+            "excluded": st.column_config.CheckboxColumn("Leave out"),
+            "label_source": st.column_config.TextColumn("From", help="sheet, manual fix, or conflict in the sheet"),
+            "name": st.column_config.TextColumn("Photo"),
+        }, key="fix_table",
+    )
+    if st.button("Save fixes", type="primary"):
+        n = intake.apply_fixes(project, table, edited)
+        st.toast(f"Saved {n} fixes.")
+        st.rerun()
+with tab_problems:
+    problems = project.problems()
+    if problems.empty:
+        st.success("No problems found.")
+    else:
+        st.dataframe(problems[["severity", "file", "row", "message"]], hide_index=True, width="stretch")
+        st.download_button("Download the problem list (CSV)", problems.to_csv(index=False).encode("utf-8-sig"),
+                           file_name=f"{project.slug}-problems.csv", mime="text/csv")
+
+ui.next_step("data", ready=not blockers and summary["labelled"] > 0,
+             hint="it opens once you have at least two classes with 5 labelled photos each.")

@@ -1,0 +1,74 @@
+"""Background jobs: state in the workspace, cancel, failure, interruption."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from core import jobs, workspace
+
+
+@jobs.register("test-count")
+def _count(ctx: jobs.JobContext) -> dict:
+    total = ctx.params["n"]
+    for i in range(total):
+        if ctx.params.get("cancel_at") == i:
+            jobs.cancel(ctx.project, ctx.job_id)
+        ctx.check_cancel()
+        ctx.progress(i + 1, total, "Counting", force=True)
+        ctx.event(step=i)
+    return {"counted": total}
+
+
+@jobs.register("test-fail")
+def _fail(ctx: jobs.JobContext) -> None:
+    raise ValueError("The sheet has no label column.")
+
+
+@pytest.fixture
+def project():
+    return workspace.create_project("jobs")
+
+
+def test_run_records_progress_events_and_result(project):
+    job = jobs.submit(project, "test-count", {"n": 5}, start=False)
+    assert job.status == "queued"
+    finished = jobs.run(project, job.id)
+    assert finished.status == "done" and finished.result == {"counted": 5}
+    assert (finished.done, finished.total, finished.fraction) == (5, 5, 1.0)
+    assert [e["step"] for e in jobs.events(project, job.id)] == [0, 1, 2, 3, 4]
+    assert jobs.latest(project, "test-count").id == job.id
+
+
+def test_cancel_stops_between_steps_and_keeps_progress(project):
+    job = jobs.submit(project, "test-count", {"n": 10, "cancel_at": 3}, start=False)
+    finished = jobs.run(project, job.id)
+    assert finished.status == "cancelled" and finished.done == 3
+
+
+def test_failure_is_a_plain_message_not_a_crash(project):
+    job = jobs.submit(project, "test-fail", {}, start=False)
+    finished = jobs.run(project, job.id)
+    assert finished.status == "failed"
+    assert finished.error == "The sheet has no label column."
+
+
+def test_a_dead_process_shows_as_interrupted(project, monkeypatch):
+    job = jobs.submit(project, "test-count", {"n": 3}, start=False)
+    with project.db() as con:  # a job that started in a process that no longer exists
+        con.execute("UPDATE jobs SET status='running', pid=999999, updated_at=? WHERE id=?",
+                    (time.time() - 120, job.id))
+    assert jobs.get(project, job.id).status == "interrupted"
+
+
+def test_same_active_job_is_not_started_twice(project):
+    first = jobs.submit(project, "test-count", {"n": 3}, start=False)
+    again = jobs.submit(project, "test-count", {"n": 3}, start=False)
+    other = jobs.submit(project, "test-count", {"n": 4}, start=False)
+    assert again.id == first.id and other.id != first.id
+
+
+def test_unknown_kind_is_refused(project):
+    with pytest.raises(ValueError, match="Unknown job kind"):
+        jobs.submit(project, "nope")

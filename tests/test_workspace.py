@@ -1,0 +1,139 @@
+"""Projects on disk: content-addressed photos, labels vs manual fixes, atomic writes."""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+
+import pytest
+
+from core import workspace
+from core.problems import InputError, Problem
+
+
+def _file(tmp_path, name, data: bytes):
+    path = tmp_path / name
+    path.write_bytes(data)
+    return path
+
+
+def test_create_list_rename_delete(workspace_home):
+    a = workspace.create_project("Person in photo")
+    b = workspace.create_project("Person in photo")
+    assert a.slug == "person-in-photo" and b.slug == "person-in-photo-2"
+    assert {p.slug for p in workspace.list_projects()} == {a.slug, b.slug}
+    assert a.root.is_relative_to(workspace_home)
+    a.rename("  Models   on photos ")
+    assert workspace.open_project(a.slug).name == "Models on photos"
+    workspace.delete_project(b.slug)
+    assert [p.slug for p in workspace.list_projects()] == [a.slug]
+    with pytest.raises(InputError, match="no project"):
+        workspace.open_project(b.slug)
+
+
+@pytest.mark.parametrize("bad", ["", "   "])
+def test_create_rejects_empty_names(bad):
+    with pytest.raises(InputError, match="name"):
+        workspace.create_project(bad)
+
+
+def test_open_refuses_path_tricks():
+    with pytest.raises(InputError):
+        workspace.open_project("../etc")
+
+
+def test_images_are_stored_once_by_content(tmp_path):
+    project = workspace.create_project("p")
+    one = _file(tmp_path, "a.jpg", b"same bytes")
+    sha, stored = project.add_image(one, name="a.jpg")
+    sha2, stored2 = project.add_image(_file(tmp_path, "b.jpg", b"same bytes"), name="folder/b.jpg")
+    assert sha == sha2 and stored and not stored2
+    assert len(project.images()) == 1
+    assert set(project.names()["name"]) == {"a.jpg", "folder/b.jpg"}
+    assert project.image_path(sha).read_bytes() == b"same bytes"
+    files = list((project.root / "images").rglob("*.jpg"))
+    assert len(files) == 1 and files[0].name == f"{sha}.jpg"
+
+
+def test_name_reuploaded_with_new_bytes_points_to_new_photo(tmp_path):
+    project = workspace.create_project("p")
+    old, _ = project.add_image(_file(tmp_path, "x1", b"old"), name="x.jpg")
+    new, _ = project.add_image(_file(tmp_path, "x2", b"new"), name="x.jpg")
+    assert old != new
+    assert project.names().set_index("name").loc["x.jpg", "sha"] == new
+
+
+def test_manual_fixes_win_over_sheet_and_survive_a_new_sheet(tmp_path):
+    project = workspace.create_project("p")
+    a, _ = project.add_image(_file(tmp_path, "a", b"a"), name="a.jpg")
+    b, _ = project.add_image(_file(tmp_path, "b", b"b"), name="b.jpg")
+    project.set_sheet_labels({"a.jpg": "person", "b.jpg": "no_person"})
+    project.set_override(b, label="person")
+    project.set_override(a, excluded=True)
+    project.set_sheet_labels({"a.jpg": "no_person", "b.jpg": "no_person"})  # new sheet
+    ds = project.dataset().set_index("sha")
+    assert ds.loc[b, "label"] == "person" and ds.loc[b, "label_source"] == "manual"
+    assert ds.loc[a, "label"] == "no_person" and ds.loc[a, "excluded"]
+    assert list(project.training_set()["sha"]) == [b]
+
+
+def test_two_names_with_conflicting_labels_leave_the_photo_unlabelled(tmp_path):
+    project = workspace.create_project("p")
+    project.add_image(_file(tmp_path, "a", b"a"), name="a.jpg")
+    project.add_image(_file(tmp_path, "a2", b"a"), name="copy-of-a.jpg")
+    project.set_sheet_labels({"a.jpg": "person", "copy-of-a.jpg": "no_person"})
+    row = project.dataset().iloc[0]
+    assert row["label"] == "" and row["label_source"] == "conflict"
+
+
+def test_class_names_and_problems_roundtrip():
+    project = workspace.create_project("p")
+    project.set_class_names({"1": "Person in photo", "0": ""})
+    assert project.class_names() == {"1": "Person in photo"}
+    assert project.display("0") == "0"
+    project.replace_problems("sheet", [Problem("missing_photo", "row 3: x.jpg was not uploaded", row=3, severity="warning")])
+    project.replace_problems("up-1", [Problem("unreadable_image", "bad.jpg: truncated", file="bad.jpg")])
+    project.replace_problems("sheet", [])
+    problems = project.problems()
+    assert list(problems["kind"]) == ["unreadable_image"]
+
+
+def test_state_is_shared_between_two_handles_and_survives_reopen(tmp_path):
+    first = workspace.create_project("shared")
+    second = workspace.open_project(first.slug)  # e.g. a second browser tab
+    first.set_meta("sheet", {"filename": "labels.csv"})
+    assert second.get_meta("sheet") == {"filename": "labels.csv"}
+    del first, second
+    assert workspace.open_project("shared").get_meta("sheet")["filename"] == "labels.csv"
+
+
+def test_concurrent_writers_do_not_lose_updates():
+    project = workspace.create_project("busy")
+
+    def writer(n):
+        handle = workspace.open_project(project.slug)
+        for i in range(25):
+            handle.set_meta(f"w{n}-{i}", i)
+
+    threads = [threading.Thread(target=writer, args=(n,)) for n in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert project.query("SELECT COUNT(*) FROM meta WHERE key LIKE 'w%'")[0][0] == 100
+    con = sqlite3.connect(project.root / "project.db")
+    assert con.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+
+
+def test_atomic_write_leaves_old_content_on_failure(tmp_path, monkeypatch):
+    target = tmp_path / "f.json"
+    workspace.atomic_write_text(target, "old")
+
+    def boom(*args):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(workspace.os, "replace", boom)
+    with pytest.raises(OSError):
+        workspace.atomic_write_text(target, "new")
+    assert target.read_text() == "old"
+    assert [p.name for p in tmp_path.iterdir()] == ["f.json"]  # no temp file left behind
