@@ -117,11 +117,20 @@ def read_sheet(source: Path | bytes, *, filename: str) -> Sheet:
             f"'{filename}' is {kind}, not a label sheet. Upload the spreadsheet that lists "
             "each photo's file name and its label (CSV or Excel .xlsx)."
         )
-    if data.startswith(b"PK\x03\x04") or suffix in {".xlsx", ".xlsm", ".xltx", ".xltm"}:
+    if data.startswith(b"PK\x03\x04"):
         rows, numbers = _read_workbook(data, filename=filename)
         return _build_sheet(rows, numbers, filename=filename, encoding=None, delimiter=None)
 
-    text, encoding = _decode(data, filename=filename)
+    try:
+        text, encoding = _decode(data, filename=filename)
+    except InputError:
+        if suffix in {".xls", ".xlsb", ".xlsx", ".xlsm", ".ods", ".numbers"}:
+            raise InputError(
+                f"'{filename}' is a spreadsheet format that cannot be read here, or a damaged "
+                "file. Open it in Excel and use File > Save As > 'Excel Workbook (.xlsx)' or "
+                "'CSV UTF-8', then upload that file."
+            ) from None
+        raise
     stripped = text.lstrip().casefold()
     if stripped.startswith(("<!doctype html", "<html", "<table", "<?xml")):
         raise InputError(
@@ -722,8 +731,8 @@ def match_labels(
 
     if merge_note is not None:
         problems.append(merge_note)
-    if refs and matched == 0 and uploads:
-        examples = ", ".join(f"'{r}'" for r in [r for r in refs if r][:3])
+    examples = ", ".join(f"'{r}'" for r in [r for r in refs if r][:3])
+    if examples and matched == 0 and uploads:
         problems.append(Problem(
             "no_matches",
             f"None of the photo names in column '{image_column}' of '{file}' (for example "
