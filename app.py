@@ -30,8 +30,7 @@ def _device_badge() -> str:
     return describe_device(pick_device())
 
 
-def _project_picker() -> workspace.Project | None:
-    project = ui.current_project()
+def _project_picker(project: workspace.Project | None) -> None:
     projects = workspace.list_projects()
     st.sidebar.subheader("Project")
     if projects:
@@ -46,17 +45,17 @@ def _project_picker() -> workspace.Project | None:
             ui.set_current_project(chosen)
             st.rerun()
     with st.sidebar.expander("New project", expanded=not projects):
-        with st.form("new_project", clear_on_submit=True, border=False):
-            name = st.text_input("Name", placeholder="e.g. Person in photo")
-            if st.form_submit_button("Create project", type="primary"):
-                try:
-                    created = workspace.create_project(name)
-                except InputError as exc:
-                    st.error(str(exc))
-                else:
-                    ui.set_current_project(created.slug)
-                    st.session_state.pop("project_picker", None)
-                    st.rerun()
+        name = st.text_input("Name", placeholder="e.g. Person in photo", key="new_project_name")
+        if st.button("Create project", type="primary", key="create_project"):
+            try:
+                created = workspace.create_project(name)
+            except InputError as exc:
+                st.error(str(exc))
+            else:
+                ui.set_current_project(created.slug)
+                st.session_state.pop("project_picker", None)
+                st.session_state.pop("new_project_name", None)
+                st.rerun()
     if project is not None:
         with st.sidebar.expander("Manage project"):
             new_name = st.text_input("Rename to", value=project.name, key=f"rename-{project.slug}")
@@ -72,10 +71,9 @@ def _project_picker() -> workspace.Project | None:
                 ui.set_current_project(None)
                 st.session_state.pop("project_picker", None)
                 st.rerun()
-    return project
 
 
-project = _project_picker()
+project = ui.current_project()
 progress = journey.progress(project)
 
 
@@ -84,7 +82,7 @@ def _title(step: str) -> str:
 
 
 pages = {
-    "home": st.Page("pages/home.py", title="Home", icon="🏠", default=True, url_path="home"),
+    "home": st.Page("pages/home.py", title="Home", icon=":material/home:", default=True, url_path="home"),
     "data": st.Page("pages/data.py", title=_title("data"), url_path="data"),
     "backbone": st.Page("pages/backbone.py", title=_title("backbone"), url_path="backbone"),
     "train": st.Page("pages/train.py", title=_title("train"), url_path="train"),
@@ -94,6 +92,8 @@ pages = {
 }
 ui.register_pages(pages)
 nav = st.navigation({"": [pages["home"]], "Your journey": [pages[s] for s in journey.STEPS]})
+# Sidebar widgets come after st.navigation: widgets drawn before it lose their values on rerun.
+_project_picker(project)
 
 if (ASSETS / "logo.png").exists():
     st.logo(str(ASSETS / "logo.png"), size="large")

@@ -26,6 +26,7 @@ from core.problems import InputError, Problem
 from core.workspace import Project, atomic_write_bytes, sha256_file
 
 JUNK_NAMES = {".ds_store", "thumbs.db", "desktop.ini"}
+SHEET_SUFFIXES = {".csv", ".tsv", ".xlsx", ".xlsm"}
 
 
 def _safe_filename(filename: str) -> str:
@@ -67,6 +68,20 @@ def _folder_files(folder: Path) -> tuple[list[uploads.UploadedFile], int]:
         if path.is_file() and not path.is_symlink():
             files.append(uploads.UploadedFile(unicodedata.normalize("NFC", rel.as_posix()), path))
     return files, junk
+
+
+def _sheet_in_upload(project: Project, item: uploads.UploadedFile) -> Problem:
+    """A label sheet that came inside a zip is used when the project has none yet."""
+    if sheet_state(project) is not None:
+        return Problem("sheet_in_zip_ignored", f"{item.name} looks like a label sheet; it was not used because "
+                       "the project already has one. Upload it as the label sheet to replace it.",
+                       file=item.name, severity="warning")
+    try:
+        apply_sheet(project, filename=Path(item.name).name, data=item.path.read_bytes())
+    except InputError as exc:
+        return Problem("bad_sheet", f"{item.name}: {exc}", file=item.name)
+    return Problem("sheet_from_zip", f"{item.name} was found in the upload and used as the label sheet.",
+                   file=item.name, severity="info")
 
 
 @dataclass
@@ -123,6 +138,8 @@ def process_staged(
             base = Path(item.name).name.casefold()
             if base in JUNK_NAMES or base.startswith("._"):
                 junk += 1
+            elif Path(base).suffix in SHEET_SUFFIXES:
+                problems.append(_sheet_in_upload(project, item))
             else:
                 try:
                     info = images.inspect_image(item.path)

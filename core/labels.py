@@ -38,12 +38,8 @@ __all__ = [
     "training_blockers",
 ]
 
-IMAGE_EXTENSIONS = frozenset(
-    {".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".gif", ".webp", ".bmp", ".tif", ".tiff",
-     ".heic", ".heif", ".avif"}
-)
+IMAGE_EXTENSIONS = frozenset(".jpg .jpeg .jpe .jfif .png .gif .webp .bmp .tif .tiff .heic .heif .avif".split())
 _DELIMITERS = ("\t", ";", ",", "|")  # order breaks exact ties only
-_DELIMITER_NAMES = {"\t": "tab", ";": "semicolon", ",": "comma", "|": "pipe"}
 _SNIFF_CHARS = 64_000
 _SNIFF_ROWS = 200
 _NO_DELIMITER = "\x1f"  # ASCII unit separator: never found in a real sheet
@@ -52,7 +48,7 @@ _URL_RE = re.compile(r"^[a-z][a-z0-9+.-]*://", re.IGNORECASE)
 _EXT_PATTERN = "|".join(re.escape(e[1:]) for e in sorted(IMAGE_EXTENSIONS))
 _QUERY_AFTER_EXT_RE = re.compile(rf"(\.(?:{_EXT_PATTERN}))[?#].*$", re.IGNORECASE)
 _IMAGE_REF_RE = re.compile(rf"\.(?:{_EXT_PATTERN})(?:[?#].*)?$", re.IGNORECASE)
-_INTEGRAL_RE = re.compile(r"([+-]?\d+)[.,]0+")
+_INTEGRAL_RE = re.compile(r"([+-]?\d+)\.0+")
 _NUMBER_RE = re.compile(r"[+-]?(\d+([.,]\d*)?|[.,]\d+)([eE][+-]?\d+)?")
 _INVISIBLE = "\ufeff\u200b\u200c\u200d\u2060"
 
@@ -252,7 +248,7 @@ def _decode(data: bytes, *, filename: str) -> tuple[str, str]:
     candidates: list[tuple[bytes, str]] = []
     for bom, name in boms:
         if data.startswith(bom):
-            candidates = [(data[len(bom):], name)]
+            candidates = [(data[len(bom) :], name)]
             break
     else:
         guessed = _utf16_without_bom(data)
@@ -290,11 +286,7 @@ def _looks_binary(text: str) -> bool:
     sample = text[:_SNIFF_CHARS]
     if not sample:
         return False
-    bad = sum(
-        1
-        for ch in sample
-        if (ch < " " and ch not in "\t\r\n\f\v") or "\x7f" <= ch <= "\x9f" or ch == "\ufffd"
-    )
+    bad = sum(1 for ch in sample if (ch < " " and ch not in "\t\r\n\f\v") or "\x7f" <= ch <= "\x9f" or ch == "\ufffd")
     return "\x00" in sample or bad > max(2, 0.005 * len(sample))
 
 
@@ -307,25 +299,48 @@ def _parse_text(text: str, *, filename: str) -> tuple[list[list[str]], list[int]
         delimiter, text = declared.group(1), rest
     else:
         delimiter = _detect_delimiter(text)
-    old_limit = csv.field_size_limit()
+    rows: list[list[str]] = []
+    numbers: list[int] = []
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter or _NO_DELIMITER)
     try:
-        csv.field_size_limit(max(old_limit, 10_000_000))
-        reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter or _NO_DELIMITER)
-        rows: list[list[str]] = []
-        numbers: list[int] = []
         for number, record in enumerate(reader, start=1):
             cells = [_clean_cell(c) for c in record]
             if any(cells):
                 rows.append(cells)
                 numbers.append(number)
     except csv.Error as exc:
+        # csv's field size limit is process-wide, so it is not raised here: a field that large
+        # is almost always a stray quote mark that swallowed the rest of the file.
+        if "field larger than field limit" in str(exc):
+            raise InputError(_unclosed_quote_message(reader.line_num, filename)) from exc
         raise InputError(
             f"'{filename}' could not be read as a table ({exc}). Open it in Excel and save it "
             "again as 'CSV UTF-8' or as .xlsx, then upload it again."
         ) from exc
-    finally:
-        csv.field_size_limit(old_limit)
+    _check_unclosed_quote(rows, numbers, delimiter, filename=filename)
     return rows, numbers, delimiter
+
+
+def _check_unclosed_quote(rows: list[list[str]], numbers: list[int], delimiter: str | None, *, filename: str) -> None:
+    """Refuse a sheet where a stray quote mark swallowed the following rows into one cell.
+
+    Guessing where the quote should have closed could tie labels to the wrong photos, so
+    the analyst is asked to fix the row instead.
+    """
+    if delimiter is None:
+        return
+    for cells, number in zip(rows, numbers, strict=True):
+        for cell in cells:
+            if "\n" in cell and sum(delimiter in line for line in cell.splitlines()[1:]) >= 2:
+                raise InputError(_unclosed_quote_message(number, filename))
+
+
+def _unclosed_quote_message(row: int, filename: str) -> str:
+    return (
+        f"Row {row} of '{filename}' (or a row just above it) opens a quotation mark (\") that is never "
+        "closed, so the rows after it run together into one cell. Remove the stray quotation mark "
+        "(or open the file in Excel and save it again), then upload it again."
+    )
 
 
 def _detect_delimiter(text: str) -> str | None:
@@ -344,19 +359,17 @@ def _detect_delimiter(text: str) -> str | None:
         if delim not in sample:
             continue
         try:
-            records = [
-                [c.strip() for c in r]
-                for r in csv.reader(io.StringIO(sample, newline=""), delimiter=delim)
-            ]
+            records = [[c.strip() for c in r] for r in csv.reader(io.StringIO(sample, newline=""), delimiter=delim)]
         except csv.Error:
             continue
-        records = [r for r in records if any(r)][:_SNIFF_ROWS]
-        if not records:
-            continue
+        records = [r for r in records if r][:_SNIFF_ROWS]
+        filled = [r for r in records if any(r)]
         for counts in (
             [len(r) for r in records],
-            [max(i for i, c in enumerate(r) if c) + 1 for r in records],
+            [max(i for i, c in enumerate(r) if c) + 1 for r in filled],
         ):
+            if not counts:
+                continue
             mode, hits = max(Counter(counts).items(), key=lambda kv: (kv[1], kv[0]))
             if mode < 2:
                 continue
@@ -380,6 +393,15 @@ def _build_sheet(
             f"'{filename}' has no rows with content. Save your label sheet with a column of photo "
             "names and a column of labels, then upload it again."
         )
+    # A title line above the table ("Labels for March") is not the header: skip such lines.
+    skip = 0
+    while skip < min(5, len(rows) - 1):
+        filled = [c for c in rows[skip] if c]
+        below = sum(1 for c in rows[skip + 1] if c)
+        if len(filled) != 1 or not rows[skip][0] or below < 2 or _looks_like_image_ref(filled[0]):
+            break
+        skip += 1
+    rows, numbers = rows[skip:], numbers[skip:]
     width = max(len(r) for r in rows)
     rows = [r + [""] * (width - len(r)) for r in rows]
     has_header = not _row_looks_like_data(rows[0], rows[1:_SNIFF_ROWS])
@@ -390,10 +412,7 @@ def _build_sheet(
         header, body, body_numbers = [""] * width, rows, numbers
         first_data_row = numbers[0]
 
-    keep = [
-        i for i in range(width)
-        if not _is_unnamed(header[i]) or any(r[i] for r in body)
-    ]
+    keep = [i for i in range(width) if not _is_unnamed(header[i]) or any(r[i] for r in body)]
     if not keep:
         raise InputError(
             f"'{filename}' has no usable columns. Put the photo names in one column and the "
@@ -404,11 +423,9 @@ def _build_sheet(
             f"'{filename}' has column names ({', '.join(repr(header[i]) for i in keep)}) but no "
             "rows below them. Add one row per photo, then upload it again."
         )
-    names = _unique_names([
-        header[i] if not _is_unnamed(header[i]) else f"Column {_column_letter(i)}" for i in keep
-    ])
+    names = _unique_names([header[i] if not _is_unnamed(header[i]) else f"Column {_column_letter(i)}" for i in keep])
     frame = pd.DataFrame(
-        {name: [r[i] for r in body] for name, i in zip(names, keep)},
+        {name: [r[i] for r in body] for name, i in zip(names, keep, strict=True)},
         index=pd.Index([n - first_data_row for n in body_numbers], dtype="int64"),
         columns=names,
     )
@@ -473,23 +490,19 @@ def _looks_like_image_ref(value: str) -> bool:
 
 # --------------------------------------------------------------------------- column guessing
 
-_IMAGE_NAMES = frozenset({
-    "file", "files", "filename", "file_name", "image", "images", "image_file", "image_file_name",
-    "image_filename", "image_name", "imagename", "image_path", "image_url", "img", "img_name",
-    "photo", "photos", "photo_name", "photo_file", "picture", "path", "filepath", "file_path",
-    "url", "link", "sku", "asset", "src",
-})
-_IMAGE_TOKENS = frozenset({
-    "file", "filename", "image", "img", "photo", "picture", "pic", "path", "url", "sku", "foto",
-    "bild", "imagen", "imagem", "immagine",
-})
-_LABEL_NAMES = frozenset({
-    "label", "labels", "class", "classes", "class_name", "label_name", "tag", "tags", "category",
-    "categories", "has_person", "is_person", "with_person", "person", "human", "people", "y",
-    "target", "annotation", "on_model", "model",
-})
-_LABEL_TOKENS = frozenset({"label", "class", "tag", "category", "person", "human", "people",
-                           "target", "etiqueta", "etiquette", "klasse"})
+_IMAGE_NAMES = frozenset(
+    "file files filename file_name image images image_file image_file_name image_filename image_name "
+    "imagename image_path image_url img img_name photo photos photo_name photo_file picture path "
+    "filepath file_path url link sku asset src".split()
+)
+_IMAGE_TOKENS = frozenset(
+    "file filename image img photo picture pic path url sku foto bild imagen imagem immagine".split()
+)
+_LABEL_NAMES = frozenset(
+    "label labels class classes class_name label_name tag tags category categories has_person "
+    "is_person with_person person human people y target annotation on_model".split()
+)
+_LABEL_TOKENS = frozenset("label class tag category person human people target etiqueta etiquette klasse".split())
 
 
 def _name_key(name: str) -> str:
@@ -522,8 +535,11 @@ def guess_columns(sheet: Sheet) -> tuple[str | None, str | None]:
         )
 
     image_col: str | None = None
-    by_values = [(frac, _name_hint(n, _IMAGE_NAMES, _IMAGE_TOKENS), -pos, n)
-                 for pos, (n, (_, frac, _)) in enumerate(stats.items()) if frac >= 0.5]
+    by_values = [
+        (frac, _name_hint(n, _IMAGE_NAMES, _IMAGE_TOKENS), -pos, n)
+        for pos, (n, (_, frac, _)) in enumerate(stats.items())
+        if frac >= 0.5
+    ]
     if by_values:
         image_col = max(by_values)[3]
     else:
@@ -536,9 +552,11 @@ def guess_columns(sheet: Sheet) -> tuple[str | None, str | None]:
             image_col = max(by_name)[3]
         else:
             image_col = next(
-                (n for n, (values, _, distinct) in stats.items()
-                 if len(values) >= 2 and distinct >= 0.9 * len(values)
-                 and not labels_look_coded(set(values))),
+                (
+                    n
+                    for n, (values, _, distinct) in stats.items()
+                    if len(values) >= 2 and distinct >= 0.9 * len(values) and not labels_look_coded(set(values))
+                ),
                 None,
             )
 
@@ -549,9 +567,9 @@ def guess_columns(sheet: Sheet) -> tuple[str | None, str | None]:
         if name == image_col or not values or frac >= 0.5:
             continue
         hint = _name_hint(name, _LABEL_NAMES, _LABEL_TOKENS)
-        limit = max(2, min(50, len(values) // 2))
-        if hint:
-            limit = max(limit, min(100, int(0.9 * len(values))))
+        # A column named like a label ("Label", "Has person") is trusted up to 100 classes even
+        # in a tiny sheet; any other column must repeat its values to look like classes.
+        limit = 100 if hint else max(2, min(50, len(values) // 2))
         if distinct > limit:
             continue
         score = (hint * 1.5 + labels_look_coded(set(values)) + len(values) / rows, -distinct, -pos)
@@ -635,9 +653,7 @@ def match_labels(
     for column in (image_column, label_column):
         if column not in sheet.frame.columns:
             available = ", ".join(f"'{c}'" for c in sheet.frame.columns)
-            raise InputError(
-                f"'{sheet.filename}' has no column named '{column}'. Its columns are: {available}."
-            )
+            raise InputError(f"'{sheet.filename}' has no column named '{column}'. Its columns are: {available}.")
     if image_column == label_column:
         raise InputError(
             f"The photo names and the labels must come from two different columns of "
@@ -663,83 +679,89 @@ def match_labels(
     rows = [sheet.sheet_row(i) for i in sheet.frame.index]
     labels, merge_note = _merge_label_spellings(raw_labels, file=file)
 
+    def warn(kind: str, row: int, message: str) -> None:
+        problems.append(Problem(kind, message, file=file, row=row, severity="warning"))
+
     claims: dict[str, list[tuple[int, str]]] = defaultdict(list)
     matched = 0
-    for ref, label, row in zip(refs, labels, rows):
+    for ref, label, row in zip(refs, labels, rows, strict=True):
         if not ref:
             what = f"a label ('{label}')" if label else "other content"
-            problems.append(Problem(
+            warn(
                 "empty_image_name",
-                f"Row {row} has {what} but no photo name in column '{image_column}', so it was "
-                "skipped. Fill in the photo's file name or delete the row.",
-                file=file, row=row, severity="warning",
-            ))
+                row,
+                f"Row {row} has {what} but no photo name in column '{image_column}', so it was skipped. "
+                "Fill in the photo's file name or delete the row.",
+            )
             continue
-        parts = _ref_parts(ref)
-        candidates = _candidates(parts, by_path, by_base, upload_parts)
+        candidates = _candidates(_ref_parts(ref), by_path, by_base, upload_parts)
         if len(candidates) > 1:
             listed = ", ".join(f"'{c}'" for c in candidates)
-            problems.append(Problem(
+            warn(
                 "ambiguous_name",
-                f"Row {row}: '{ref}' could be any of these uploaded photos: {listed}. None of "
-                f"them got this row's label. Write the folder too (for example "
-                f"'{candidates[0]}') so it is clear which photo is meant.",
-                file=file, row=row, severity="warning",
-            ))
-            continue
-        if not candidates:
-            problems.append(Problem(
+                row,
+                f"Row {row}: '{ref}' could be any of these uploaded photos: {listed}. None of them got this "
+                f"row's label. Write the folder too (for example '{candidates[0]}') so it is clear which "
+                "photo is meant.",
+            )
+        elif not candidates:
+            warn(
                 "missing_photo",
-                f"Row {row}: photo '{ref}' is in the sheet but was not among the uploaded "
-                "photos. Upload it too if you want it used, or ignore this message.",
-                file=file, row=row, severity="warning",
-            ))
-            continue
-        matched += 1
-        if not label:
-            problems.append(Problem(
+                row,
+                f"Row {row}: photo '{ref}' is in the sheet but was not among the uploaded photos. Upload it "
+                "too if you want it used, or ignore this message.",
+            )
+        elif not label:
+            matched += 1
+            warn(
                 "empty_label",
-                f"Row {row} (photo '{ref}') has no label in column '{label_column}'. Fill it "
-                "in, or the photo stays unlabelled.",
-                file=file, row=row, severity="warning",
-            ))
-            continue
-        claims[candidates[0]].append((row, label))
+                row,
+                f"Row {row} (photo '{ref}') has no label in column '{label_column}'. Fill it in, or the "
+                "photo stays unlabelled.",
+            )
+        else:
+            matched += 1
+            claims[candidates[0]].append((row, label))
 
     result: dict[str, str] = {}
     for image, claimed in claims.items():
         distinct = list(dict.fromkeys(label for _, label in claimed))
         if len(distinct) == 1:
             result[image] = distinct[0]
-            first_row = claimed[0][0]
             for row, label in claimed[1:]:
-                problems.append(Problem(
+                warn(
                     "duplicate_row",
-                    f"Row {row} repeats row {first_row} (photo '{image}', label '{label}'); it "
-                    "was counted once.",
-                    file=file, row=row, severity="warning",
-                ))
+                    row,
+                    f"Row {row} repeats row {claimed[0][0]} (photo '{image}', label '{label}'); it was counted once.",
+                )
             continue
         rows_text = _join_rows([row for row, _ in claimed])
         each = ", ".join(f"'{label}' in row {row}" for row, label in claimed)
-        problems.append(Problem(
-            "conflicting_labels",
-            f"Photo '{image}' has different labels in {rows_text} ({each}). It was left "
-            "unlabelled: keep only the correct row in your sheet, then upload it again.",
-            file=file, row=claimed[0][0], severity="error",
-        ))
+        problems.append(
+            Problem(
+                "conflicting_labels",
+                f"Photo '{image}' has different labels in {rows_text} ({each}). It was left "
+                "unlabelled: keep only the correct row in your sheet, then upload it again.",
+                file=file,
+                row=claimed[0][0],
+                severity="error",
+            )
+        )
 
     if merge_note is not None:
         problems.append(merge_note)
     examples = ", ".join(f"'{r}'" for r in [r for r in refs if r][:3])
     if examples and matched == 0 and uploads:
-        problems.append(Problem(
-            "no_matches",
-            f"None of the photo names in column '{image_column}' of '{file}' (for example "
-            f"{examples}) matches an uploaded photo (for example '{uploads[0]}'). Check that "
-            "the right column is chosen for photo names and that you uploaded the right photos.",
-            file=file, severity="error",
-        ))
+        problems.append(
+            Problem(
+                "no_matches",
+                f"None of the photo names in column '{image_column}' of '{file}' (for example "
+                f"{examples}) matches an uploaded photo (for example '{uploads[0]}'). Check that "
+                "the right column is chosen for photo names and that you uploaded the right photos.",
+                file=file,
+                severity="error",
+            )
+        )
     problems.sort(key=lambda p: (p.row is None, p.row or 0))
     return MatchResult(
         labels=result,
@@ -769,7 +791,7 @@ def _candidates(
 
     def shared_tail(name: str) -> int:
         n = 0
-        for a, b in zip(reversed(parts), reversed(upload_parts[name])):
+        for a, b in zip(reversed(parts), reversed(upload_parts[name]), strict=False):
             if a != b:
                 break
             n += 1
@@ -810,7 +832,8 @@ def _merge_label_spellings(labels: list[str], *, file: str) -> tuple[list[str], 
         "Some labels differ only in capital letters or spaces and were treated as the same "
         f"label: {'; '.join(merged)}. If they really are different, rename one of them in "
         "the sheet.",
-        file=file, severity="info",
+        file=file,
+        severity="info",
     )
     return [mapping.get(label, label) for label in labels], note
 
@@ -836,38 +859,46 @@ def training_blockers(labels: Mapping[str, str], *, min_per_class: int = 5) -> l
     counts = Counter(labels.values())
     total = sum(counts.values())
     if total == 0:
-        return [Problem(
-            "no_labels",
-            "No photo has a label yet. Upload a label sheet that matches your photos, or "
-            "label some photos, before training.",
-        )]
+        return [
+            Problem(
+                "no_labels",
+                "No photo has a label yet. Upload a label sheet that matches your photos, or "
+                "label some photos, before training.",
+            )
+        ]
     problems: list[Problem] = []
     if len(counts) < 2:
-        (only, _), = counts.items()
+        ((only, _),) = counts.items()
         everything = f"All {total} labelled photos are" if total > 1 else "The only labelled photo is"
-        problems.append(Problem(
-            "single_class",
-            f"{everything} '{only}'. The model needs at least two kinds of photo to learn the "
-            f"difference: add photos with another label (for example photos that are not "
-            f"'{only}').",
-        ))
+        problems.append(
+            Problem(
+                "single_class",
+                f"{everything} '{only}'. The model needs at least two kinds of photo to learn the "
+                f"difference: add photos with another label (for example photos that are not "
+                f"'{only}').",
+            )
+        )
     for name, count in sorted(counts.items(), key=lambda kv: (kv[1], kv[0])):
         share = count / total
         if count < min_per_class:
             photos = "photo is" if count == 1 else "photos are"
-            problems.append(Problem(
-                "too_few_examples",
-                f"Only {count} {photos} labelled '{name}'. Each label needs at least "
-                f"{min_per_class} photos: label {min_per_class - count} more as '{name}', or "
-                "remove this label from the sheet.",
-            ))
+            problems.append(
+                Problem(
+                    "too_few_examples",
+                    f"Only {count} {photos} labelled '{name}'. Each label needs at least "
+                    f"{min_per_class} photos: label {min_per_class - count} more as '{name}', or "
+                    "remove this label from the sheet.",
+                )
+            )
         elif len(counts) >= 2 and share < 0.10:
-            problems.append(Problem(
-                "class_imbalance",
-                f"Only {count} of {total} labelled photos ({share:.0%}) are '{name}'. The model "
-                f"may rarely predict '{name}'; add more '{name}' photos if you can.",
-                severity="warning",
-            ))
+            problems.append(
+                Problem(
+                    "class_imbalance",
+                    f"Only {count} of {total} labelled photos ({share:.0%}) are '{name}'. The model "
+                    f"may rarely predict '{name}'; add more '{name}' photos if you can.",
+                    severity="warning",
+                )
+            )
     return problems
 
 

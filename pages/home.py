@@ -36,8 +36,8 @@ steps = {
     "report": "One page for management: what was done and how well it works.",
 }
 for step, text in steps.items():
-    mark = "✅" if progress.done[step] else ("👉" if step == progress.next_step else "⬜")
+    mark = ":material/check_circle:" if progress.done[step] else (":material/arrow_circle_right:" if step == progress.next_step else ":material/radio_button_unchecked:")
     left, right = st.columns([4, 1])
     left.markdown(f"{mark} **{ui.STEP_TITLES[step]}** — {text}")
     if step == progress.next_step and ui.page(step):
-        right.page_link(ui.page(step), label="Go", icon="➡️")
+        right.page_link(ui.page(step), label="Go", icon=":material/arrow_forward:")

@@ -100,7 +100,7 @@ def not_ready(step: str, *, what: str, needs: str) -> None:
     st.info(f"{what}  \n**First:** {needs}")
     prev = journey.STEPS[max(0, journey.STEPS.index(step) - 1)] if step in journey.STEPS else "data"
     if page(prev):
-        st.page_link(page(prev), label=f"Go to {STEP_TITLES[prev]}", icon="➡️")
+        st.page_link(page(prev), label=f"Go to {STEP_TITLES[prev]}", icon=":material/arrow_forward:")
 
 
 def next_step(step: str, *, ready: bool, hint: str) -> None:
@@ -111,7 +111,7 @@ def next_step(step: str, *, ready: bool, hint: str) -> None:
     if following is None:
         return
     if ready and page(following):
-        st.page_link(page(following), label=f"Next: {STEP_TITLES[following]}", icon="➡️")
+        st.page_link(page(following), label=f"Next: {STEP_TITLES[following]}", icon=":material/arrow_forward:")
     else:
         st.caption(f"Next step: {STEP_TITLES[following]} — {hint}")
 

@@ -1,0 +1,993 @@
+"""Honest evaluation: one split plan for every method, reports with uncertainty,
+cross-validation of frozen heads, paired comparisons and label-issue ranking.
+
+The rules this module enforces:
+
+* One :class:`SplitPlan` per project. Its held-out test photos are scored by every method
+  (frozen head, fine-tuned network) and used for nothing else: no threshold, no
+  regularisation and no early stopping ever looks at them.
+* Small data (under ``small_data_threshold`` photos) gets repeated stratified k-fold
+  cross-validation of the frozen head on the training part, with an interval that is
+  corrected for the overlap between folds (Nadeau & Bengio, 2003).
+* Every headline number carries a 95 % bootstrap interval, and the text says when a
+  test set is too small to be evidence.
+
+Probabilities are ``(n, n_classes)`` arrays whose columns follow ``classes``; for two
+classes the ``positive`` class (default: the second) is the one a threshold applies to.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from sklearn.base import clone
+from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score, roc_curve
+from sklearn.model_selection import RepeatedStratifiedKFold
+
+from core.heads import make_frozen_head, single_threaded_blas
+from core.problems import InputError
+
+__all__ = [
+    "CVResult",
+    "Comparison",
+    "Estimate",
+    "EvalReport",
+    "SplitPlan",
+    "align_proba",
+    "choose_threshold",
+    "compare_methods",
+    "cross_validate_head",
+    "evaluate_predictions",
+    "plan_split",
+    "predict_labels",
+    "rank_label_issues",
+]
+
+PLAN_VERSION = 1
+MIN_TEST_PHOTOS = 50  # below this a test set is "not evidence" (DESIGN.md)
+MAX_CURVE_POINTS = 1001  # ROC/PR curves are thinned to this many points for storage
+
+
+# --------------------------------------------------------------------------- split plan
+
+
+@dataclass
+class SplitPlan:
+    """Which photo plays which role, fixed once per project and shared by all methods.
+
+    ``train_ids`` + ``val_ids`` form the training part. A fine-tuned network trains on
+    ``train_ids`` and early-stops on ``val_ids``; the frozen head (which needs no early
+    stopping) trains on the whole training part. ``test_ids`` are only ever scored.
+    ``cv_folds[r][i]`` is the cross-validation fold of ``ids[i]`` in repeat ``r``
+    (``-1`` for test photos); it is empty when no cross-validation is planned.
+    """
+
+    ids: list[str]
+    train_ids: list[str]
+    val_ids: list[str]
+    test_ids: list[str]
+    cv_folds: list[list[int]]
+    n_splits: int
+    n_repeats: int
+    seed: int
+    test_size: float
+    val_size: float
+    small_data_threshold: int
+    version: int = PLAN_VERSION
+
+    @property
+    def training_ids(self) -> list[str]:
+        """The training part (train + validation), in ``ids`` order."""
+        test = set(self.test_ids)
+        return [i for i in self.ids if i not in test]
+
+    @property
+    def small_data(self) -> bool:
+        return len(self.ids) < self.small_data_threshold
+
+    def cv_splits(self) -> Iterator[tuple[int, int, np.ndarray, np.ndarray]]:
+        """``(repeat, fold, fit_positions, score_positions)`` with positions into ``ids``."""
+        for r, folds in enumerate(self.cv_folds):
+            f = np.asarray(folds)
+            for k in range(self.n_splits):
+                yield r, k, np.flatnonzero((f >= 0) & (f != k)), np.flatnonzero(f == k)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "version": self.version,
+            "seed": self.seed,
+            "test_size": self.test_size,
+            "val_size": self.val_size,
+            "small_data_threshold": self.small_data_threshold,
+            "n_splits": self.n_splits,
+            "n_repeats": self.n_repeats,
+            "ids": list(self.ids),
+            "train_ids": list(self.train_ids),
+            "val_ids": list(self.val_ids),
+            "test_ids": list(self.test_ids),
+            "cv_folds": [list(map(int, f)) for f in self.cv_folds],
+        }
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> SplitPlan:
+        """Rebuild and check a plan read from JSON; raises ``ValueError`` if it is inconsistent."""
+        if not isinstance(d, Mapping) or d.get("version") != PLAN_VERSION:
+            raise ValueError(f"Not a split plan of version {PLAN_VERSION}: {str(d)[:80]!r}.")
+        try:
+            plan = cls(
+                ids=[str(i) for i in d["ids"]],
+                train_ids=[str(i) for i in d["train_ids"]],
+                val_ids=[str(i) for i in d["val_ids"]],
+                test_ids=[str(i) for i in d["test_ids"]],
+                cv_folds=[[int(v) for v in f] for f in d["cv_folds"]],
+                n_splits=int(d["n_splits"]),
+                n_repeats=int(d["n_repeats"]),
+                seed=int(d["seed"]),
+                test_size=float(d["test_size"]),
+                val_size=float(d["val_size"]),
+                small_data_threshold=int(d["small_data_threshold"]),
+            )
+        except (KeyError, TypeError) as exc:
+            raise ValueError(f"The split plan is incomplete or malformed: {exc}.") from exc
+        parts = plan.train_ids + plan.val_ids + plan.test_ids
+        if len(set(plan.ids)) != len(plan.ids) or sorted(parts) != sorted(plan.ids):
+            raise ValueError("The split plan is inconsistent: train, validation and test do not partition its photos.")
+        if len(plan.cv_folds) != plan.n_repeats or any(len(f) != len(plan.ids) for f in plan.cv_folds):
+            raise ValueError("The split plan is inconsistent: its cross-validation folds do not match its photos.")
+        return plan
+
+
+def _allocate(counts: np.ndarray, fraction: float, *, keep: int) -> np.ndarray:
+    """Per-class sizes that sum to ``round(fraction * total)`` (largest remainder), each
+    at least 1 and leaving ``keep`` photos of every class behind where possible."""
+    total = int(round(fraction * counts.sum()))
+    ideal = fraction * counts
+    out = np.floor(ideal).astype(int)
+    for i in np.argsort(-(ideal - out), kind="stable")[: max(0, total - out.sum())]:
+        out[i] += 1
+    return np.clip(np.maximum(out, 1), 0, np.maximum(counts - keep, 0))
+
+
+def plan_split(
+    ids: Sequence[str],
+    y: Sequence[str],
+    *,
+    seed: int = 0,
+    test_size: float = 0.2,
+    val_size: float = 0.15,
+    small_data_threshold: int = 1000,
+    n_splits: int = 5,
+    n_repeats: int | None = None,
+) -> SplitPlan:
+    """Plan a stratified test set, a validation subset and cross-validation folds.
+
+    The plan depends only on the (id, label) pairs and the seed, not on row order.
+    ``n_repeats=None`` means 5 repeats of ``n_splits``-fold cross-validation for small
+    data and a single k-fold pass otherwise (enough for out-of-fold probabilities);
+    ``n_repeats=0`` plans no cross-validation. ``val_size`` is a fraction of the
+    training part.
+    """
+    ids = [str(i) for i in ids]
+    labels = np.asarray([str(v) for v in y])
+    if len(ids) != len(labels):
+        raise ValueError(f"Got {len(ids)} photo ids but {len(labels)} labels.")
+    if len(set(ids)) != len(ids):
+        raise ValueError("Photo ids must be unique; the same photo is listed twice.")
+    if not 0 < test_size < 1 or not 0 <= val_size < 1:
+        raise ValueError(f"test_size must be in (0, 1) and val_size in [0, 1), got {test_size}, {val_size}.")
+    if n_splits < 2:
+        raise ValueError(f"n_splits must be at least 2, got {n_splits}.")
+    classes, counts = np.unique(labels, return_counts=True)
+    if len(classes) < 2:
+        raise InputError("All photos have the same label. Label photos of at least two kinds to train a model.")
+    small = [f"'{c}' ({n})" for c, n in zip(classes, counts, strict=True) if n < 3]
+    if small:
+        raise InputError(
+            "Some labels have too few photos to train and test on: "
+            + ", ".join(small)
+            + ". Every label needs at least 3 photos (10 or more to get useful results)."
+        )
+
+    order = np.argsort(np.asarray(ids), kind="stable")  # row order must not matter
+    sorted_ids = np.asarray(ids)[order]
+    sorted_labels = labels[order]
+    rng = np.random.default_rng(seed)
+    by_class = [rng.permutation(sorted_ids[sorted_labels == c]) for c in classes]
+
+    n_test = _allocate(counts, test_size, keep=2)
+    rest = counts - n_test
+    n_val = _allocate(rest, val_size, keep=1) if val_size > 0 else np.zeros_like(rest)
+    test, val = set(), set()
+    for members, t, v in zip(by_class, n_test, n_val, strict=True):
+        test.update(members[:t].tolist())
+        val.update(members[t : t + v].tolist())
+
+    if n_repeats is None:
+        n_repeats = 5 if len(ids) < small_data_threshold else 1
+    cv_folds: list[list[int]] = []
+    k = n_splits
+    if n_repeats > 0:
+        is_train_sorted = np.array([i not in test for i in sorted_ids])
+        tr_ids, tr_labels = sorted_ids[is_train_sorted], sorted_labels[is_train_sorted]
+        k = int(max(2, min(n_splits, np.unique(tr_labels, return_counts=True)[1].min())))
+        pos = {i: p for p, i in enumerate(ids)}
+        tr_pos = np.array([pos[i] for i in tr_ids])
+        splitter = RepeatedStratifiedKFold(n_splits=k, n_repeats=n_repeats, random_state=seed)
+        folds = np.full((n_repeats, len(ids)), -1, dtype=int)
+        for j, (_, score_idx) in enumerate(splitter.split(tr_ids, tr_labels)):
+            folds[j // k, tr_pos[score_idx]] = j % k
+        cv_folds = folds.tolist()
+
+    return SplitPlan(
+        ids=ids,
+        train_ids=[i for i in ids if i not in test and i not in val],
+        val_ids=[i for i in ids if i in val],
+        test_ids=[i for i in ids if i in test],
+        cv_folds=cv_folds,
+        n_splits=k,
+        n_repeats=n_repeats,
+        seed=seed,
+        test_size=test_size,
+        val_size=val_size,
+        small_data_threshold=small_data_threshold,
+    )
+
+
+# --------------------------------------------------------------------------- reports
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """A number with its 95 % interval (``low``/``high`` are ``None`` when unknown)."""
+
+    value: float
+    low: float | None = None
+    high: float | None = None
+
+    def to_dict(self) -> dict[str, float | None]:
+        return {"value": self.value, "low": self.low, "high": self.high}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> Estimate:
+        return cls(float(d["value"]), _opt_float(d.get("low")), _opt_float(d.get("high")))
+
+
+def _opt_float(v: Any) -> float | None:
+    return None if v is None else float(v)
+
+
+def _check_proba(proba, classes: Sequence[str]) -> np.ndarray:
+    p = np.asarray(proba, dtype=np.float64)
+    if p.ndim != 2 or p.shape[1] != len(classes):
+        raise ValueError(
+            f"Expected probabilities of shape (n, {len(classes)}) for classes {list(classes)}, got {p.shape}."
+        )
+    if not np.all(np.isfinite(p)):
+        raise ValueError("The probabilities contain NaN or infinite values.")
+    return p
+
+
+def _positive_index(classes: Sequence[str], positive: str | None) -> int:
+    if positive is None:
+        return 1
+    if positive not in classes:
+        raise ValueError(f"The positive class {positive!r} is not one of {list(classes)}.")
+    return list(classes).index(positive)
+
+
+def predict_labels(
+    proba, *, classes: Sequence[str], positive: str | None = None, threshold: float | None = None
+) -> np.ndarray:
+    """Labels from probabilities: the threshold on the positive class for two classes,
+    the most probable class otherwise. Every method must predict through this function."""
+    classes = [str(c) for c in classes]
+    p = _check_proba(proba, classes)
+    if len(classes) == 2:
+        pi = _positive_index(classes, positive)
+        t = 0.5 if threshold is None else float(threshold)
+        return np.where(p[:, pi] >= t, classes[pi], classes[1 - pi])
+    if threshold is not None:
+        raise ValueError("A threshold only applies to two-class models.")
+    return np.asarray(classes)[np.argmax(p, axis=1)]
+
+
+def _confusion(y_true: np.ndarray, y_pred: np.ndarray, classes: Sequence[str]) -> np.ndarray:
+    index = {c: i for i, c in enumerate(classes)}
+    unknown = sorted(set(y_true.tolist()) - set(index))
+    if unknown:
+        raise ValueError(f"Labels {unknown} are not among the classes {list(classes)}.")
+    t = np.fromiter((index[v] for v in y_true), dtype=np.int64, count=len(y_true))
+    p = np.fromiter((index[v] for v in y_pred), dtype=np.int64, count=len(y_pred))
+    k = len(classes)
+    return np.bincount(t * k + p, minlength=k * k).reshape(k, k)
+
+
+def _scores_from_confusion(cm: np.ndarray) -> np.ndarray:
+    """Accuracy, balanced accuracy and macro F1 from confusion matrices ``(..., k, k)``.
+
+    Same definitions as scikit-learn's defaults: balanced accuracy averages recall over
+    classes present in the truth; macro F1 averages over classes present in truth or
+    prediction.
+    """
+    cm = np.asarray(cm, dtype=np.float64)
+    diag = np.diagonal(cm, axis1=-2, axis2=-1)
+    rows, cols = cm.sum(axis=-1), cm.sum(axis=-2)
+    n = rows.sum(axis=-1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        acc = diag.sum(axis=-1) / n
+        present = rows > 0
+        bal = np.where(present, diag / np.where(present, rows, 1), 0).sum(axis=-1) / present.sum(axis=-1)
+        seen = (rows + cols) > 0
+        f1 = np.where(seen, 2 * diag / np.where(seen, rows + cols, 1), 0).sum(axis=-1) / seen.sum(axis=-1)
+    return np.stack([acc, bal, f1], axis=-1)
+
+
+METRICS = ("accuracy", "balanced_accuracy", "macro_f1")
+METRIC_NAMES = {"accuracy": "accuracy", "balanced_accuracy": "balanced accuracy", "macro_f1": "macro F1"}
+
+
+def _bootstrap_scores(cm: np.ndarray, *, n_boot: int, seed: int) -> np.ndarray:
+    # Resampling photos with replacement is the same as drawing the confusion-matrix
+    # cells from a multinomial with the observed cell frequencies: O(n_boot * k^2), not
+    # O(n_boot * n), so 50,000 photos cost the same as 50.
+    n = int(cm.sum())
+    draws = np.random.default_rng(seed).multinomial(n, cm.ravel() / n, size=n_boot)
+    return _scores_from_confusion(draws.reshape(n_boot, *cm.shape))
+
+
+def _thin(*curves: np.ndarray) -> list[list[float]]:
+    n = len(curves[0])
+    idx = (
+        np.unique(np.linspace(0, n - 1, MAX_CURVE_POINTS).round().astype(int)) if n > MAX_CURVE_POINTS else np.arange(n)
+    )
+    return [np.asarray(c, dtype=np.float64)[idx].tolist() for c in curves]
+
+
+@dataclass
+class EvalReport:
+    """Scores of one method on one set of photos."""
+
+    n: int
+    classes: list[str]
+    accuracy: Estimate
+    balanced_accuracy: Estimate
+    macro_f1: Estimate
+    report: pd.DataFrame  # rows: classes + "macro avg" + "weighted avg"; precision, recall, f1, support
+    confusion: np.ndarray  # counts, rows = true class, columns = predicted class, in ``classes`` order
+    positive: str | None = None
+    threshold: float | None = None
+    roc_auc: float | None = None
+    average_precision: float | None = None
+    roc: dict[str, list[float]] | None = None  # fpr, tpr, thresholds
+    pr: dict[str, list[float]] | None = None  # precision, recall, thresholds
+    warnings: list[str] = field(default_factory=list)
+    n_boot: int = 1000
+    seed: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        rep = self.report
+        return {
+            "n": self.n,
+            "classes": list(self.classes),
+            "accuracy": self.accuracy.to_dict(),
+            "balanced_accuracy": self.balanced_accuracy.to_dict(),
+            "macro_f1": self.macro_f1.to_dict(),
+            "report": {
+                "index": [str(i) for i in rep.index],
+                "columns": [str(c) for c in rep.columns],
+                "data": [[float(v) for v in row] for row in rep.to_numpy()],
+            },
+            "confusion": self.confusion.astype(int).tolist(),
+            "positive": self.positive,
+            "threshold": self.threshold,
+            "roc_auc": self.roc_auc,
+            "average_precision": self.average_precision,
+            "roc": self.roc,
+            "pr": self.pr,
+            "warnings": list(self.warnings),
+            "n_boot": self.n_boot,
+            "seed": self.seed,
+        }
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> EvalReport:
+        try:
+            rep = d["report"]
+            report = pd.DataFrame(rep["data"], index=rep["index"], columns=rep["columns"])
+            if "support" in report:
+                report["support"] = report["support"].astype(int)
+            return cls(
+                n=int(d["n"]),
+                classes=[str(c) for c in d["classes"]],
+                accuracy=Estimate.from_dict(d["accuracy"]),
+                balanced_accuracy=Estimate.from_dict(d["balanced_accuracy"]),
+                macro_f1=Estimate.from_dict(d["macro_f1"]),
+                report=report,
+                confusion=np.asarray(d["confusion"], dtype=np.int64),
+                positive=d.get("positive"),
+                threshold=_opt_float(d.get("threshold")),
+                roc_auc=_opt_float(d.get("roc_auc")),
+                average_precision=_opt_float(d.get("average_precision")),
+                roc=d.get("roc"),
+                pr=d.get("pr"),
+                warnings=[str(w) for w in d.get("warnings", [])],
+                n_boot=int(d.get("n_boot", 1000)),
+                seed=int(d.get("seed", 0)),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ValueError(f"The evaluation report is incomplete or malformed: {exc}.") from exc
+
+
+def _report_frame(cm: np.ndarray, classes: Sequence[str]) -> pd.DataFrame:
+    diag = np.diag(cm).astype(float)
+    support, predicted = cm.sum(axis=1), cm.sum(axis=0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        precision = np.nan_to_num(diag / predicted)
+        recall = np.nan_to_num(diag / support)
+        f1 = np.nan_to_num(2 * diag / (support + predicted))
+    df = pd.DataFrame({"precision": precision, "recall": recall, "f1": f1, "support": support}, index=list(classes))
+    w = support / max(1, support.sum())
+    df.loc["macro avg"] = [precision.mean(), recall.mean(), f1.mean(), support.sum()]
+    df.loc["weighted avg"] = [precision @ w, recall @ w, f1 @ w, support.sum()]
+    df["support"] = df["support"].astype(int)
+    return df
+
+
+def evaluate_predictions(
+    y_true: Sequence[str],
+    proba,
+    *,
+    classes: Sequence[str],
+    positive: str | None = None,
+    threshold: float | None = None,
+    n_boot: int = 1000,
+    seed: int = 0,
+) -> EvalReport:
+    """Score predicted probabilities against the true labels, with 95 % bootstrap intervals.
+
+    For two classes, ``threshold`` (default 0.5) applies to the ``positive`` class
+    (default ``classes[1]``) and ROC/PR curves are added; it must have been chosen
+    without these photos (see :func:`choose_threshold`).
+    """
+    classes = [str(c) for c in classes]
+    y = np.asarray([str(v) for v in y_true])
+    p = _check_proba(proba, classes)
+    if len(y) != len(p):
+        raise ValueError(f"Got {len(y)} labels but {len(p)} rows of probabilities.")
+    if len(y) == 0:
+        raise ValueError("There are no photos to evaluate.")
+    binary = len(classes) == 2
+    if binary:
+        pos_i = _positive_index(classes, positive)
+        positive, threshold = classes[pos_i], 0.5 if threshold is None else float(threshold)
+    y_pred = predict_labels(p, classes=classes, positive=positive, threshold=threshold)
+    cm = _confusion(y, y_pred, classes)
+    point = _scores_from_confusion(cm)
+    boot = _bootstrap_scores(cm, n_boot=n_boot, seed=seed) if n_boot > 0 else None
+    estimates = {}
+    for j, name in enumerate(METRICS):
+        if boot is None:
+            estimates[name] = Estimate(float(point[j]))
+        else:
+            lo, hi = np.nanpercentile(boot[:, j], [2.5, 97.5])
+            estimates[name] = Estimate(float(point[j]), float(lo), float(hi))
+
+    report = EvalReport(
+        n=len(y),
+        classes=classes,
+        report=_report_frame(cm, classes),
+        confusion=cm,
+        n_boot=n_boot,
+        seed=seed,
+        **estimates,
+    )
+    if binary:
+        report.positive, report.threshold = positive, threshold
+        is_pos = y == positive
+        score = p[:, pos_i]
+        if 0 < is_pos.sum() < len(y):
+            fpr, tpr, thr = roc_curve(is_pos, score)
+            prec, rec, pthr = precision_recall_curve(is_pos, score, drop_intermediate=True)
+            fpr, tpr, thr = _thin(fpr, tpr, np.clip(thr, 0.0, 1.0))
+            prec, rec, pthr = _thin(prec[:-1], rec[:-1], pthr)  # the last point (recall 0) has no threshold
+            report.roc = {"fpr": fpr, "tpr": tpr, "thresholds": thr}
+            report.pr = {"precision": prec, "recall": rec, "thresholds": pthr}
+            report.roc_auc = float(roc_auc_score(is_pos, score))
+            report.average_precision = float(average_precision_score(is_pos, score))
+    report.warnings = _small_sample_warnings(report)
+    return report
+
+
+def _small_sample_warnings(report: EvalReport) -> list[str]:
+    out = []
+    acc = report.accuracy
+    if report.n < MIN_TEST_PHOTOS:
+        swing = "" if acc.low is None else f" (accuracy anywhere from {100 * acc.low:.0f} % to {100 * acc.high:.0f} %)"
+        out.append(
+            f"A test set of {report.n} photos is not evidence{swing}: label more photos, "
+            f"at least {MIN_TEST_PHOTOS} for testing, before trusting these numbers."
+        )
+    support = report.report["support"].iloc[: len(report.classes)]
+    few = [f"'{c}' ({int(s)})" for c, s in support.items() if s < 5]
+    if few:
+        out.append("Very few test photos for " + ", ".join(few) + ": the scores for these labels are guesses.")
+    return out
+
+
+# --------------------------------------------------------------------------- thresholds
+
+
+def choose_threshold(y_true, proba_pos, *, rule: str = "balanced", positive: str | None = None) -> float:
+    """The decision threshold on the positive class's probability, from photos NOT in the test set.
+
+    ``y_true`` is boolean (is positive) or labels with ``positive`` naming the positive
+    one. Rules: ``"balanced"`` maximises balanced accuracy (identical to Youden's J,
+    alias ``"youden"``), ``"f1"`` maximises the positive class's F1, ``"default"`` is
+    0.5. Thresholds fall midway between observed probabilities; ties go to the one
+    nearest 0.5.
+    """
+    y = np.asarray(y_true)
+    if positive is not None:
+        y = np.asarray([str(v) for v in y]) == str(positive)
+    elif y.dtype.kind not in "bui":
+        raise ValueError("choose_threshold needs boolean labels, or positive= to say which label is positive.")
+    y = y.astype(bool)
+    s = np.asarray(proba_pos, dtype=np.float64).ravel()
+    if len(s) != len(y):
+        raise ValueError(f"Got {len(y)} labels but {len(s)} probabilities.")
+    if rule not in ("balanced", "youden", "f1", "default"):
+        raise ValueError(f"Unknown threshold rule {rule!r}; use 'balanced', 'youden', 'f1' or 'default'.")
+    n_pos, n_neg = int(y.sum()), int((~y).sum())
+    if rule == "default" or n_pos == 0 or n_neg == 0:
+        return 0.5
+    u = np.unique(s)
+    cand = np.unique(np.concatenate([(u[:-1] + u[1:]) / 2, [0.5]]))
+    tp = n_pos - np.searchsorted(np.sort(s[y]), cand, side="left")
+    fp = n_neg - np.searchsorted(np.sort(s[~y]), cand, side="left")
+    if rule == "f1":
+        gain = 2 * tp / np.maximum(1, 2 * tp + fp + (n_pos - tp))
+    else:
+        gain = tp / n_pos - fp / n_neg
+    best = np.flatnonzero(gain >= gain.max() - 1e-12)
+    return float(cand[best[np.argmin(np.abs(cand[best] - 0.5))]])
+
+
+# --------------------------------------------------------------------------- cross-validation
+
+
+@dataclass
+class CVResult:
+    """Cross-validation of a frozen head plus its score on the held-out test photos.
+
+    ``oof_proba[i]`` is a probability for ``ids[i]`` from a head that never saw that
+    photo: the mean over cross-validation repeats for training photos, the final head
+    (fit on the whole training part) for test photos (``in_test``).
+    """
+
+    classes: list[str]
+    ids: list[str]
+    oof_proba: np.ndarray
+    in_test: np.ndarray
+    fold_scores: pd.DataFrame
+    summary: dict[str, dict[str, float | None]]  # metric -> mean, std, low, high (empty without CV)
+    positive: str | None
+    threshold: float | None
+    test_ids: list[str]
+    test_proba: np.ndarray
+    test_report: EvalReport
+    model: Any  # the head fitted on the whole training part: the one to ship
+    fit_seconds: float
+    cv_seconds: float
+    n_splits: int
+    n_repeats: int
+
+    def headline(self, metric: str = "balanced_accuracy") -> str:
+        """One sentence for the UI, e.g. 'Balanced accuracy 91.2 % (95 % range 88.0 to 94.3 %) ...'."""
+        s = self.summary.get(metric)
+        name = METRIC_NAMES[metric].capitalize()
+        if not s:
+            e = getattr(self.test_report, metric)
+            return f"{name} {100 * e.value:.1f} % on {self.test_report.n} test photos (95 % range {100 * e.low:.1f} to {100 * e.high:.1f} %)."
+        rng = "" if s["low"] is None else f" (95 % range {100 * s['low']:.1f} to {100 * s['high']:.1f} %)"
+        return f"{name} {100 * s['mean']:.1f} %{rng}, from {self.n_repeats}× repeated {self.n_splits}-fold cross-validation."
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-safe summary (without the per-photo probabilities and the fitted model)."""
+        return {
+            "classes": list(self.classes),
+            "positive": self.positive,
+            "threshold": self.threshold,
+            "n_splits": self.n_splits,
+            "n_repeats": self.n_repeats,
+            "summary": self.summary,
+            "fold_scores": self.fold_scores.to_dict(orient="records"),
+            "test_report": self.test_report.to_dict(),
+            "fit_seconds": self.fit_seconds,
+            "cv_seconds": self.cv_seconds,
+        }
+
+
+def _aligned_proba(model, X: np.ndarray, classes: Sequence[str]) -> np.ndarray:
+    # A fold's training part can lack a rare class; its column is then zero.
+    p = model.predict_proba(X)
+    out = np.zeros((len(X), len(classes)))
+    index = {c: i for i, c in enumerate(classes)}
+    for j, c in enumerate(model.classes_):
+        out[:, index[str(c)]] = p[:, j]
+    return out
+
+
+def _fit_predict(make_head, X_fit, y_fit, X_score, classes) -> tuple[Any, np.ndarray]:
+    with single_threaded_blas():  # any head, not only ours: see core.heads.single_threaded_blas
+        model = clone(make_head()).fit(X_fit, y_fit)
+        return model, _aligned_proba(model, X_score, classes)
+
+
+def _corrected_interval(scores: np.ndarray, n_splits: int) -> tuple[float | None, float | None]:
+    # Folds share training photos, so their scores are correlated and the naive
+    # standard error is too small; Nadeau & Bengio's correction adds n_test/n_train.
+    from scipy.stats import t as student_t
+
+    j = len(scores)
+    if j < 2:
+        return None, None
+    se = math.sqrt((1 / j + 1 / (n_splits - 1)) * np.var(scores, ddof=1))
+    h = float(student_t.ppf(0.975, j - 1)) * se
+    m = float(np.mean(scores))
+    return max(0.0, m - h), min(1.0, m + h)
+
+
+def _rows_for(plan: SplitPlan, ids: Sequence[str] | None, n_rows: int) -> tuple[list[str], np.ndarray]:
+    """Row of X for each position in ``plan.ids``."""
+    if ids is None:
+        if n_rows != len(plan.ids):
+            raise ValueError(f"X has {n_rows} rows but the split plan has {len(plan.ids)} photos; pass ids=.")
+        return list(plan.ids), np.arange(n_rows)
+    ids = [str(i) for i in ids]
+    if len(ids) != n_rows:
+        raise ValueError(f"Got {len(ids)} ids for {n_rows} rows of features.")
+    row = {i: r for r, i in enumerate(ids)}
+    missing = [i for i in plan.ids if i not in row]
+    extra = len(ids) - (len(plan.ids) - len(missing))
+    if missing or extra:
+        raise ValueError(
+            f"The photos do not match the split plan ({len(missing)} planned photos missing, {extra} unplanned); "
+            "make a new plan after adding or removing photos."
+        )
+    return ids, np.array([row[i] for i in plan.ids])
+
+
+def cross_validate_head(
+    X,
+    y: Sequence[str],
+    *,
+    plan: SplitPlan,
+    ids: Sequence[str] | None = None,
+    make_head: Callable[[], Any] = make_frozen_head,
+    positive: str | None = None,
+    threshold_rule: str = "balanced",
+    n_boot: int = 1000,
+    on_progress: Callable[[int, int], None] | None = None,
+) -> CVResult:
+    """Cross-validate a frozen head on the plan's training part, then score it on the test photos.
+
+    Rows of ``X``/``y`` follow ``ids`` (default: ``plan.ids``). Fold scores use the
+    default decision rule (0.5 / most probable class); for two classes the reported
+    threshold is chosen by ``threshold_rule`` on the out-of-fold probabilities of the
+    training part and applied to the test photos.
+    """
+    X = np.asarray(X)
+    y = np.asarray([str(v) for v in y])
+    if X.ndim != 2 or len(X) != len(y):
+        raise ValueError(f"X must be (n, d) with one label per row; got X {X.shape} and {len(y)} labels.")
+    row_ids, rows = _rows_for(plan, ids, len(X))
+    Xp, yp = X[rows], y[rows]  # in plan.ids order from here on
+    classes = sorted(set(yp.tolist()))
+    test_set = set(plan.test_ids)
+    is_test = np.array([i in test_set for i in plan.ids])
+    train_pos, test_pos = np.flatnonzero(~is_test), np.flatnonzero(is_test)
+
+    splits = list(plan.cv_splits())
+    total, done = len(splits) + 1, 0
+    oof_sum = np.zeros((len(plan.ids), len(classes)))
+    records = []
+    t0 = time.perf_counter()
+    for r, k, fit_pos, score_pos in splits:
+        _, p = _fit_predict(make_head, Xp[fit_pos], yp[fit_pos], Xp[score_pos], classes)
+        oof_sum[score_pos] += p
+        cm = _confusion(yp[score_pos], predict_labels(p, classes=classes, positive=positive), classes)
+        records.append(
+            {"repeat": r, "fold": k, "n_fit": len(fit_pos), "n_scored": len(score_pos)}
+            | dict(zip(METRICS, map(float, _scores_from_confusion(cm)), strict=True))
+        )
+        done += 1
+        if on_progress:
+            on_progress(done, total)
+    cv_seconds = time.perf_counter() - t0
+    fold_scores = pd.DataFrame.from_records(records, columns=["repeat", "fold", "n_fit", "n_scored", *METRICS])
+
+    summary: dict[str, dict[str, float | None]] = {}
+    if records:
+        for m in METRICS:
+            s = fold_scores[m].to_numpy()
+            lo, hi = _corrected_interval(s, plan.n_splits)
+            summary[m] = {
+                "mean": float(s.mean()),
+                "std": float(s.std(ddof=1)) if len(s) > 1 else 0.0,
+                "low": lo,
+                "high": hi,
+            }
+
+    binary = len(classes) == 2
+    threshold = None
+    if binary:
+        positive = classes[_positive_index(classes, positive)]
+        if records:
+            oof_train = oof_sum[train_pos] / max(1, plan.n_repeats)
+            threshold = choose_threshold(
+                yp[train_pos], oof_train[:, classes.index(positive)], rule=threshold_rule, positive=positive
+            )
+        else:
+            threshold = 0.5
+
+    t1 = time.perf_counter()
+    final, test_proba = _fit_predict(make_head, Xp[train_pos], yp[train_pos], Xp[test_pos], classes)
+    fit_seconds = time.perf_counter() - t1
+    test_report = evaluate_predictions(
+        yp[test_pos],
+        test_proba,
+        classes=classes,
+        positive=positive if binary else None,
+        threshold=threshold,
+        n_boot=n_boot,
+        seed=plan.seed,
+    )
+    if on_progress:
+        on_progress(total, total)
+
+    oof = oof_sum / max(1, plan.n_repeats)
+    if not records:  # no CV planned: only test photos get honest probabilities
+        oof[train_pos] = np.nan
+    oof[test_pos] = test_proba
+    # back to the caller's row order
+    back = np.empty(len(rows), dtype=int)
+    back[rows] = np.arange(len(rows))
+    return CVResult(
+        classes=classes,
+        ids=row_ids,
+        oof_proba=oof[back],
+        in_test=is_test[back],
+        fold_scores=fold_scores,
+        summary=summary,
+        positive=positive if binary else None,
+        threshold=threshold,
+        test_ids=[plan.ids[i] for i in test_pos],
+        test_proba=test_proba,
+        test_report=test_report,
+        model=final,
+        fit_seconds=fit_seconds,
+        cv_seconds=cv_seconds,
+        n_splits=plan.n_splits,
+        n_repeats=plan.n_repeats,
+    )
+
+
+# --------------------------------------------------------------------------- comparison
+
+
+def align_proba(proba, ids: Sequence[str], *, to: Sequence[str]) -> np.ndarray:
+    """Reorder per-photo probabilities given for ``ids`` into the order of ``to``.
+
+    Use it before :func:`compare_methods` when two methods list the test photos in a
+    different order; a photo missing from either side is an error, not a silent drop.
+    """
+    p = np.asarray(proba)
+    pos = {str(i): r for r, i in enumerate(ids)}
+    missing = [i for i in to if str(i) not in pos]
+    if missing or len(ids) != len(p):
+        raise ValueError(f"Predictions are missing for {len(missing)} of the {len(to)} photos (e.g. {missing[:3]}).")
+    return p[[pos[str(i)] for i in to]]
+
+
+@dataclass
+class Comparison:
+    """A paired comparison of two methods on the same photos, with a plain-English verdict."""
+
+    names: tuple[str, str]
+    n: int
+    accuracy_a: float
+    accuracy_b: float
+    difference: Estimate  # accuracy of B minus A, in percentage points
+    only_a_right: int
+    only_b_right: int
+    p_value: float  # exact McNemar test
+    better: str | None  # the name of the measurably better method, else None
+    recommended: str
+    verdict: str
+    warnings: list[str] = field(default_factory=list)
+    cost_a_seconds: float | None = None
+    cost_b_seconds: float | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "names": list(self.names),
+            "n": self.n,
+            "accuracy_a": self.accuracy_a,
+            "accuracy_b": self.accuracy_b,
+            "difference": self.difference.to_dict(),
+            "only_a_right": self.only_a_right,
+            "only_b_right": self.only_b_right,
+            "p_value": self.p_value,
+            "better": self.better,
+            "recommended": self.recommended,
+            "verdict": self.verdict,
+            "warnings": list(self.warnings),
+            "cost_a_seconds": self.cost_a_seconds,
+            "cost_b_seconds": self.cost_b_seconds,
+        }
+
+
+def _pts(v: float) -> str:
+    return f"{v:+.1f}".replace("-", "\u2212")
+
+
+def _times(ratio: float) -> str:
+    return f"{ratio:.0f}\u00d7" if ratio >= 10 else f"{ratio:.1f}\u00d7"
+
+
+def compare_methods(
+    y_true: Sequence[str],
+    proba_a,
+    proba_b,
+    *,
+    classes: Sequence[str],
+    names: tuple[str, str] = ("Frozen", "Fine-tuned"),
+    positive: str | None = None,
+    threshold_a: float | None = None,
+    threshold_b: float | None = None,
+    cost_a_seconds: float | None = None,
+    cost_b_seconds: float | None = None,
+    n_boot: int = 2000,
+    seed: int = 0,
+    alpha: float = 0.05,
+) -> Comparison:
+    """Is method B (e.g. fine-tuning) measurably better than method A on the same photos?
+
+    Rows of both probability arrays must be the same photos in the same order (see
+    :func:`align_proba`). "Better" needs both the exact McNemar test (p < ``alpha``)
+    and the paired-bootstrap 95 % range of the accuracy difference to agree. When the
+    two are not measurably different, the cheaper one (``cost_*_seconds``, training
+    time), else A, is recommended.
+    """
+    from scipy.stats import binomtest
+
+    classes = [str(c) for c in classes]
+    y = np.asarray([str(v) for v in y_true])
+    a_ok = predict_labels(proba_a, classes=classes, positive=positive, threshold=threshold_a) == y
+    b_ok = predict_labels(proba_b, classes=classes, positive=positive, threshold=threshold_b) == y
+    if not (len(y) == len(a_ok) == len(b_ok)) or len(y) == 0:
+        raise ValueError(
+            f"Both methods need predictions for the same photos: {len(y)} labels, {len(a_ok)} and {len(b_ok)} predictions."
+        )
+    n = len(y)
+    only_a, only_b = int((a_ok & ~b_ok).sum()), int((~a_ok & b_ok).sum())
+    p_value = float(binomtest(only_b, only_a + only_b, 0.5).pvalue) if only_a + only_b else 1.0
+    diff = 100 * (only_b - only_a) / n
+    draws = np.random.default_rng(seed).multinomial(n, [only_a / n, 1 - (only_a + only_b) / n, only_b / n], size=n_boot)
+    lo, hi = np.percentile(100 * (draws[:, 2] - draws[:, 0]) / n, [2.5, 97.5])
+    name_a, name_b = names
+
+    better = None
+    if p_value < alpha and lo > 0:
+        better = name_b
+    elif p_value < alpha and hi < 0:
+        better = name_a
+    rng = f"95 % range {_pts(lo)} to {_pts(hi)}"
+    costs = cost_a_seconds is not None and cost_b_seconds is not None and min(cost_a_seconds, cost_b_seconds) > 0
+    if better == name_b:
+        verdict = f"{name_b} is better: {diff:.1f} points more photos right ({rng}). Use {name_b}."
+        if costs and cost_b_seconds > 1.2 * cost_a_seconds:
+            verdict += f" It took {_times(cost_b_seconds / cost_a_seconds)} longer to train."
+    elif better == name_a:
+        verdict = (
+            f"{name_a} is better: {-diff:.1f} points more photos right than {name_b} "
+            f"(95 % range {_pts(-hi)} to {_pts(-lo)}). Use {name_a}."
+        )
+    else:
+        verdict = f"{name_b} is not measurably better than {name_a} here ({_pts(diff)} points, {rng})."
+    if better is None:
+        recommended = name_a
+        if costs:
+            ratio = max(cost_a_seconds, cost_b_seconds) / min(cost_a_seconds, cost_b_seconds)
+            recommended = name_a if cost_a_seconds <= cost_b_seconds else name_b
+            verdict += (
+                f" {recommended} trained {_times(ratio)} faster: use it."
+                if ratio >= 1.2
+                else f" Both train about as fast: use {recommended}."
+            )
+        else:
+            verdict += f" Use {name_a}, the simpler one."
+    else:
+        recommended = better
+
+    warnings = []
+    if n < MIN_TEST_PHOTOS:
+        warnings.append(
+            f"A test set of {n} photos is not evidence: luck alone can move the difference "
+            f"by about \u00b1{(hi - lo) / 2:.0f} points. "
+            f"Label more photos (at least {MIN_TEST_PHOTOS} for testing, 100+ is better) before choosing."
+        )
+        verdict += " " + warnings[-1]
+    return Comparison(
+        names=(name_a, name_b),
+        n=n,
+        accuracy_a=float(a_ok.mean()),
+        accuracy_b=float(b_ok.mean()),
+        difference=Estimate(float(diff), float(lo), float(hi)),
+        only_a_right=only_a,
+        only_b_right=only_b,
+        p_value=p_value,
+        better=better,
+        recommended=recommended,
+        verdict=verdict,
+        warnings=warnings,
+        cost_a_seconds=cost_a_seconds,
+        cost_b_seconds=cost_b_seconds,
+    )
+
+
+# --------------------------------------------------------------------------- label issues
+
+
+def rank_label_issues(ids: Sequence[str], y: Sequence[str], oof_proba, *, classes: Sequence[str]) -> pd.DataFrame:
+    """Photos whose given label looks wrong, most suspicious first.
+
+    Needs out-of-fold probabilities (a model that saw a photo's label would just echo it).
+    Ranks by self-confidence, the probability of the given label; ``likely_issue`` marks
+    photos that confident learning (Northcutt et al., 2021) counts as mislabelled: some
+    other class reaches its per-class threshold (the mean probability of that class over
+    photos labelled with it). Rows without probabilities (NaN) are left out.
+    """
+    classes = [str(c) for c in classes]
+    ids = [str(i) for i in ids]
+    labels = np.asarray([str(v) for v in y])
+    p = np.asarray(oof_proba, dtype=np.float64)
+    if p.ndim != 2 or p.shape != (len(ids), len(classes)) or len(labels) != len(ids):
+        raise ValueError(
+            f"Expected {len(ids)} labels and probabilities of shape ({len(ids)}, {len(classes)}), got {len(labels)} and {p.shape}."
+        )
+    keep = np.all(np.isfinite(p), axis=1)
+    ids_k, labels_k, p = [i for i, k in zip(ids, keep, strict=True) if k], labels[keep], p[keep]
+    index = {c: i for i, c in enumerate(classes)}
+    unknown = sorted(set(labels_k.tolist()) - set(index))
+    if unknown:
+        raise ValueError(f"Labels {unknown} are not among the classes {classes}.")
+    given = np.array([index[v] for v in labels_k], dtype=int)
+    rows = np.arange(len(given))
+    self_conf = p[rows, given]
+
+    thresholds = np.array([p[given == j, j].mean() if np.any(given == j) else np.inf for j in range(len(classes))])
+    above = p >= thresholds
+    confident = np.where(above.any(axis=1), np.argmax(np.where(above, p, -1.0), axis=1), -1)
+    likely = (confident >= 0) & (confident != given)
+    suggested = np.argmax(p, axis=1)
+
+    df = pd.DataFrame(
+        {
+            "id": ids_k,
+            "given_label": labels_k,
+            "suggested_label": np.asarray(classes)[suggested],
+            "self_confidence": self_conf,
+            "suggested_confidence": p[rows, suggested],
+            "likely_issue": likely,
+        }
+    )
+    df = df.sort_values(["self_confidence", "id"], kind="stable").reset_index(drop=True)
+    df.insert(0, "rank", np.arange(1, len(df) + 1))
+    return df

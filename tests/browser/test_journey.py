@@ -1,0 +1,74 @@
+"""The main journey in a real Chromium against a running server."""
+
+from __future__ import annotations
+
+import io
+import shutil
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from tests.browser.conftest import shot
+from tests.conftest import SHARED_DATA
+
+pytestmark = pytest.mark.browser
+UPLOAD = '[data-testid="stFileUploader"] input[type=file]'
+
+
+def _photo_set(tmp: Path) -> tuple[list[Path], Path]:
+    """Real labelled photos: the shared product photos when present, else scikit-image's."""
+    shared = SHARED_DATA / "product-photos"
+    folder = tmp / "photos"
+    folder.mkdir()
+    if (shared / "labels.csv").is_file():
+        lines = (shared / "labels_parfois_style.csv").read_text().splitlines()
+        header, rows = lines[0], lines[1:]
+        person = [r for r in rows if r.split(";")[1] == "1"][:20]
+        other = [r for r in rows if r.split(";")[1] == "0"][:20]
+        chosen = person + other
+        for r in chosen:
+            shutil.copy(shared / r.split(";")[0], folder)
+        sheet = tmp / "labels.csv"
+        sheet.write_text("\n".join([header, *chosen]) + "\n")
+    else:
+        from skimage import data
+
+        sheet_rows = ["image_file_name;label"]
+        for i, (name, label) in enumerate([("astronaut", 1), ("coffee", 0), ("chelsea", 0), ("rocket", 0)] * 5):
+            arr = getattr(data, name)()
+            img = Image.fromarray(arr).convert("RGB").rotate(i * 7)
+            img.save(folder / f"{name}{i}.jpg", quality=90)
+            sheet_rows.append(f"{name}{i}.jpg;{label}")
+        sheet = tmp / "labels.csv"
+        sheet.write_text("\n".join(sheet_rows) + "\n")
+    return sorted(folder.iterdir()), sheet
+
+
+def test_create_project_upload_photos_and_sheet_then_refresh(server, page, tmp_path):
+    photos, sheet = _photo_set(tmp_path)
+    page.goto(server["url"])
+    page.get_by_text("Start by creating a project").wait_for()
+    page.get_by_text("Computing on").wait_for()  # the first run has finished
+    page.get_by_label("Name").fill("Person in photo")
+    page.get_by_role("button", name="Create project").click()
+    page.get_by_text("Project: Person in photo").wait_for()
+    shot(page, "home")
+
+    page.get_by_role("link", name="1 · Data").click()
+    page.get_by_role("heading", name="1 · Data").wait_for()
+    page.locator(UPLOAD).nth(0).set_input_files([str(p) for p in photos])
+    page.get_by_text(f"Checked {len(photos)} files").wait_for(timeout=120_000)
+    page.locator(UPLOAD).nth(1).set_input_files(str(sheet))
+    page.get_by_text("Name the classes").wait_for()
+    labelled = page.locator('[data-testid="stMetric"]').filter(has_text="Labelled")
+    assert labelled.inner_text().split()[-1] == str(len(photos))
+    shot(page, "data")
+
+    page.reload()  # nothing is lost on a refresh
+    page.get_by_role("heading", name="1 · Data").wait_for()
+    labelled = page.locator('[data-testid="stMetric"]').filter(has_text="Labelled")
+    labelled.wait_for()
+    assert labelled.inner_text().split()[-1] == str(len(photos))
+    assert "1 · Data  ✓" in page.locator('[data-testid="stSidebarNav"]').inner_text() or \
+        "✓" in page.locator('[data-testid="stSidebarNav"]').inner_text()

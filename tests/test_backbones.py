@@ -1,0 +1,286 @@
+"""The backbone registry tells the truth, and weights are handled safely and offline."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import urllib.error
+
+import pytest
+import torch
+from PIL import Image
+
+from core import backbones as bb
+from core.device import describe_device, device_summary, pick_device
+
+ALL_IDS = [b.id for b in bb.list_backbones()]
+
+
+@pytest.fixture(autouse=True)
+def isolated_caches(tmp_path, monkeypatch):
+    """Weights caches in tmp_path: no test sees or leaves a real downloaded file."""
+    import huggingface_hub.constants
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.setenv("CATALOG_LENS_CACHE_DIR", str(tmp_path / "lens-cache"))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hf"))
+
+
+@pytest.fixture(autouse=True)
+def no_network(monkeypatch):
+    """Downloads fail as on an air-gapped machine, also where the internet is reachable."""
+    import huggingface_hub
+
+    def refuse(*args, **kwargs):
+        raise urllib.error.URLError("Name or service not known")
+
+    monkeypatch.setattr(bb.urllib.request, "urlopen", refuse)
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", refuse)
+
+
+# --------------------------------------------------------------------------- registry
+
+
+def test_ids_are_unique_and_every_fact_is_filled():
+    backbones = bb.list_backbones()
+    assert len(ALL_IDS) == len(set(ALL_IDS)) >= 10
+    for b in backbones:
+        assert b.id and b.name and callable(b.builder) and callable(b.full_builder)
+        assert b.feature_dim > 0 and b.params_features > 0 and b.input_size >= 224
+        assert 60 < b.imagenet_top1 < 90
+        assert b.good_for.endswith(".") and len(b.good_for) < 140
+        assert b.params_full is not None or b.self_supervised
+        w = b.weights
+        assert w.source in {"torchvision", "timm-hub", "package"}
+        assert w.name and w.location and w.file_name and w.size_mb > 0 and w.licence
+        p = b.preprocessing
+        assert p.crop_size == b.input_size and p.resize_size >= p.crop_size
+        assert len(p.mean) == len(p.std) == 3 and p.interpolation in {"bilinear", "bicubic"}
+        assert p.describe()
+
+
+def test_default_is_lite0_first_and_the_only_offline_one():
+    assert bb.DEFAULT_BACKBONE_ID == "efficientnet_lite0" == ALL_IDS[0]
+    assert [b.id for b in bb.list_backbones() if b.offline] == ["efficientnet_lite0"]
+    lite0 = bb.get_backbone("efficientnet_lite0")
+    assert lite0.weights.source == "package" and not lite0.self_supervised
+    p = lite0.preprocessing  # the facts checked in STACK.md
+    assert (p.crop_size, p.interpolation, p.mean, p.std) == (224, "bicubic", (0.5,) * 3, (0.5,) * 3)
+    assert bb.weights_status(lite0).available
+
+
+def test_dinov2_is_self_supervised_from_timm():
+    b = bb.get_backbone("dinov2_vits14")
+    assert b.self_supervised and b.weights.source == "timm-hub"
+    assert b.weights.location == "timm/vit_small_patch14_dinov2.lvd142m"
+
+
+def test_unknown_id_names_the_valid_ones():
+    with pytest.raises(ValueError, match="resnet50") as err:
+        bb.get_backbone("resnet51")
+    assert "efficientnet_lite0" in str(err.value)
+
+
+def _count(module: torch.nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+@pytest.mark.parametrize("backbone_id", ALL_IDS)
+def test_entry_matches_the_real_network(backbone_id):
+    """Feature width and parameter counts are those of the networks actually built."""
+    b = bb.get_backbone(backbone_id)
+    full = b.full_builder()
+    if b.params_full is not None:
+        assert _count(full) == b.params_full
+    features = bb._to_features(b, full).eval()
+    assert _count(features) == b.params_features
+    with torch.inference_mode():
+        out = features(torch.rand(1, 3, b.input_size, b.input_size))
+    assert out.shape == (1, b.feature_dim)
+
+
+def test_builder_gives_the_same_feature_extractor():
+    b = bb.get_backbone("resnet18")
+    model = b.builder().eval()
+    assert _count(model) == b.params_features
+    with torch.inference_mode():
+        assert model(torch.rand(2, 3, 224, 224)).shape == (2, 512)
+
+
+@pytest.mark.parametrize("backbone_id", ["efficientnet_lite0", "resnet50", "dinov2_vits14"])
+def test_transform_follows_the_preprocessing(backbone_id):
+    b = bb.get_backbone(backbone_id)
+    x = bb.build_transform(b)(Image.new("RGB", (640, 480), (255, 0, 0)))
+    assert x.shape == (3, b.input_size, b.input_size)
+    expected_red = (1.0 - b.preprocessing.mean[0]) / b.preprocessing.std[0]
+    assert x[0].mean().item() == pytest.approx(expected_red, abs=1e-3)
+
+
+def test_preprocessing_key_is_stable_and_tells_preprocessings_apart():
+    keys = {bid: bb.preprocessing_key(bid) for bid in ALL_IDS}
+    assert keys["efficientnet_lite0"] == bb.preprocessing_key("efficientnet_lite0")
+    assert keys["efficientnet_lite0"] != keys["resnet18"] != keys["resnet50"]  # 256 vs 232
+    assert keys["resnet18"] == keys["vgg16"]  # same transform, same key
+
+
+def test_classifier_model_seam():
+    model = bb.build_classifier_model("efficientnet_lite0", 3, pretrained=False)
+    assert isinstance(model.head, torch.nn.Linear) and model.head.in_features == 1280
+    model.eval()
+    with torch.inference_mode():
+        assert model(torch.rand(2, 3, 224, 224)).shape == (2, 3)
+    with pytest.raises(ValueError, match="2 classes"):
+        bb.build_classifier_model("resnet18", 1, pretrained=False)
+
+
+# --------------------------------------------------------------------------- weights
+
+
+def test_missing_torchvision_weights_say_download_in_plain_words():
+    status = bb.weights_status("resnet50")
+    assert not status.available and status.path is None
+    assert "download" in status.message and "98 MB" in status.message
+    assert "resnet50-11ad3fa6.pth" in status.message
+
+
+def test_unreachable_download_is_a_plain_error_and_leaves_nothing():
+    with pytest.raises(bb.WeightsUnavailable) as err:
+        bb.load_feature_extractor("resnet50")
+    assert str(err.value) == (
+        "ResNet-50 needs a one-time download of 98 MB from download.pytorch.org. This "
+        "computer could not reach it. Ask IT to allow it, or import the weights file "
+        "(resnet50-11ad3fa6.pth) under 'Import weights'."
+    )
+    folder = bb._torchvision_cache_path(bb.get_backbone("resnet50")).parent
+    assert not folder.exists() or not any(folder.iterdir())
+    assert bb.weights_status("efficientnet_lite0").available  # others stay usable
+
+
+def test_unreachable_hub_is_a_plain_error():
+    with pytest.raises(bb.WeightsUnavailable, match="huggingface.co"):
+        bb.ensure_weights("dinov2_vits14")
+
+
+class _FakeResponse(io.BytesIO):
+    def __init__(self, data: bytes):
+        super().__init__(data)
+        self.headers = {"Content-Length": str(len(data))}
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def _saved(state: dict) -> bytes:
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    return buffer.getvalue()
+
+
+def test_download_reports_progress_into_torchvision_cache(monkeypatch):
+    import torchvision.models as tvm
+
+    state = tvm.mobilenet_v3_large().state_dict()
+    data = _saved(state)
+    monkeypatch.setattr(bb.urllib.request, "urlopen", lambda *a, **k: _FakeResponse(data))
+    seen = []
+    path = bb.ensure_weights("mobilenet_v3_large", on_progress=lambda d, t: seen.append((d, t)))
+    assert path.name == "mobilenet_v3_large-5c1a4163.pth" and path.parent.name == "checkpoints"
+    assert seen[-1] == (len(data), len(data)) and len(seen) >= 2
+    # torchvision's own loader finds the file where we put it (no second download)
+    loaded = tvm.MobileNet_V3_Large_Weights.IMAGENET1K_V2.get_state_dict(progress=False)
+    assert torch.equal(loaded["features.0.0.weight"], state["features.0.0.weight"])
+    assert bb.weights_status("mobilenet_v3_large").available
+
+
+def test_import_accepts_the_right_network(tmp_path):
+    import torchvision.models as tvm
+
+    source = tvm.resnet18()
+    path = tmp_path / "resnet18-f37072fd.pth"
+    torch.save(source.state_dict(), path)
+    target = bb.import_weights("resnet18", path)
+    assert target == bb._torchvision_cache_path(bb.get_backbone("resnet18"))
+    status = bb.weights_status("resnet18")
+    assert status.available and status.official is False  # random weights: not the published file
+    assert bb.weights_hash("resnet18") == hashlib.sha256(path.read_bytes()).hexdigest()
+    model, transform = bb.load_feature_extractor("resnet18")
+    x = torch.rand(1, 3, 224, 224)
+    source.fc = torch.nn.Identity()
+    with torch.inference_mode():
+        assert torch.allclose(model(x), source.eval()(x), atol=1e-5)
+
+
+def test_import_rejects_another_network_with_a_clear_message(tmp_path):
+    import torchvision.models as tvm
+
+    path = tmp_path / "efficientnet_b4_rwightman-23ab8bcd.pth"
+    torch.save(tvm.efficientnet_b0().state_dict(), path)
+    with pytest.raises(ValueError, match=r"different network: \d+ of \d+ tensors have other shapes"):
+        bb.import_weights("efficientnet_b4", path)
+    torch.save(tvm.mobilenet_v3_large().state_dict(), path)
+    with pytest.raises(ValueError, match="different network: none of the"):
+        bb.import_weights("resnet18", path)
+    assert not bb.weights_status("efficientnet_b4").available
+    with pytest.raises(ValueError, match="comes with the app"):
+        bb.import_weights("efficientnet_lite0", path)
+    (tmp_path / "notes.txt").write_text("hello")
+    with pytest.raises(ValueError, match="not a weights file"):
+        bb.import_weights("resnet18", tmp_path / "notes.txt")
+    (tmp_path / "fake.pth").write_text("<html>proxy login</html>")
+    with pytest.raises(ValueError, match="opened safely"):
+        bb.import_weights("resnet18", tmp_path / "fake.pth")
+
+
+def test_import_for_a_timm_hub_backbone_works_offline(tmp_path):
+    """A DINOv2 file in the published (518 px) layout is accepted and runs at 224 px."""
+    import timm
+    from safetensors.torch import save_file
+
+    state = timm.create_model("vit_small_patch14_dinov2.lvd142m", pretrained=False).state_dict()
+    path = tmp_path / "model.safetensors"
+    save_file(state, str(path))
+    bb.import_weights("dinov2_vits14", path)
+    assert bb.weights_status("dinov2_vits14").available
+    model, _ = bb.load_feature_extractor("dinov2_vits14")
+    with torch.inference_mode():
+        assert model(torch.rand(1, 3, 224, 224)).shape == (1, 384)
+
+
+def test_lite0_weights_hash_matches_its_published_prefix():
+    assert bb.weights_hash("efficientnet_lite0").startswith("57934424")
+    assert bb.weights_status("efficientnet_lite0").official is True
+
+
+def test_lite0_real_weights_recognise_real_photos():
+    """Proves the offline weights loaded and the preprocessing is right (random weights
+    give near-uniform output)."""
+    from skimage import data
+
+    model, transform, categories = bb.load_imagenet_model("efficientnet_lite0")
+    photos = [Image.fromarray(data.chelsea()), Image.fromarray(data.coffee())]
+    with torch.inference_mode():
+        probs = model(torch.stack([transform(p) for p in photos])).softmax(-1)
+    p, top = probs.max(-1)
+    assert top.tolist() == [285, 967]
+    assert categories[285] == "Egyptian cat" and categories[967] == "espresso"
+    assert p[0].item() == pytest.approx(0.77, abs=0.05)
+    assert p[1].item() == pytest.approx(0.90, abs=0.05)
+
+
+# --------------------------------------------------------------------------- device
+
+
+def test_pick_device_honours_and_explains():
+    assert pick_device("cpu").type == "cpu"
+    assert pick_device(None).type in {"cpu", "cuda", "mps"}
+    with pytest.raises(ValueError, match="Unknown device"):
+        pick_device("tpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="no|none"):
+            pick_device("cuda:1")
+    assert describe_device("cpu").startswith("CPU · ")
+    summary = device_summary()
+    assert {"device", "kind", "label", "accelerated", "cpu_cores"} <= set(summary)

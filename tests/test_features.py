@@ -1,0 +1,230 @@
+"""Feature extraction on real photos: correct, cached, resumable, never stopped by one bad file."""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageOps
+
+from core import backbones as bb
+from core import features as ft
+
+LITE0 = "efficientnet_lite0"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def isolated_cache(tmp_path_factory):
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("CATALOG_LENS_CACHE_DIR", str(tmp_path_factory.mktemp("lens-cache")))
+        yield
+
+
+def _sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory) -> dict:
+    """Real photos as JPEG and PNG, the same photo under a second name, and a corrupt file."""
+    from skimage import data
+
+    folder = tmp_path_factory.mktemp("photos")
+    arrays = {
+        "chelsea.jpg": data.chelsea(),
+        "coffee.png": data.coffee(),
+        "astronaut.jpg": data.astronaut(),
+        "rocket.jpg": data.rocket(),
+        "camera.png": data.camera(),  # greyscale
+    }
+    for name, array in arrays.items():
+        Image.fromarray(array).save(folder / name)
+    shutil.copy(folder / "chelsea.jpg", folder / "copy of chelsea.jpg")
+    good = (folder / "coffee.png").read_bytes()
+    (folder / "broken.png").write_bytes(good[: len(good) // 3])
+    items = [(_sha(folder / n), folder / n) for n in [*arrays, "copy of chelsea.jpg", "broken.png"]]
+    return {
+        "items": items,
+        "good": [sha for sha, _ in items[:5]],
+        "broken": items[-1][0],
+        "folder": folder,
+    }
+
+
+@pytest.fixture(scope="module")
+def full_run(photos, tmp_path_factory):
+    store = ft.FeatureStore(tmp_path_factory.mktemp("features"))
+    progress = []
+    result = ft.extract_features(
+        photos["items"], backbone_id=LITE0, store=store, batch_size=2,
+        on_progress=lambda done, total: progress.append((done, total)),
+    )
+    return store, result, progress
+
+
+def test_extracts_every_good_photo_once(photos, full_run):
+    store, result, progress = full_run
+    assert result.computed == 5 and result.reused == 0 and not result.cancelled
+    assert result.device == "cpu" and result.batch_size == 2 and result.photos_per_s > 0
+    feats = store.load(result.key, photos["good"])
+    assert feats.shape == (5, 1280) and feats.dtype == np.float32
+    assert np.isfinite(feats).all() and (np.abs(feats).sum(1) > 0).all()
+    assert progress[0] == (0, 6) and progress[-1] == (6, 6)  # 6 distinct photos
+    assert [d for d, _ in progress] == sorted(d for d, _ in progress)
+    assert result.key.startswith(f"{LITE0}__57934424")
+
+
+def test_corrupt_file_is_a_failure_with_a_reason(photos, full_run):
+    _, result, _ = full_run
+    assert len(result.failed) == 1
+    sha, reason = result.failed[0]
+    assert sha == photos["broken"] and reason and "Traceback" not in reason
+
+
+def test_second_run_computes_nothing_and_returns_the_same(photos, full_run):
+    store, first, _ = full_run
+    before = store.load(first.key, photos["good"])
+    second = ft.extract_features(photos["items"], backbone_id=LITE0, store=store, batch_size=2)
+    assert second.computed == 0 and second.reused == 5
+    assert [sha for sha, _ in second.failed] == [photos["broken"]]  # remembered, not retried
+    np.testing.assert_array_equal(store.load(first.key, photos["good"]), before)
+
+
+def test_features_are_deterministic(photos, full_run, tmp_path):
+    store, first, _ = full_run
+    again = ft.FeatureStore(tmp_path)
+    ft.extract_features(photos["items"], backbone_id=LITE0, store=again, batch_size=2)
+    np.testing.assert_array_equal(
+        again.load(first.key, photos["good"]), store.load(first.key, photos["good"])
+    )
+
+
+def test_worker_processes_give_the_same_features(photos, full_run, tmp_path):
+    store, first, _ = full_run
+    other = ft.FeatureStore(tmp_path)
+    result = ft.extract_features(
+        photos["items"], backbone_id=LITE0, store=other, batch_size=3, num_workers=1
+    )
+    assert result.computed == 5 and len(result.failed) == 1
+    np.testing.assert_allclose(
+        other.load(first.key, photos["good"]), store.load(first.key, photos["good"]), atol=1e-4
+    )
+
+
+def test_cancel_keeps_finished_chunks_and_resume_completes(photos, full_run, tmp_path):
+    store, first, _ = full_run
+    partial = ft.FeatureStore(tmp_path)
+    batches_done = []
+
+    def on_progress(done, total):
+        batches_done.append(done)
+
+    result = ft.extract_features(
+        photos["items"], backbone_id=LITE0, store=partial, batch_size=2,
+        on_progress=on_progress, should_cancel=lambda: len(batches_done) >= 2,
+    )
+    assert result.cancelled and result.computed == 2
+    assert len(partial.has(first.key)) == 2  # the first batch, complete
+    assert not list((tmp_path / first.key).glob(".tmp-*"))
+    resumed = ft.extract_features(photos["items"], backbone_id=LITE0, store=partial, batch_size=2)
+    assert resumed.reused == 2 and resumed.computed == 3 and not resumed.cancelled
+    np.testing.assert_allclose(
+        partial.load(first.key, photos["good"]), store.load(first.key, photos["good"]), atol=1e-5
+    )
+    assert len(list((tmp_path / first.key).glob("chunk-*.npz"))) == 2
+    expected = partial.load(first.key, photos["good"])
+    partial.compact(first.key)
+    assert len(list((tmp_path / first.key).glob("chunk-*.npz"))) == 1
+    np.testing.assert_array_equal(ft.FeatureStore(tmp_path).load(first.key, photos["good"]), expected)
+
+
+def test_store_loads_rows_in_the_order_asked(tmp_path):
+    store = ft.FeatureStore(tmp_path)
+    rows = np.arange(12, dtype=np.float32).reshape(4, 3)
+    store.add("k", ["a", "b"], rows[:2])
+    store.add("k", ["c", "d"], rows[2:])
+    assert store.has("k") == {"a", "b", "c", "d"} and store.keys() == ["k"]
+    np.testing.assert_array_equal(store.load("k", ["d", "a", "c", "a"]), rows[[3, 0, 2, 0]])
+    with pytest.raises(KeyError, match="2 of 3 photos have no features"):
+        store.load("k", ["a", "x", "y"])
+    (tmp_path / "k" / ".tmp-crashed.npz").write_bytes(b"half a chunk")  # a crash mid-write
+    assert store.has("k") == {"a", "b", "c", "d"}
+    assert store.load("k", []).shape == (0, 3)
+    store.delete("k")
+    assert store.keys() == [] and store.has("k") == set()
+    with pytest.raises(ValueError, match="key"):
+        store.has("../elsewhere")
+
+
+def test_batch_size_chooser_returns_a_candidate_and_remembers_it():
+    model = bb.get_backbone(LITE0).builder().eval()
+    chosen = ft.choose_batch_size(
+        model, "cpu", candidates=(1, 2, 4), input_size=64, repeats=2, remember_as="test-lite0"
+    )
+    assert chosen in (1, 2, 4)
+    assert ft.choose_batch_size(model, "cpu", candidates=(8,), remember_as="test-lite0") == chosen
+
+
+def test_measure_speed_is_positive_and_remembered():
+    model = bb.get_backbone(LITE0).builder().eval()
+    ft.choose_batch_size(model, "cpu", candidates=(4,), repeats=1, remember_as=LITE0)
+    speed = ft.measure_speed(LITE0, device="cpu", n_images=8)
+    assert speed > 0 and ft.measure_speed(LITE0, device="cpu", n_images=8) == pytest.approx(speed, rel=0.01)
+
+
+def test_missing_weights_stop_before_any_work(photos, tmp_path, monkeypatch):
+    import urllib.error
+
+    def refuse(*args, **kwargs):
+        raise urllib.error.URLError("offline")
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.setattr(bb.urllib.request, "urlopen", refuse)
+    with pytest.raises(bb.WeightsUnavailable, match="Import weights"):
+        ft.extract_features(photos["items"], backbone_id="resnet18", store=ft.FeatureStore(tmp_path))
+
+
+# --------------------------------------------------------------------------- GPU decode path, run on the CPU
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_orientation_matches_pil(orientation):
+    array = np.random.default_rng(orientation).integers(0, 255, (5, 7, 3), dtype=np.uint8)
+    image = Image.fromarray(array)
+    exif = image.getexif()
+    exif[0x0112] = orientation
+    image.info["exif"] = exif.tobytes()
+    expected = np.asarray(ImageOps.exif_transpose(image))
+    got = ft._orient(torch.from_numpy(array).permute(2, 0, 1), orientation).permute(1, 2, 0)
+    np.testing.assert_array_equal(got.numpy(), expected)
+
+
+def test_tensor_decode_path_matches_the_pil_path(photos, tmp_path):
+    """The nvJPEG path (bytes → decode → resize on the device) is checked here on the CPU
+    against the PIL path, including an EXIF-rotated photo."""
+    from skimage import data
+
+    rotated = tmp_path / "rotated.jpg"
+    image = Image.fromarray(data.astronaut())
+    exif = image.getexif()
+    exif[0x0112] = 6
+    image.save(rotated, quality=95, exif=exif.tobytes())
+    backbone = bb.get_backbone(LITE0)
+    model, transform = bb.load_feature_extractor(LITE0)
+    prep = backbone.preprocessing
+    for path in [photos["folder"] / "chelsea.jpg", rotated]:
+        raw = ft._raw_jpeg(path, 1)
+        assert raw is not None
+        via_tensor = ft._decode_jpegs([raw], torch.device("cpu"), prep)[0]
+        via_pil = transform(ft._load(path, prep.resize_size))
+        assert via_tensor.shape == via_pil.shape == (3, 224, 224)
+        assert (via_tensor - via_pil).abs().mean().item() < 0.02
+        with torch.inference_mode():
+            a, b = model(torch.stack([via_tensor, via_pil]))
+        assert torch.nn.functional.cosine_similarity(a, b, dim=0).item() > 0.99
+    assert ft._raw_jpeg(photos["folder"] / "coffee.png", 1) is None  # PNG: PIL path
+    assert ft._raw_jpeg(photos["folder"] / "chelsea.jpg", 10_000) is None  # small: PIL path
