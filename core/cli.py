@@ -3,6 +3,9 @@
     python -m core projects                      list projects
     python -m core create NAME                   create a project
     python -m core intake --project P --images DIR_OR_ZIP... [--labels SHEET]
+    python -m core backbones                     list the pretrained networks
+    python -m core weights import --backbone ID --file FILE
+    python -m core extract --project P [--backbone ID] [--device cuda]
     python -m core job-run --project P --job ID  (used by the app to run background jobs)
 
 Every command exits non-zero with a plain message on bad input; ``--json`` prints a
@@ -86,6 +89,51 @@ def _progress_printer(label: str):
     return show
 
 
+def cmd_backbones(args: argparse.Namespace) -> int:
+    from core import backbones
+
+    rows = []
+    for b in backbones.list_backbones():
+        status = backbones.weights_status(b)
+        rows.append({"id": b.id, "name": b.name, "feature_dim": b.feature_dim,
+                     "imagenet_top1": b.imagenet_top1, "available": status.available,
+                     "download_mb": status.size_mb, "good_for": b.good_for})
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    else:
+        for r in rows:
+            ready = "ready" if r["available"] else f"needs {r['download_mb']:.0f} MB download"
+            print(f"{r['id']:<22} {r['imagenet_top1']:>5.1f}%  {ready:<24} {r['good_for']}")
+    return 0
+
+
+def cmd_weights_import(args: argparse.Namespace) -> int:
+    from core import backbones
+
+    try:
+        path = backbones.import_weights(args.backbone, Path(args.file))
+    except ValueError as exc:
+        raise InputError(str(exc)) from exc
+    _print({"backbone": args.backbone, "stored": str(path)}, args.json)
+    return 0
+
+
+def cmd_extract(args: argparse.Namespace) -> int:
+    from core import backbones, extraction
+
+    project = workspace.open_project(args.project)
+    backbone_id = args.backbone or project.get_meta("backbone", backbones.DEFAULT_BACKBONE_ID)
+    try:
+        summary = extraction.extract_project(
+            project, backbone_id, device=args.device,
+            on_progress=None if args.json else lambda d, t, m: _progress_printer(m)(d, t),
+        )
+    except backbones.WeightsUnavailable as exc:
+        raise InputError(str(exc)) from exc
+    _print(summary, args.json)
+    return 0
+
+
 def cmd_job_run(args: argparse.Namespace) -> int:
     from core import jobs
 
@@ -96,8 +144,15 @@ def cmd_job_run(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m core", description="Catalog Lens command line")
-    parser.add_argument("--json", action="store_true", help="print results as JSON")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--json", action="store_true", help="print results as JSON")
     sub = parser.add_subparsers(dest="command", required=True)
+    _add = sub.add_parser
+
+    def add_parser(name, **kwargs):
+        return _add(name, parents=[common], **kwargs)
+
+    sub.add_parser = add_parser
 
     p = sub.add_parser("projects", help="list projects")
     p.set_defaults(func=cmd_projects)
@@ -114,7 +169,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--label-column")
     p.set_defaults(func=cmd_intake)
 
-    p = sub.add_parser("job-run", help=argparse.SUPPRESS)
+    p = sub.add_parser("backbones", help="list the pretrained networks and whether they are ready")
+    p.set_defaults(func=cmd_backbones)
+
+    p = sub.add_parser("weights", help="manage pretrained weights")
+    wsub = p.add_subparsers(dest="weights_command", required=True)
+    w = wsub.add_parser("import", parents=[common], help="import a local weights file (checked before use)")
+    w.add_argument("--backbone", required=True)
+    w.add_argument("--file", required=True)
+    w.set_defaults(func=cmd_weights_import)
+
+    p = sub.add_parser("extract", help="compute the features of every photo in a project")
+    p.add_argument("--project", required=True)
+    p.add_argument("--backbone", help="backbone id (default: the project's, else the recommended one)")
+    p.add_argument("--device", help="auto, cpu, cuda, cuda:N or mps")
+    p.set_defaults(func=cmd_extract)
+
+    p = sub.add_parser("job-run")  # used by the app to run background jobs
     p.add_argument("--project", required=True)
     p.add_argument("--job", required=True)
     p.set_defaults(func=cmd_job_run)

@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import re
 import shutil
-import statistics
 import threading
 import time
 import uuid
@@ -399,6 +399,15 @@ def _autocast(device: torch.device):
     return contextlib.nullcontext()
 
 
+def _empty_cache(device: torch.device) -> None:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    elif device.type == "mps":
+        torch.mps.empty_cache()
+
+
 def _is_oom(exc: BaseException) -> bool:
     import torch
 
@@ -406,8 +415,8 @@ def _is_oom(exc: BaseException) -> bool:
 
 
 def _forward(model: nn.Module, x: torch.Tensor, device: torch.device, state: dict) -> np.ndarray:
-    """Features of batch ``x`` in sub-batches of ``state['batch']``; on CUDA out-of-memory
-    the sub-batch is halved and the same rows are tried again."""
+    """Features of batch ``x`` in sub-batches of ``state['batch']``; when the device runs
+    out of memory the sub-batch is halved and the same rows are tried again."""
     import torch
 
     outputs, start = [], 0
@@ -422,10 +431,10 @@ def _forward(model: nn.Module, x: torch.Tensor, device: torch.device, state: dic
             outputs.append(out.float().cpu().numpy())
             start += step
         except (RuntimeError, torch.OutOfMemoryError) as exc:
-            if device.type != "cuda" or not _is_oom(exc) or step == 1:
+            if not _is_oom(exc) or step == 1:
                 raise
             state["batch"] = max(1, step // 2)
-            torch.cuda.empty_cache()
+            _empty_cache(device)
     return np.concatenate(outputs) if outputs else np.empty((0, 0), np.float32)
 
 
@@ -485,14 +494,16 @@ def choose_batch_size(
     candidates: Sequence[int] | None = None,
     input_size: int = 224,
     repeats: int = 3,
+    min_images: int = 16,
     max_seconds: float = 20.0,
     remember_as: str | None = None,
 ) -> int:
     """The batch size with the fastest time per photo for ``model`` on ``device``.
 
-    Times a few forward passes per candidate (median of ``repeats``), in increasing order,
-    stopping early once larger batches keep getting slower, when memory runs out, or when
-    the next candidate would overrun ``max_seconds``. With ``remember_as`` (a backbone id)
+    Times each candidate, in increasing order, on ``repeats`` samples of at least
+    ``min_images`` photos each (one call of a small batch is too short to time) and keeps
+    the fastest sample; stops early once larger batches keep getting slower, when memory runs out,
+    or when the next candidate would overrun ``max_seconds``. With ``remember_as`` (a backbone id)
     the choice is saved per machine and device, and later calls return it at once.
     """
     import torch
@@ -519,21 +530,23 @@ def choose_batch_size(
                 x = torch.randn(bs, 3, input_size, input_size, device=dev).to(
                     memory_format=torch.channels_last
                 )
-                model(x)  # warm-up: allocator, kernels, caches
+                for _ in range(2):  # warm-up for this shape: kernels, allocator, caches
+                    model(x)
                 _sync(dev)
+                calls = max(1, math.ceil(min_images / bs))
                 times = []
                 for _ in range(repeats):
                     t = time.perf_counter()
-                    model(x)
+                    for _ in range(calls):
+                        model(x)
                     _sync(dev)
-                    times.append(time.perf_counter() - t)
+                    times.append((time.perf_counter() - t) / calls)
             except (RuntimeError, torch.OutOfMemoryError) as exc:
                 if not _is_oom(exc):
                     raise
-                if dev.type == "cuda":
-                    torch.cuda.empty_cache()
+                _empty_cache(dev)
                 break
-            per_image = statistics.median(times) / bs
+            per_image = min(times) / bs  # load from elsewhere only ever adds time
             if per_image < best_per_image:
                 best, best_per_image, worse_in_a_row = bs, per_image, 0
             elif per_image > 1.15 * best_per_image:
@@ -541,7 +554,9 @@ def choose_batch_size(
                 if worse_in_a_row >= 2:
                     break
             if i + 1 < len(candidates):
-                projected = (repeats + 1) * statistics.median(times) * candidates[i + 1] / bs
+                next_calls = max(1, math.ceil(min_images / candidates[i + 1]))
+                per_call = min(times) * candidates[i + 1] / bs
+                projected = (repeats * next_calls + 2) * per_call
                 if time.perf_counter() - started + projected > max_seconds:
                     break
     if memo_key:

@@ -19,3 +19,32 @@ def run_intake(ctx: JobContext) -> dict:
         should_cancel=ctx.cancelled,
     )
     return summary.to_dict()
+
+
+@register("extract")
+def run_extract(ctx: JobContext) -> dict:
+    """Compute the features of every photo in the project with one backbone (cached)."""
+    from core import extraction
+
+    return extraction.extract_project(
+        ctx.project,
+        ctx.params["backbone"],
+        device=ctx.params.get("device"),
+        on_progress=lambda done, total, message: ctx.progress(done, total, message),
+        should_cancel=ctx.cancelled,
+    )
+
+
+@register("speeds")
+def run_speeds(ctx: JobContext) -> dict:
+    """Measure how fast every backbone runs on this computer (remembered afterwards)."""
+    from core import backbones, features
+
+    entries = backbones.list_backbones()
+    speeds = {}
+    for i, backbone in enumerate(entries):
+        ctx.check_cancel()
+        ctx.progress(i, len(entries), f"Timing {backbone.name}", force=True)
+        speeds[backbone.id] = round(features.measure_speed(backbone.id, device=ctx.params.get("device")), 1)
+    ctx.progress(len(entries), len(entries), "Done", force=True)
+    return speeds

@@ -1,11 +1,95 @@
-"""Step 2: choose a backbone and extract features."""
+"""Step 2: choose a pretrained network and turn every photo into features (cached)."""
 
+import tempfile
+from pathlib import Path
+
+import pandas as pd
 import streamlit as st
 
+from core import backbones, extraction, features, jobs, journey
 from pages import ui
 
 st.title("2 · Backbone")
-ui.require_project()
+st.caption("Pick the network that will describe your photos. The recommended one is a good start everywhere.")
 ui.explain("backbone", "features")
-ui.not_ready("backbone", what="This step turns every photo into features with a pretrained network.",
-             needs="upload photos and a label sheet on the Data step.")
+project = ui.require_project()
+if not journey.progress(project).done["data"]:
+    ui.not_ready("backbone", what="This step turns every photo into features with a pretrained network.",
+                 needs="upload photos and a label sheet with at least two classes (5 photos each) on the Data step.")
+    st.stop()
+
+entries = backbones.list_backbones()
+device = st.session_state.get("device_choice", "auto")
+rows = []
+for b in entries:
+    status = backbones.weights_status(b)
+    speed = features.known_speed(b.id, device=None if device == "auto" else device)
+    rows.append({
+        "Network": b.name + ("  ★ recommended" if b.id == backbones.DEFAULT_BACKBONE_ID else ""),
+        "Good for": b.good_for,
+        "ImageNet accuracy": f"{b.imagenet_top1:.1f} %",
+        "Size": f"{b.params_features / 1e6:.1f} M numbers",
+        "Speed here": f"{speed:.0f} photos/s" if speed else "not measured",
+        "Ready to use": "yes (works offline)" if b.offline else ("yes" if status.available else f"downloads {status.size_mb:.0f} MB"),
+    })
+st.dataframe(pd.DataFrame(rows), hide_index=True, width="stretch")
+with st.expander("What do these columns mean?"):
+    st.markdown("**ImageNet accuracy**: how often the network named the right object among 1,000 kinds in a standard test; "
+                "higher usually means better features.  \n**Size**: how many learned numbers it has; bigger is slower.  \n"
+                "**Speed here**: photos per second on this computer.")
+if st.button("Measure speeds on this computer", help="Times each network on this machine (about a minute)."):
+    jobs.submit(project, "speeds", {"device": None if device == "auto" else device})
+    st.rerun()
+ui.job_panel(project, "speeds", noun="networks")
+
+ids = [b.id for b in entries]
+names = {b.id: b.name + (" (recommended)" if b.id == backbones.DEFAULT_BACKBONE_ID else "") for b in entries}
+current = project.get_meta("backbone", backbones.DEFAULT_BACKBONE_ID)
+chosen = st.selectbox("Network to use", ids, index=ids.index(current) if current in ids else 0, format_func=names.get)
+status = backbones.weights_status(chosen)
+if not status.available:
+    st.warning(status.message)
+    with st.expander("Import a weights file", expanded=True):
+        upload = st.file_uploader("Weights file (.pth or .safetensors)", type=["pth", "pt", "safetensors", "bin"],
+                                  key=ui.upload_key("weights"))
+        if upload is not None:
+            with tempfile.TemporaryDirectory() as tmp:
+                path = Path(tmp) / upload.name
+                path.write_bytes(upload.getvalue())
+                try:
+                    backbones.import_weights(chosen, path)
+                except ValueError as exc:
+                    st.error(f"{upload.name}: {exc}")
+                else:
+                    ui.reset_upload("weights")
+                    st.rerun()
+
+with st.expander("Advanced: where to compute"):
+    st.selectbox("Device", ["auto", "cpu", "cuda", "mps"], key="device_choice",
+                 help="'auto' uses an NVIDIA GPU if there is one, else an Apple GPU, else the processor.")
+
+state = extraction.status(project, chosen)
+job = ui.job_panel(project, "extract", where={"backbone": chosen})
+running = job is not None and job.active
+if state.complete:
+    info = project.get_meta("features_ready") or {}
+    detail = ""
+    if info.get("backbone") == chosen and info.get("computed"):
+        detail = f" (last run: {info['computed']} photos in {info['seconds']:.0f} s on {info['device']}, {info['photos_per_s']:.0f} photos/s)"
+    st.success(f"Features are ready for all {state.ready} photos{detail}.")
+    if state.failed:
+        st.warning(f"{state.failed} photos could not be read; they are listed under Problems on the Data step.")
+    if project.get_meta("backbone") != chosen:
+        project.set_meta("backbone", chosen)
+        project.set_meta("features_ready", {"backbone": chosen, "photos": state.ready})
+        st.rerun()
+elif not running:
+    todo = state.photos - state.ready - state.failed
+    label = "Extract features" if state.ready == 0 else f"Extract features for the {todo} new photos"
+    if st.button(label, type="primary", disabled=not status.available):
+        jobs.submit(project, "extract", {"backbone": chosen, "device": None if device == "auto" else device})
+        st.rerun()
+    if state.ready:
+        st.caption(f"{state.ready} of {state.photos} photos already have features; only the rest are computed.")
+
+ui.next_step("backbone", ready=state.complete, hint="it opens once the features are extracted.")

@@ -163,7 +163,8 @@ def test_store_loads_rows_in_the_order_asked(tmp_path):
 def test_batch_size_chooser_returns_a_candidate_and_remembers_it():
     model = bb.get_backbone(LITE0).builder().eval()
     chosen = ft.choose_batch_size(
-        model, "cpu", candidates=(1, 2, 4), input_size=64, repeats=2, remember_as="test-lite0"
+        model, "cpu", candidates=(1, 2, 4), input_size=32, repeats=2, min_images=4,
+        remember_as="test-lite0",
     )
     assert chosen in (1, 2, 4)
     assert ft.choose_batch_size(model, "cpu", candidates=(8,), remember_as="test-lite0") == chosen
@@ -228,3 +229,17 @@ def test_tensor_decode_path_matches_the_pil_path(photos, tmp_path):
         assert torch.nn.functional.cosine_similarity(a, b, dim=0).item() > 0.99
     assert ft._raw_jpeg(photos["folder"] / "coffee.png", 1) is None  # PNG: PIL path
     assert ft._raw_jpeg(photos["folder"] / "chelsea.jpg", 10_000) is None  # small: PIL path
+
+
+def test_out_of_memory_halves_the_batch_and_retries_the_same_rows():
+    class Picky(torch.nn.Module):
+        def forward(self, x):
+            if len(x) > 2:
+                raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+            return x.flatten(1)[:, :4] * 1.0
+
+    x = torch.arange(5 * 3 * 2 * 2, dtype=torch.float32).reshape(5, 3, 2, 2)
+    state = {"batch": 8}
+    out = ft._forward(Picky(), x, torch.device("cpu"), state)
+    assert state["batch"] == 2
+    np.testing.assert_array_equal(out, x.flatten(1)[:, :4].numpy())

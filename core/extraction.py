@@ -1,0 +1,110 @@
+"""Feature extraction for a whole project: which photos, which cache, what is ready.
+
+``core.features`` knows photos and arrays; this module knows projects. The Backbone page,
+the background job and the command line all go through it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from core.problems import Problem
+from core.workspace import Project
+
+
+@dataclass(frozen=True)
+class FeatureStatus:
+    backbone_id: str
+    key: str
+    photos: int
+    ready: int
+    failed: int
+
+    @property
+    def complete(self) -> bool:
+        return self.photos > 0 and self.ready + self.failed >= self.photos
+
+
+def _store(project: Project):
+    from core.features import FeatureStore
+
+    return FeatureStore(project.path("features"))
+
+
+def status(project: Project, backbone_id: str) -> FeatureStatus:
+    """How many of the project's photos already have features for this backbone."""
+    from core.features import feature_key
+
+    key = feature_key(backbone_id)
+    store = _store(project)
+    shas = set(project.dataset()["sha"])
+    ready = len(shas & store.has(key))
+    failed = len(shas & set(store.failures(key)))
+    return FeatureStatus(backbone_id, key, len(shas), ready, failed)
+
+
+def extract_project(
+    project: Project,
+    backbone_id: str,
+    *,
+    device: str | None = None,
+    on_progress: Callable[[int, int, str], None] | None = None,
+    should_cancel: Callable[[], bool] | None = None,
+) -> dict:
+    """Compute (or reuse) the features of every photo; returns a JSON-able summary."""
+    from core import backbones, features
+
+    report = on_progress or (lambda done, total, message: None)
+    report(0, 0, "Preparing the network")
+    backbones.ensure_weights(
+        backbone_id,
+        on_progress=lambda done, total: report(done >> 20, max(total >> 20, 1), "Downloading the network (MB)"),
+    )
+    dataset = project.dataset()
+    names = dict(zip(dataset["sha"], dataset["name"]))
+    items = [(sha, project.image_path(sha)) for sha in dataset["sha"]]
+    store = _store(project)
+    result = features.extract_features(
+        items,
+        backbone_id=backbone_id,
+        store=store,
+        device=device,
+        on_progress=lambda done, total: report(done, total, "Extracting features"),
+        should_cancel=should_cancel,
+    )
+    project.replace_problems(f"features:{backbone_id}", [
+        Problem("feature_failed", f"{names.get(sha, sha)}: {reason}", file=names.get(sha))
+        for sha, reason in result.failed
+    ])
+    summary = {
+        "backbone": backbone_id,
+        "key": result.key,
+        "computed": result.computed,
+        "reused": result.reused,
+        "failed": len(result.failed),
+        "seconds": round(result.seconds, 2),
+        "photos_per_s": round(result.photos_per_s, 2),
+        "device": result.device,
+        "batch_size": result.batch_size,
+        "cancelled": result.cancelled,
+    }
+    if not result.cancelled:
+        project.set_meta("backbone", backbone_id)
+        project.set_meta("features_ready", {**summary, "photos": status(project, backbone_id).ready})
+    return summary
+
+
+def load_training_features(project: Project, backbone_id: str) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """Features, labels and photo ids of the training set (photos without features are left out)."""
+    from core.features import feature_key
+
+    key = feature_key(backbone_id)
+    store = _store(project)
+    training = project.training_set()
+    have = store.has(key)
+    training = training[training["sha"].isin(have)]
+    X = store.load(key, list(training["sha"]))
+    return X, training["label"].to_numpy(), list(training["sha"])
