@@ -102,6 +102,21 @@ class LogisticHeadCV(LogisticRegressionCV):
     """``LogisticRegressionCV`` that fits and predicts with single-threaded BLAS (see :func:`single_threaded_blas`)."""
 
     def fit(self, X, y, sample_weight=None, **params):
+        # scikit-learn 1.9's LogisticRegressionCV fails on class_weight="balanced" when the
+        # labels are strings that look like numbers ("0"/"1", the commonest label sheet):
+        # "The classes, [0, 1], are not in class_weight". Balanced sample weights are the
+        # same weighting and avoid it.
+        if self.class_weight == "balanced":
+            from sklearn.utils.class_weight import compute_sample_weight
+
+            balanced = compute_sample_weight("balanced", y)
+            sample_weight = balanced if sample_weight is None else balanced * np.asarray(sample_weight)
+            self.class_weight = None
+            try:
+                with single_threaded_blas():
+                    return super().fit(X, y, sample_weight=sample_weight, **params)
+            finally:
+                self.class_weight = "balanced"
         with single_threaded_blas():
             return super().fit(X, y, sample_weight=sample_weight, **params)
 

@@ -90,3 +90,13 @@ def test_restoring_rejects_mismatched_arrays():
         head_from_arrays(arrays, NAMES)
     with pytest.raises(ValueError, match="not fitted"):
         head_to_arrays(make_frozen_head())
+
+
+def test_numeric_looking_string_labels_train_like_any_other():
+    """Label sheets most often say 0/1; scikit-learn 1.9 tripped on "0"/"1" with balanced weights."""
+    from sklearn.datasets import make_classification
+
+    X, y = make_classification(200, 20, weights=[0.75], random_state=0)
+    words = make_frozen_head().fit(X, np.array(["no", "yes"])[y]).predict_proba(X)
+    digits = make_frozen_head().fit(X, np.array(["0", "1"])[y]).predict_proba(X)
+    np.testing.assert_allclose(words, digits)

@@ -1,0 +1,237 @@
+"""Training for a whole project: one split plan, the frozen head, fine-tuning, the comparison.
+
+Both methods are scored on the same held-out photos of one stored split plan. Each run is
+kept under ``runs/<run id>/`` (a JSON record plus per-photo probabilities) and its model
+as a bundle under ``models/``; the project's ``models`` meta points at the latest of each
+kind, so the Train page, the Explore page and tagging read the same state.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from core import evaluation
+from core.problems import InputError
+from core.workspace import Project, atomic_write_bytes, atomic_write_text
+
+Progress = Callable[[int, int, str], None]
+
+
+def _positive(classes: list[str], names: dict[str, str]) -> str | None:
+    """For two classes, the one that means "has the tag" (e.g. "person", "1", "yes")."""
+    if len(classes) != 2:
+        return None
+    for c in classes:
+        key = f"{c} {names.get(c, '')}".casefold()
+        if key.strip() in {"1", "true", "yes"} or (key.split() and key.split()[0] in {"1", "true", "yes"}):
+            return c
+    negatives = [c for c in classes if c.casefold().startswith(("no", "not", "0", "false"))]
+    if len(negatives) == 1:
+        return next(c for c in classes if c != negatives[0])
+    return classes[1]
+
+
+def split_plan(project: Project, ids: list[str], y: list[str], *, seed: int = 0) -> evaluation.SplitPlan:
+    """The project's split plan, made once and reused while the labelled photos stay the same."""
+    path = project.path("runs", "split_plan.json")
+    signature = evaluation_signature(ids, y, seed)
+    if path.is_file():
+        stored = json.loads(path.read_text())
+        if stored.get("signature") == signature:
+            return evaluation.SplitPlan.from_dict(stored["plan"])
+    plan = evaluation.plan_split(ids, y, seed=seed)
+    atomic_write_text(path, json.dumps({"signature": signature, "plan": plan.to_dict()}))
+    return plan
+
+
+def evaluation_signature(ids: list[str], y: list[str], seed: int) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    for i, label in sorted(zip(ids, y)):
+        digest.update(f"{i}\t{label}\n".encode())
+    digest.update(str(seed).encode())
+    return digest.hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class RunRecord:
+    """One training run as the pages show it."""
+
+    id: str
+    kind: str  # "frozen" | "finetuned"
+    backbone_id: str
+    bundle_path: str
+    classes: list[str]
+    positive: str | None
+    threshold: float | None
+    test_ids: list[str]
+    test_report: dict
+    headline: str
+    seconds: float
+    created_at: float
+    extra: dict
+
+    def to_dict(self) -> dict:
+        return self.__dict__.copy()
+
+
+def _save_run(project: Project, record: RunRecord, arrays: dict[str, np.ndarray]) -> None:
+    folder = project.path("runs", record.id)
+    import io
+
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    atomic_write_bytes(folder / "predictions.npz", buf.getvalue())
+    atomic_write_text(folder / "run.json", json.dumps(record.to_dict(), default=str))
+    models = project.get_meta("models", {})
+    models[record.kind] = record.id
+    project.set_meta("models", models)
+    project.set_meta("model_ready", True)
+
+
+def load_run(project: Project, run_id: str) -> tuple[RunRecord, dict[str, np.ndarray]]:
+    folder = project.root / "runs" / run_id
+    record = RunRecord(**json.loads((folder / "run.json").read_text()))
+    with np.load(folder / "predictions.npz", allow_pickle=False) as data:
+        arrays = {k: data[k] for k in data.files}
+    return record, arrays
+
+
+def latest_runs(project: Project) -> dict[str, RunRecord]:
+    """The latest run of each kind ("frozen", "finetuned") that still exists on disk."""
+    runs = {}
+    for kind, run_id in (project.get_meta("models", {}) or {}).items():
+        try:
+            runs[kind] = load_run(project, run_id)[0]
+        except (OSError, ValueError, TypeError):
+            continue
+    return runs
+
+
+def train_frozen(
+    project: Project,
+    *,
+    backbone_id: str | None = None,
+    seed: int = 0,
+    on_progress: Progress | None = None,
+) -> RunRecord:
+    """Cross-validate and fit the frozen-backbone classifier on the cached features."""
+    from core import backbones, bundles, extraction, heads
+
+    report = on_progress or (lambda d, t, m: None)
+    backbone_id = backbone_id or project.get_meta("backbone", backbones.DEFAULT_BACKBONE_ID)
+    X, y, ids = extraction.load_training_features(project, backbone_id)
+    if len(ids) == 0:
+        raise InputError("No photo has features yet: extract them on the Backbone step first.")
+    classes = sorted(set(y))
+    if len(classes) < 2:
+        raise InputError("Training needs at least two classes of labelled photos.")
+    names = project.class_names()
+    positive = _positive(classes, names)
+    plan = split_plan(project, ids, list(y), seed=seed)
+    started = time.time()
+    cv = evaluation.cross_validate_head(
+        X, y, plan=plan, ids=ids, positive=positive,
+        on_progress=lambda done, total: report(done, total, "Cross-validating the frozen classifier"),
+    )
+    seconds = time.time() - started
+    bundle = bundles.ModelBundle(
+        kind="frozen",
+        backbone_id=backbone_id,
+        weights_hash=backbones.weights_hash(backbone_id),
+        preprocessing=_preprocessing_dict(backbone_id),
+        classes=list(cv.classes),
+        class_display_names={c: names[c] for c in cv.classes if c in names},
+        positive=cv.positive,
+        threshold=cv.threshold,
+        metrics={"test": cv.test_report.to_dict(), "cv": cv.summary},
+        seed=seed,
+        split=plan.to_dict(),
+        training_manifest=bundles.training_manifest(plan.train_ids + plan.val_ids, [dict(zip(ids, y))[i] for i in plan.train_ids + plan.val_ids]),
+        name=f"{project.name} · frozen {backbones.get_backbone(backbone_id).name}",
+    )
+    path = bundles.save_bundle(bundle, heads.head_to_arrays(cv.model), project.path("models", f"{bundle.id}.zip"))
+    record = RunRecord(
+        id=bundle.id, kind="frozen", backbone_id=backbone_id, bundle_path=str(path),
+        classes=list(cv.classes), positive=cv.positive, threshold=cv.threshold,
+        test_ids=list(cv.test_ids), test_report=cv.test_report.to_dict(), headline=cv.headline(),
+        seconds=round(cv.fit_seconds, 3), created_at=time.time(),
+        extra={"cv": cv.to_dict(), "cv_seconds": round(seconds, 2)},
+    )
+    _save_run(project, record, {
+        "ids": np.asarray(cv.ids), "oof_proba": cv.oof_proba, "in_test": cv.in_test,
+        "test_ids": np.asarray(cv.test_ids), "test_proba": cv.test_proba,
+    })
+    return record
+
+
+def _preprocessing_dict(backbone_id: str) -> dict:
+    from dataclasses import asdict, is_dataclass
+
+    from core import backbones
+
+    prep = backbones.get_backbone(backbone_id).preprocessing
+    data = asdict(prep) if is_dataclass(prep) else dict(prep)
+    return json.loads(json.dumps(data, default=str))
+
+
+def test_predictions(project: Project, run: RunRecord) -> pd.DataFrame:
+    """Per-photo results of a run on the held-out photos: sha, name, true, predicted, confidence."""
+    _, arrays = load_run(project, run.id)
+    proba = arrays["test_proba"]
+    ids = [str(i) for i in arrays["test_ids"]]
+    predicted = evaluation.predict_labels(proba, classes=run.classes, positive=run.positive, threshold=run.threshold)
+    ds = project.dataset().set_index("sha")
+    return pd.DataFrame({
+        "sha": ids,
+        "name": [ds["name"].get(i, i) for i in ids],
+        "label": [ds["label"].get(i, "") for i in ids],
+        "predicted": list(predicted),
+        "confidence": proba.max(axis=1),
+    })
+
+
+def compare(project: Project) -> evaluation.Comparison | None:
+    """Frozen vs fine-tuned on the same held-out photos, once both exist."""
+    runs = latest_runs(project)
+    if "frozen" not in runs or "finetuned" not in runs:
+        return None
+    a, b = runs["frozen"], runs["finetuned"]
+    _, pa = load_run(project, a.id)
+    _, pb = load_run(project, b.id)
+    ids = [str(i) for i in pa["test_ids"]]
+    proba_b = evaluation.align_proba(pb["test_proba"], [str(i) for i in pb["test_ids"]], to=ids)
+    truth = project.dataset().set_index("sha")["label"]
+    return evaluation.compare_methods(
+        [truth[i] for i in ids], pa["test_proba"], proba_b, classes=a.classes, positive=a.positive,
+        threshold_a=a.threshold, threshold_b=b.threshold, cost_a_seconds=a.seconds, cost_b_seconds=b.seconds,
+    )
+
+
+def label_issues(project: Project) -> pd.DataFrame:
+    """Photos whose label the frozen model doubts most (from out-of-fold probabilities)."""
+    runs = latest_runs(project)
+    if "frozen" not in runs:
+        return pd.DataFrame()
+    run = runs["frozen"]
+    _, arrays = load_run(project, run.id)
+    ids = [str(i) for i in arrays["ids"]]
+    truth = project.dataset().set_index("sha")
+    ids = [i for i in ids if i in truth.index]
+    proba = evaluation.align_proba(arrays["oof_proba"], [str(i) for i in arrays["ids"]], to=ids)
+    issues = evaluation.rank_label_issues(ids, [truth["label"][i] for i in ids], proba, classes=run.classes)
+    issues["name"] = [truth["name"][i] for i in issues["id"]]
+    return issues
+
+
+def bundle_path(project: Project, kind: str) -> Path | None:
+    run = latest_runs(project).get(kind)
+    return Path(run.bundle_path) if run else None
