@@ -82,13 +82,13 @@ def _title(step: str) -> str:
 
 
 pages = {
-    "home": st.Page("pages/home.py", title="Home", icon=":material/home:", default=True, url_path="home"),
-    "data": st.Page("pages/data.py", title=_title("data"), url_path="data"),
-    "backbone": st.Page("pages/backbone.py", title=_title("backbone"), url_path="backbone"),
-    "train": st.Page("pages/train.py", title=_title("train"), url_path="train"),
-    "explore": st.Page("pages/explore.py", title=_title("explore"), url_path="explore"),
-    "tag": st.Page("pages/tag.py", title=_title("tag"), url_path="tag"),
-    "report": st.Page("pages/report.py", title=_title("report"), url_path="report"),
+    "home": st.Page("pages/steps/home.py", title="Home", icon=":material/home:", default=True, url_path="home"),
+    "data": st.Page("pages/steps/data.py", title=_title("data"), url_path="data"),
+    "backbone": st.Page("pages/steps/backbone.py", title=_title("backbone"), url_path="backbone"),
+    "train": st.Page("pages/steps/train.py", title=_title("train"), url_path="train"),
+    "explore": st.Page("pages/steps/explore.py", title=_title("explore"), url_path="explore"),
+    "tag": st.Page("pages/steps/tag.py", title=_title("tag"), url_path="tag"),
+    "report": st.Page("pages/steps/report.py", title=_title("report"), url_path="report"),
 }
 ui.register_pages(pages)
 nav = st.navigation({"": [pages["home"]], "Your journey": [pages[s] for s in journey.STEPS]})

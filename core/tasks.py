@@ -48,3 +48,15 @@ def run_speeds(ctx: JobContext) -> dict:
         speeds[backbone.id] = round(features.measure_speed(backbone.id, device=ctx.params.get("device")), 1)
     ctx.progress(len(entries), len(entries), "Done", force=True)
     return speeds
+
+
+@register("train-frozen")
+def run_train_frozen(ctx: JobContext) -> dict:
+    """Cross-validate and fit the frozen-backbone classifier."""
+    from core import training
+
+    record = training.train_frozen(
+        ctx.project, backbone_id=ctx.params.get("backbone"), seed=int(ctx.params.get("seed", 0)),
+        on_progress=lambda done, total, message: ctx.progress(done, total, message),
+    )
+    return {"run": record.id, "headline": record.headline}

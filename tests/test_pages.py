@@ -36,7 +36,7 @@ def project():
 def test_every_page_renders_without_a_project(page):
     at = _app().run()
     if page != "home":
-        at.switch_page(f"pages/{page}.py").run()
+        at.switch_page(f"pages/steps/{page}.py").run()
     assert not at.exception
     text = " ".join(m.value for m in at.markdown) + " ".join(i.value for i in at.info)
     assert "project" in text.lower()
@@ -46,13 +46,42 @@ def test_every_page_renders_without_a_project(page):
 def test_every_page_renders_with_an_empty_project(project, page):
     at = _app(project.slug).run()
     if page != "home":
-        at.switch_page(f"pages/{page}.py").run()
+        at.switch_page(f"pages/steps/{page}.py").run()
     assert not at.exception, at.exception
 
 
-# AppTest (1.67) runs a multipage app's entry script only on the first run; later runs
-# execute the page alone. Sidebar interactions (create, rename, delete) are therefore
-# tested in the real browser (tests/browser); here we check what the first run draws.
+def test_create_project_from_the_sidebar_and_it_survives_a_new_session():
+    at = _app().run()
+    at.sidebar.text_input(key="new_project_name").input("Summer shoes").run()
+    at.sidebar.button(key="create_project").click().run()
+    assert not at.exception
+    assert [p.name for p in workspace.list_projects()] == ["Summer shoes"]
+    assert at.query_params["project"] in ("summer-shoes", ["summer-shoes"])
+    fresh = _app().run()  # a new tab / refresh: the last project opens again
+    assert any("Summer shoes" in s.value for s in fresh.subheader)
+
+
+def test_an_empty_name_gets_a_plain_message():
+    at = _app().run()
+    at.sidebar.button(key="create_project").click().run()
+    assert "Give the project a name" in at.sidebar.error[0].value
+    assert workspace.list_projects() == []
+
+
+def test_rename_project(project):
+    at = _app(project.slug).run()
+    at.sidebar.text_input(key=f"rename-{project.slug}").input("Models on photos").run()
+    at.sidebar.button(key="rename").click().run()
+    assert workspace.open_project(project.slug).name == "Models on photos"
+
+
+def test_delete_needs_confirmation(project):
+    at = _app(project.slug).run()
+    assert at.sidebar.button(key="delete").disabled
+    at.sidebar.checkbox(key=f"sure-{project.slug}").check().run()
+    at.sidebar.button(key="delete").click().run()
+    assert not at.exception
+    assert workspace.list_projects() == []
 
 
 def test_sidebar_lists_projects_and_shows_the_device(project):
@@ -76,7 +105,7 @@ def test_last_project_reopens_in_a_new_session():
 
 def test_data_page_upload_photos_and_sheet(project):
     at = _app(project.slug).run()
-    at.switch_page("pages/data.py").run()
+    at.switch_page("pages/steps/data.py").run()
     photos = [(f"p{i}.jpg", _jpeg((200, 30 * i, 40)), "image/jpeg") for i in range(6)]
     photos += [(f"n{i}.jpg", _jpeg((20, 30 * i, 200)), "image/jpeg") for i in range(6)]
     photos.append(("broken.jpg", b"\xff\xd8\xff\xe0 not really a jpeg", "image/jpeg"))
@@ -105,5 +134,5 @@ def test_data_page_upload_photos_and_sheet(project):
     assert project.class_names() == {"1": "Person in photo"}
     # Everything is on disk: a fresh session sees the same numbers.
     again = _app(project.slug).run()
-    again.switch_page("pages/data.py").run()
+    again.switch_page("pages/steps/data.py").run()
     assert {m.label: m.value for m in again.metric}["Labelled"] == "12"

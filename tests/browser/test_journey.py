@@ -45,6 +45,16 @@ def _photo_set(tmp: Path) -> tuple[list[Path], Path]:
     return sorted(folder.iterdir()), sheet
 
 
+def test_a_deep_link_on_a_fresh_server_opens_inside_the_app(server, page):
+    """A refresh on a step after a server restart must still show the whole app."""
+    page.goto(f"{server['url']}/backbone")
+    page.get_by_role("heading", name="2 · Backbone").wait_for()
+    nav = page.locator('[data-testid="stSidebarNav"]')
+    nav.get_by_text("1 · Data").wait_for()
+    assert "ui" not in nav.inner_text().split()  # not the legacy one-page-per-file menu
+    page.get_by_text("Computing on").wait_for()
+
+
 def test_create_project_upload_photos_and_sheet_then_refresh(server, page, tmp_path):
     photos, sheet = _photo_set(tmp_path)
     page.goto(server["url"])

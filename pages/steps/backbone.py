@@ -6,7 +6,7 @@ from pathlib import Path
 import pandas as pd
 import streamlit as st
 
-from core import backbones, extraction, features, jobs, journey
+from core import backbones, extraction, jobs, journey
 from pages import ui
 
 st.title("2 · Backbone")
@@ -23,7 +23,7 @@ device = st.session_state.get("device_choice", "auto")
 rows = []
 for b in entries:
     status = backbones.weights_status(b)
-    speed = features.known_speed(b.id, device=None if device == "auto" else device)
+    speed = extraction.known_speed(b.id, device=None if device == "auto" else device)
     rows.append({
         "Network": b.name + ("  ★ recommended" if b.id == backbones.DEFAULT_BACKBONE_ID else ""),
         "Good for": b.good_for,

@@ -1,0 +1,85 @@
+"""Plotly figures shared by the pages and the exported report (no Streamlit here)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+import plotly.graph_objects as go
+
+PALETTE = ["#2F6FEB", "#E8663D", "#2BA84A", "#9B59B6", "#F1C40F", "#16A085", "#C0392B", "#7F8C8D"]
+
+
+def confusion_figure(confusion: Sequence[Sequence[int]], classes: Sequence[str], *, names: Mapping[str, str] | None = None,
+                     title: str = "") -> go.Figure:
+    """Counts of true (rows) vs predicted (columns) classes, with the share of each row."""
+    names = names or {}
+    labels = [names.get(c, c) for c in classes]
+    cm = np.asarray(confusion, dtype=float)
+    share = cm / np.maximum(cm.sum(axis=1, keepdims=True), 1)
+    text = [[f"{int(cm[i, j])}<br>({100 * share[i, j]:.0f} %)" for j in range(len(classes))] for i in range(len(classes))]
+    fig = go.Figure(go.Heatmap(
+        z=share, x=labels, y=labels, text=text, texttemplate="%{text}", colorscale="Blues", zmin=0, zmax=1,
+        showscale=False, hovertemplate="True: %{y}<br>Predicted: %{x}<br>%{text}<extra></extra>",
+    ))
+    fig.update_layout(title=title, xaxis_title="Predicted", yaxis_title="True label", yaxis_autorange="reversed",
+                      height=300 + 30 * len(classes), margin=dict(l=10, r=10, t=40 if title else 10, b=10))
+    return fig
+
+
+def curves_figure(report: Mapping, *, kind: str = "roc") -> go.Figure | None:
+    """ROC or precision-recall curve of a binary report (``EvalReport.to_dict()``)."""
+    data = report.get("roc" if kind == "roc" else "pr")
+    if not data:
+        return None
+    if kind == "roc":
+        x, y, xt, yt = data["fpr"], data["tpr"], "Wrongly tagged (false positive rate)", "Found (recall)"
+        name = f"AUC {report.get('roc_auc') or 0:.3f}"
+    else:
+        x, y, xt, yt = data["recall"], data["precision"], "Found (recall)", "Right when tagged (precision)"
+        name = f"AP {report.get('average_precision') or 0:.3f}"
+    fig = go.Figure(go.Scatter(x=x, y=y, mode="lines", name=name, line=dict(color=PALETTE[0], width=3)))
+    fig.update_layout(xaxis_title=xt, yaxis_title=yt, height=320, margin=dict(l=10, r=10, t=30, b=10),
+                      title=name, xaxis_range=[0, 1], yaxis_range=[0, 1.02])
+    return fig
+
+
+def history_figure(history: Sequence[Mapping]) -> go.Figure:
+    """Training and validation loss per epoch of a fine-tuning run."""
+    fig = go.Figure()
+    epochs = [h["epoch"] for h in history]
+    for key, label, colour in (("train_loss", "Training loss", PALETTE[0]), ("val_loss", "Validation loss", PALETTE[1])):
+        fig.add_trace(go.Scatter(x=epochs, y=[h.get(key) for h in history], name=label, mode="lines+markers",
+                                 line=dict(color=colour)))
+    fig.update_layout(xaxis_title="Epoch", yaxis_title="Loss", height=300, margin=dict(l=10, r=10, t=10, b=10))
+    return fig
+
+
+def share_figure(counts: Mapping[str, int], *, title: str = "") -> go.Figure:
+    """A bar per class with its count and share."""
+    total = max(sum(counts.values()), 1)
+    keys = list(counts)
+    fig = go.Figure(go.Bar(
+        x=keys, y=[counts[k] for k in keys], marker_color=PALETTE[: len(keys)] or PALETTE[0],
+        text=[f"{counts[k]} ({100 * counts[k] / total:.0f} %)" for k in keys], textposition="auto",
+    ))
+    fig.update_layout(title=title, height=320, margin=dict(l=10, r=10, t=40 if title else 10, b=10), yaxis_title="Photos")
+    return fig
+
+
+def map_figure(xy: np.ndarray, colour: Sequence[str], hover: Sequence[str], *, title: str = "") -> go.Figure:
+    """A 2-D map of the photos, one colour per group."""
+    fig = go.Figure()
+    groups = list(dict.fromkeys(colour))
+    colour = np.asarray(colour)
+    for i, group in enumerate(groups):
+        mask = colour == group
+        idx = np.flatnonzero(mask)
+        fig.add_trace(go.Scattergl(
+            x=xy[mask, 0], y=xy[mask, 1], mode="markers", name=str(group), customdata=idx,
+            text=[hover[j] for j in idx], hovertemplate="%{text}<extra></extra>",
+            marker=dict(size=8, color=PALETTE[i % len(PALETTE)], line=dict(width=0.5, color="white")),
+        ))
+    fig.update_layout(title=title, height=560, margin=dict(l=10, r=10, t=40 if title else 10, b=10),
+                      xaxis=dict(visible=False), yaxis=dict(visible=False), legend_title_text="", dragmode="lasso")
+    return fig
