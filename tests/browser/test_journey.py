@@ -49,6 +49,8 @@ def test_a_deep_link_on_a_fresh_server_opens_inside_the_app(server, page):
     """A refresh on a step after a server restart must still show the whole app."""
     page.goto(f"{server['url']}/backbone")
     page.get_by_role("heading", name="2 · Backbone").wait_for()
+    page.wait_for_timeout(500)
+    assert page.get_by_text("Page not found").count() == 0
     nav = page.locator('[data-testid="stSidebarNav"]')
     nav.get_by_text("1 · Data").wait_for()
     assert "ui" not in nav.inner_text().split()  # not the legacy one-page-per-file menu
