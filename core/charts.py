@@ -23,6 +23,7 @@ def confusion_figure(confusion: Sequence[Sequence[int]], classes: Sequence[str],
         showscale=False, hovertemplate="True: %{y}<br>Predicted: %{x}<br>%{text}<extra></extra>",
     ))
     fig.update_layout(title=title, xaxis_title="Predicted", yaxis_title="True label", yaxis_autorange="reversed",
+                      xaxis_type="category", yaxis_type="category",
                       height=300 + 30 * len(classes), margin=dict(l=10, r=10, t=40 if title else 10, b=10))
     return fig
 

@@ -8,6 +8,7 @@ kind, so the Train page, the Explore page and tagging read the same state.
 
 from __future__ import annotations
 
+import io
 import json
 import time
 from collections.abc import Callable
@@ -85,8 +86,6 @@ class RunRecord:
 
 def _save_run(project: Project, record: RunRecord, arrays: dict[str, np.ndarray]) -> None:
     folder = project.path("runs", record.id)
-    import io
-
     buf = io.BytesIO()
     np.savez(buf, **arrays)
     atomic_write_bytes(folder / "predictions.npz", buf.getvalue())
@@ -235,3 +234,44 @@ def label_issues(project: Project) -> pd.DataFrame:
 def bundle_path(project: Project, kind: str) -> Path | None:
     run = latest_runs(project).get(kind)
     return Path(run.bundle_path) if run else None
+
+
+def feature_map(project: Project, *, method: str = "umap") -> pd.DataFrame:
+    """Every photo with features placed on a 2-D map, with its label and the frozen model's opinion.
+
+    The map is computed once per set of photos and kept in the project (UMAP's first fit
+    in a process costs several seconds).
+    """
+    from core import projection
+    from core.features import FeatureStore, feature_key
+
+    backbone_id = project.get_meta("backbone")
+    if not backbone_id:
+        return pd.DataFrame()
+    key = feature_key(backbone_id)
+    store = FeatureStore(project.path("features"))
+    ds = project.dataset()
+    ds = ds[ds["sha"].isin(store.has(key))].reset_index(drop=True)
+    if len(ds) < 3:
+        return pd.DataFrame()
+    cache = project.path("runs", f"map-{method}-{evaluation_signature(list(ds['sha']), [key], 0)}.npy")
+    if cache.is_file():
+        xy = np.load(cache, allow_pickle=False)
+    else:
+        xy = projection.project_2d(store.load(key, list(ds["sha"])), method=method)
+        buf = io.BytesIO()
+        np.save(buf, xy)
+        atomic_write_bytes(cache, buf.getvalue())
+    ds["x"], ds["y"] = xy[:, 0], xy[:, 1]
+    ds["predicted"], ds["confidence"] = "", np.nan
+    run = latest_runs(project).get("frozen")
+    if run is not None:
+        _, arrays = load_run(project, run.id)
+        ids = [str(i) for i in arrays["ids"]]
+        pos = {sha: i for i, sha in enumerate(ids)}
+        rows = [i for i, sha in enumerate(ds["sha"]) if sha in pos]
+        proba = arrays["oof_proba"][[pos[ds["sha"][i]] for i in rows]]
+        predicted = evaluation.predict_labels(proba, classes=run.classes, positive=run.positive, threshold=run.threshold)
+        ds.loc[rows, "predicted"] = list(predicted)
+        ds.loc[rows, "confidence"] = proba.max(axis=1)
+    return ds

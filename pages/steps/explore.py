@@ -1,14 +1,63 @@
-"""Step 4: a map of the photos and likely label mistakes."""
+"""Step 4: a map of the photos and the likely label mistakes, fixed in place."""
 
 import streamlit as st
 
+from core import charts, journey, training
 from pages import ui
 
 st.title("4 · Explore")
-ui.require_project()
-ui.explain("umap")
-ui.not_ready(
-    "explore",
-    what="This step will show your photos on a map where similar photos sit together, and list likely label mistakes.",
-    needs="train a model on the Train & compare step.",
-)
+st.caption("Similar photos sit close together. Odd ones out and photos in the other group's cloud deserve a look.")
+ui.explain("umap", "confidence")
+project = ui.require_project()
+if not journey.progress(project).done["train"]:
+    ui.not_ready("explore", what="This step shows your photos on a map and lists likely label mistakes.",
+                 needs="train the quick model on the Train & compare step.")
+    st.stop()
+
+names = project.class_names()
+with st.spinner("Drawing the map (the first one takes a few seconds)…"):
+    points = training.feature_map(project)
+if points.empty:
+    st.info("Not enough photos with features to draw a map yet.")
+    st.stop()
+project.set_meta("explored", True)
+
+colour_by = st.radio("Colour by", ["Label", "Model's answer", "Right or wrong"], horizontal=True)
+label_of = points["label"].map(lambda v: names.get(v, v) if v else "no label")
+if colour_by == "Label":
+    colour = label_of
+elif colour_by == "Model's answer":
+    colour = points["predicted"].map(lambda v: names.get(v, v) if v else "not scored")
+else:
+    colour = (points["predicted"] == points["label"]).map({True: "model agrees", False: "model disagrees"})
+hover = [f"{n}<br>label: {lbl}" for n, lbl in zip(points["name"], label_of)]
+event = st.plotly_chart(charts.map_figure(points[["x", "y"]].to_numpy(), list(colour), hover), width="stretch",
+                        on_select="rerun", selection_mode=("points", "lasso", "box"), key="feature_map")
+chosen = sorted({p["customdata"] for p in (event.selection.points if event else []) if "customdata" in p})
+if chosen:
+    st.write(f"**{len(chosen)} selected photos**")
+    sel = points.iloc[chosen[:48]]
+    ui.thumb_grid(project, list(sel["sha"]), [f"{n} · {names.get(lbl, lbl)}" for n, lbl in zip(sel["name"], sel["label"])])
+else:
+    st.caption("Click a point, or draw a lasso around a group, to see the photos.")
+
+st.subheader("Likely label mistakes")
+st.caption("Photos whose label the model, trained without them, finds hardest to believe. Check each one.")
+issues = training.label_issues(project)
+issues = issues[issues["likely_issue"]] if not issues.empty else issues
+if issues.empty:
+    st.success("No photo looks mislabelled.")
+for row in issues.head(12).itertuples():
+    img, text, act = st.columns([1, 3, 2])
+    img.image(project.thumbnail(row.id), width=120)
+    text.markdown(f"**{row.name}** is labelled **{names.get(row.given_label, row.given_label)}**; the model says "
+                  f"**{names.get(row.suggested_label, row.suggested_label)}** ({100 * row.suggested_confidence:.0f} % sure).")
+    if act.button(f"Change to {names.get(row.suggested_label, row.suggested_label)}", key=f"fix-{row.id}"):
+        project.set_override(row.id, label=row.suggested_label)
+        st.toast(f"{row.name} relabelled. Train again to use the fix.")
+        st.rerun()
+    if act.button("Leave it out of training", key=f"drop-{row.id}"):
+        project.set_override(row.id, excluded=True)
+        st.rerun()
+
+ui.next_step("explore", ready=True, hint="")

@@ -63,7 +63,8 @@ for col, (kind, run) in zip(cols, sorted(runs.items())):
             st.warning(warning)
         rep = report["report"]
         table = pd.DataFrame(rep["data"], index=rep["index"], columns=rep["columns"]).rename(index=names)
-        st.dataframe(table.style.format(precision=2), width="stretch")
+        st.dataframe(table.style.format({c: "{:.0f}" if c == "support" else "{:.2f}" for c in table.columns}),
+                     width="stretch")
         st.plotly_chart(charts.confusion_figure(report["confusion"], run.classes, names=names), width="stretch",
                         key=f"cm-{kind}")
         if run.positive:

@@ -92,7 +92,7 @@ def require_project() -> workspace.Project:
 
 def explain(*words: str) -> None:
     """One caption line per technical word used on the page."""
-    st.caption("  \n".join(f"**{w.capitalize()}**: {GLOSSARY[w]}" for w in words))
+    st.caption("  \n".join(f"**{'UMAP' if w == 'umap' else w.capitalize()}**: {GLOSSARY[w]}" for w in words))
 
 
 def not_ready(step: str, *, what: str, needs: str) -> None:
