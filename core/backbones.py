@@ -630,12 +630,18 @@ def _plain_size(mb: float) -> str:
     return f"{mb / 1000:.1f} GB" if mb >= 1000 else f"{mb:.0f} MB"
 
 
+def _file_hint(w: WeightsSpec) -> str:
+    if w.source == "timm-hub":  # "model.safetensors" alone does not say which one
+        return f"{w.file_name} from huggingface.co/{w.location}"
+    return w.file_name
+
+
 def _unreachable_message(backbone: Backbone) -> str:
     w = backbone.weights
     return (
         f"{backbone.name} needs a one-time download of {_plain_size(w.size_mb)} from "
         f"{w.host}. This computer could not reach it. Ask IT to allow it, or import the "
-        f"weights file ({w.file_name}) under 'Import weights'."
+        f"weights file ({_file_hint(w)}) under 'Import weights'."
     )
 
 
@@ -661,7 +667,7 @@ def weights_status(backbone: Backbone | str) -> WeightsStatus:
     else:
         message = (
             f"{backbone.name} needs a one-time download of {_plain_size(w.size_mb)} from "
-            f"{w.host} the first time it is used, or its weights file ({w.file_name}) "
+            f"{w.host} the first time it is used, or its weights file ({_file_hint(w)}) "
             "imported under 'Import weights'."
         )
     return WeightsStatus(backbone.id, False, None, w.size_mb, message)
@@ -690,7 +696,7 @@ def ensure_weights(backbone_id: str, *, on_progress: ProgressCallback | None = N
         raise WeightsUnavailable(
             f"The download of {backbone.name}'s weights from {backbone.weights.host} did not "
             f"deliver the expected file ({exc}). Try again later, or import the weights "
-            f"file ({backbone.weights.file_name}) under 'Import weights'."
+            f"file ({_file_hint(backbone.weights)}) under 'Import weights'."
         ) from exc
     except Exception as exc:  # network, proxy, disk: the UI needs a sentence, not a trace
         raise WeightsUnavailable(_unreachable_message(backbone)) from exc

@@ -48,6 +48,7 @@ __all__ = [
     "FinetuneResult",
     "PhotoDataset",
     "build_train_transform",
+    "collate_photos",
     "default_batch_size",
     "evaluate",
     "finetune",
@@ -112,30 +113,30 @@ class FinetuneConfig:
     max_train_seconds: float | None = None
 
     def __post_init__(self) -> None:
-        def positive(name: str, value, *, allow_zero: bool = False) -> None:
+        def check(name: str, value, *, allow_zero: bool = False) -> None:
             ok = value is not None and (value >= 0 if allow_zero else value > 0)
             if not ok or (isinstance(value, float) and not math.isfinite(value)):
                 need = "zero or more" if allow_zero else "more than zero"
                 raise ValueError(f"Fine-tuning setting {name} must be {need}, got {value!r}.")
 
-        positive("epochs", self.epochs)
-        positive("lr_head", self.lr_head)
-        positive("lr_backbone", self.lr_backbone, allow_zero=True)
-        positive("weight_decay", self.weight_decay, allow_zero=True)
-        positive("warmup_epochs", self.warmup_epochs, allow_zero=True)
-        positive("head_only_epochs", self.head_only_epochs, allow_zero=True)
-        positive("partial_epochs", self.partial_epochs, allow_zero=True)
-        positive("partial_groups", self.partial_groups, allow_zero=True)
-        positive("patience", self.patience)
-        positive("min_delta", self.min_delta, allow_zero=True)
+        check("epochs", self.epochs)
+        check("lr_head", self.lr_head)
+        check("lr_backbone", self.lr_backbone, allow_zero=True)
+        check("weight_decay", self.weight_decay, allow_zero=True)
+        check("warmup_epochs", self.warmup_epochs, allow_zero=True)
+        check("head_only_epochs", self.head_only_epochs, allow_zero=True)
+        check("partial_epochs", self.partial_epochs, allow_zero=True)
+        check("partial_groups", self.partial_groups, allow_zero=True)
+        check("patience", self.patience)
+        check("min_delta", self.min_delta, allow_zero=True)
         if self.batch_size is not None:
-            positive("batch_size", self.batch_size)
+            check("batch_size", self.batch_size)
         if self.grad_clip is not None:
-            positive("grad_clip", self.grad_clip)
+            check("grad_clip", self.grad_clip)
         if self.max_train_seconds is not None:
-            positive("max_train_seconds", self.max_train_seconds)
+            check("max_train_seconds", self.max_train_seconds)
         if self.num_workers is not None:
-            positive("num_workers", self.num_workers, allow_zero=True)
+            check("num_workers", self.num_workers, allow_zero=True)
         if not 0 < self.layer_decay <= 1:
             raise ValueError(f"Fine-tuning setting layer_decay must be in (0, 1], got {self.layer_decay!r}.")
         if not 0 <= self.label_smoothing < 1:
@@ -727,7 +728,9 @@ def finetune(
 
     With ``head_arrays`` (:func:`core.heads.head_to_arrays` of the frozen head, whose
     classes are ``head_classes``, default the sorted ``classes``) training starts from the
-    frozen model's predictions. ``on_epoch(record)`` receives each epoch's ``epoch,
+    frozen model's predictions; fit that head without the validation photos, or the
+    starting model's validation loss, a candidate for the best, is flattering.
+    ``on_epoch(record)`` receives each epoch's ``epoch,
     train_loss, train_acc, val_loss, val_acc, lr, seconds`` (and ``phase``,
     ``photos_per_s``); ``on_progress(done, total)`` counts training batches;
     ``should_cancel()`` is checked between batches and leaves the best model so far.

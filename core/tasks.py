@@ -60,3 +60,18 @@ def run_train_frozen(ctx: JobContext) -> dict:
         on_progress=lambda done, total, message: ctx.progress(done, total, message),
     )
     return {"run": record.id, "headline": record.headline}
+
+
+@register("train-finetune")
+def run_train_finetune(ctx: JobContext) -> dict:
+    """Fine-tune the backbone, scored on the same held-out photos as the frozen head."""
+    from core import training
+
+    record = training.train_finetuned(
+        ctx.project, backbone_id=ctx.params.get("backbone"), seed=int(ctx.params.get("seed", 0)),
+        device=ctx.params.get("device"),
+        on_progress=lambda done, total, message: ctx.progress(done, total, message),
+        on_epoch=lambda epoch: ctx.event(**epoch),
+        should_cancel=ctx.cancelled,
+    )
+    return {"run": record.id, "headline": record.headline} if record else {"cancelled": True}

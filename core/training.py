@@ -275,3 +275,82 @@ def feature_map(project: Project, *, method: str = "umap") -> pd.DataFrame:
         ds.loc[rows, "predicted"] = list(predicted)
         ds.loc[rows, "confidence"] = proba.max(axis=1)
     return ds
+
+
+def train_finetuned(
+    project: Project,
+    *,
+    backbone_id: str | None = None,
+    seed: int = 0,
+    config=None,
+    device: str | None = None,
+    on_progress: Progress | None = None,
+    on_epoch: Callable[[dict], None] | None = None,
+    should_cancel: Callable[[], bool] | None = None,
+) -> RunRecord | None:
+    """Fine-tune the backbone on the plan's training photos, early-stop on its validation
+    photos, and score it on the same held-out photos as the frozen head.
+
+    The new head starts from a frozen head fit on the training photos only (a linear
+    probe), so fine-tuning starts where the quick model is. Returns None when cancelled
+    before anything useful was learned.
+    """
+    from core import backbones, bundles, extraction, finetune, heads
+
+    report = on_progress or (lambda d, t, m: None)
+    backbone_id = backbone_id or project.get_meta("backbone", backbones.DEFAULT_BACKBONE_ID)
+    X, y, ids = extraction.load_training_features(project, backbone_id)
+    classes = sorted(set(y))
+    if len(classes) < 2:
+        raise InputError("Training needs at least two classes of labelled photos.")
+    names = project.class_names()
+    positive = _positive(classes, names)
+    plan = split_plan(project, ids, list(y), seed=seed)
+    label = dict(zip(ids, y))
+    row = {sha: i for i, sha in enumerate(ids)}
+    train_rows = [row[i] for i in plan.train_ids]
+    probe = heads.make_frozen_head(random_state=seed).fit(X[train_rows], y[train_rows])
+    items = lambda part: [(sha, project.image_path(sha), label[sha]) for sha in part]  # noqa: E731
+    started = time.time()
+    result = finetune.finetune(
+        items(plan.train_ids), items(plan.val_ids), backbone_id=backbone_id, classes=classes,
+        config=config or finetune.FinetuneConfig(seed=seed), head_arrays=heads.head_to_arrays(probe),
+        head_classes=list(probe.classes_), positive=positive, device=device, on_epoch=on_epoch,
+        on_progress=lambda done, total: report(done, total, "Fine-tuning"), should_cancel=should_cancel,
+        checkpoint_dir=project.path("runs", "finetune-checkpoint"),
+    )
+    if result.cancelled and result.best_epoch < 0:
+        return None
+    report(0, len(plan.test_ids), "Scoring the held-out photos")
+    test_items = [(sha, project.image_path(sha)) for sha in plan.test_ids]
+    proba = finetune.predict_proba(result.model, test_items, backbone_id=backbone_id, device=device)
+    keep = ~np.isnan(proba).any(axis=1)
+    test_ids = [sha for sha, ok in zip(plan.test_ids, keep) if ok]
+    test_report = evaluation.evaluate_predictions(
+        [label[i] for i in test_ids], proba[keep], classes=classes, positive=positive, threshold=result.threshold,
+    )
+    seconds = time.time() - started
+    bundle = bundles.ModelBundle(
+        kind="finetuned", backbone_id=backbone_id, weights_hash=backbones.weights_hash(backbone_id),
+        preprocessing=_preprocessing_dict(backbone_id), classes=classes,
+        class_display_names={c: names[c] for c in classes if c in names}, positive=positive,
+        threshold=result.threshold, metrics={"test": test_report.to_dict(), "history": result.history}, seed=seed,
+        split=plan.to_dict(),
+        training_manifest=bundles.training_manifest(plan.train_ids, [label[i] for i in plan.train_ids]),
+        name=f"{project.name} · fine-tuned {backbones.get_backbone(backbone_id).name}",
+    )
+    path = bundles.save_bundle(bundle, {}, project.path("models", f"{bundle.id}.zip"),
+                               network=finetune.state_dict_for_bundle(result.model))
+    acc = test_report.balanced_accuracy
+    record = RunRecord(
+        id=bundle.id, kind="finetuned", backbone_id=backbone_id, bundle_path=str(path), classes=classes,
+        positive=positive, threshold=result.threshold, test_ids=test_ids, test_report=test_report.to_dict(),
+        headline=(f"Balanced accuracy {100 * acc.value:.1f} % on {test_report.n} held-out photos; best epoch "
+                  f"{result.best_epoch + 1 if result.best_epoch >= 0 else 'none (the starting point was best)'} "
+                  f"of {len(result.history)}, {result.stop_reason}."),
+        seconds=round(seconds, 1), created_at=time.time(),
+        extra={"history": result.history, "best_epoch": result.best_epoch, "failures": len(result.failures),
+               "device": str(result.device)},
+    )
+    _save_run(project, record, {"test_ids": np.asarray(test_ids), "test_proba": proba[keep]})
+    return record
