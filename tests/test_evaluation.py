@@ -266,3 +266,17 @@ def test_flipped_labels_rank_at_the_top(k):
     assert first["suggested_label"] != first["given_label"] and first["likely_issue"]
     assert issues["self_confidence"].is_monotonic_increasing
     assert issues["likely_issue"].sum() < 40  # flags the doubtful few, not everything
+
+
+def test_a_perfect_score_on_few_photos_still_has_an_honest_range():
+    """32 of 32 right does not prove 100 %: the interval must reach well below it."""
+    from core.evaluation import compare_methods, evaluate_predictions
+
+    y = ["a"] * 16 + ["b"] * 16
+    p = np.array([[1.0, 0.0]] * 16 + [[0.0, 1.0]] * 16)
+    report = evaluate_predictions(y, p, classes=["a", "b"])
+    assert report.accuracy.value == 1.0 and report.accuracy.low < 0.95
+    big = evaluate_predictions(y * 50, np.vstack([p] * 50), classes=["a", "b"])
+    assert big.accuracy.low > report.accuracy.low  # more photos, narrower range
+    same = compare_methods(y, p, p, classes=["a", "b"])
+    assert same.better is None and same.difference.low < -2 and same.difference.high > 2

@@ -46,12 +46,11 @@ if not runs:
 comparison = training.compare(project)
 if comparison is not None:
     (st.success if comparison.better else st.info)(f"**Verdict:** {comparison.verdict}")
-    for warning in comparison.warnings:
-        st.warning(warning)
 
 cols = st.columns(len(runs))
 titles = {"frozen": "Quick model (frozen backbone)", "finetuned": "Fine-tuned network"}
-for col, (kind, run) in zip(cols, sorted(runs.items())):
+for col, kind in zip(cols, [k for k in ("frozen", "finetuned") if k in runs]):
+    run = runs[kind]
     report = run.test_report
     with col:
         st.subheader(titles[kind])
