@@ -84,3 +84,26 @@ def test_create_project_upload_photos_and_sheet_then_refresh(server, page, tmp_p
     assert labelled.inner_text().split()[-1] == str(len(photos))
     assert "1 · Data  ✓" in page.locator('[data-testid="stSidebarNav"]').inner_text() or \
         "✓" in page.locator('[data-testid="stSidebarNav"]').inner_text()
+
+
+def test_extract_train_and_explore_in_the_browser(server, page):
+    """Continues the project of the previous test: features, the quick model, the map."""
+    page.goto(f"{server['url']}/backbone?project=person-in-photo")
+    page.get_by_role("heading", name="2 · Backbone").wait_for()
+    page.get_by_role("button", name="Extract features").click()
+    page.get_by_text("Features are ready for all").wait_for(timeout=240_000)
+    shot(page, "backbone")
+    page.reload()  # a second visit costs nothing: the cache answers at once
+    page.get_by_text("Features are ready for all").wait_for()
+    assert page.get_by_role("button", name="Extract features").count() == 0
+
+    page.get_by_role("link", name="Next: 3 · Train & compare").click()
+    page.get_by_role("button", name="Train the quick model").click()
+    page.get_by_text("Balanced accuracy on held-out photos").wait_for(timeout=240_000)
+    assert page.locator('[data-testid="stException"]').count() == 0
+    shot(page, "train")
+
+    page.get_by_role("link", name="Next: 4 · Explore").click()
+    page.get_by_text("Likely label mistakes").wait_for(timeout=120_000)
+    page.locator(".js-plotly-plot").first.wait_for()
+    shot(page, "explore")
