@@ -142,6 +142,166 @@ def cmd_job_run(args: argparse.Namespace) -> int:
     return 0 if job.status in ("done", "cancelled") else 1
 
 
+def _find_project(name: str) -> workspace.Project | None:
+    """An existing project named by its slug or its display name, else None."""
+    for info in workspace.list_projects():
+        if name in (info.slug, info.name):
+            return workspace.open_project(info.slug)
+    return None
+
+
+def _train_bundle(project: workspace.Project, args: argparse.Namespace, backbone_id: str, show):
+    """Intake, features and training for ``cmd_train``; returns the run record."""
+    from core import backbones, extraction, finetune, intake, training
+
+    intake.stage_folder(project, Path(args.images))
+    intake.process_staged(project, on_progress=show("Checking photos"))
+    sheet = Path(args.labels)
+    match = intake.apply_sheet(
+        project, filename=sheet.name, data=sheet.read_bytes(),
+        image_column=args.file_column, label_column=args.label_column,
+    )
+    if match is None:
+        columns = ", ".join(intake.sheet_state(project).columns)
+        raise InputError(
+            f"Could not tell which column of {sheet.name} holds the photo file names and which holds the "
+            f"labels. Name them with --file-column and --label-column (its columns: {columns})."
+        )
+    blockers = [p.message for p in intake.refresh_blockers(project) if p.severity == "error"]
+    if not len(project.training_set()):
+        blockers = [f"No photo in {args.images} matches a row of {sheet.name} "
+                    f"({match.rows_total} rows, {match.rows_matched} matched). Check the file-name column."]
+    if blockers:
+        raise InputError(" ".join(blockers))
+    try:
+        extraction.extract_project(project, backbone_id, device=args.device,
+                                   on_progress=lambda d, t, m: show(m)(d, t))
+    except backbones.WeightsUnavailable as exc:
+        raise InputError(str(exc)) from exc
+    if args.method == "frozen":
+        return training.train_frozen(project, backbone_id=backbone_id, on_progress=lambda d, t, m: show(m)(d, t))
+    config = finetune.FinetuneConfig(seed=0, **({"epochs": args.epochs} if args.epochs else {}))
+    return training.train_finetuned(project, backbone_id=backbone_id, config=config, device=args.device,
+                                    on_progress=lambda d, t, m: show(m)(d, t))
+
+
+def _metrics(record) -> dict:
+    """Held-out scores of a run: the same test photos for both methods."""
+    test = record.test_report
+    ba = test["balanced_accuracy"]
+    metrics = {
+        "balanced_accuracy": ba["value"], "low": ba["low"], "high": ba["high"],
+        "accuracy": test["accuracy"]["value"], "macro_f1": test["macro_f1"]["value"],
+        "n_test": test["n"], "positive": record.positive, "threshold": record.threshold,
+        "headline": record.headline, "warnings": test.get("warnings", []),
+    }
+    cv = (record.extra.get("cv") or {}).get("summary") or {}
+    if cv.get("balanced_accuracy"):
+        metrics["cross_validation"] = cv["balanced_accuracy"]
+    return metrics
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    import time
+
+    from core import backbones, bundles
+
+    started = time.time()
+    if not Path(args.images).is_dir():
+        raise InputError(f"{args.images} is not a folder of photos.")
+    if not Path(args.labels).is_file():
+        raise InputError(f"The label sheet {args.labels} does not exist.")
+    backbone_id = args.backbone or backbones.DEFAULT_BACKBONE_ID
+    try:
+        backbones.get_backbone(backbone_id)
+    except ValueError as exc:
+        raise InputError(str(exc)) from exc
+    if args.epochs is not None and (args.method != "finetune" or args.epochs < 1):
+        raise InputError("--epochs needs --method finetune and a number of at least 1.")
+    out = Path(args.out)
+    if out.suffix.lower() != ".zip" and not out.is_dir():
+        raise InputError(f"--out should name a .zip file (or an existing folder), got {out}.")
+
+    def show(label: str):
+        return (lambda d, t: None) if args.json else _progress_printer(label)
+
+    project = _find_project(args.project) if args.project else None
+    throwaway = not args.project
+    if project is None:
+        project = workspace.create_project(args.project or f"Command-line training {time.strftime('%Y-%m-%d %H%M%S')}")
+    try:
+        record = _train_bundle(project, args, backbone_id, show)
+        if out.is_dir():
+            out = out / f"catalog-lens-model-{record.id}.zip"
+        workspace.atomic_copy(Path(record.bundle_path), out)
+        bundle, _ = bundles.load_bundle(out)
+    finally:
+        if throwaway:
+            workspace.delete_project(project.slug)
+    result = {
+        "method": args.method, "backbone": backbone_id, "metrics": _metrics(record),
+        "bundle": str(out.resolve()), "n_photos": len(bundle.split.get("ids", [])),
+        "classes": list(bundle.classes), "seconds": round(time.time() - started, 1),
+    }
+    if not throwaway:
+        result["project"] = project.slug
+    _print(result, args.json)
+    return 0
+
+
+def _photos_in(folder: Path) -> list[tuple[str, Path]]:
+    """(relative name, path) of every photo under ``folder``, sorted; hidden files skipped."""
+    from core.images import looks_like_image_name
+
+    found = []
+    for path in folder.rglob("*"):
+        rel = path.relative_to(folder)
+        if any(part.startswith(".") or part == "__MACOSX" for part in rel.parts):
+            continue
+        if path.is_file() and looks_like_image_name(rel.name):
+            found.append((rel.as_posix(), path))
+    return sorted(found)
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    import math
+
+    from core import backbones, predict
+
+    folder = Path(args.images)
+    if not folder.is_dir():
+        raise InputError(f"{folder} is not a folder of photos.")
+    items = _photos_in(folder)
+    if not items:
+        raise InputError(f"There are no photos in {folder} (looked for .jpg, .png, .webp, .tif and similar files).")
+    try:
+        table = predict.predict_images(
+            Path(args.model), items, device=args.device,
+            on_progress=None if args.json else _progress_printer("Tagging photos"),
+        )
+    except backbones.WeightsUnavailable as exc:
+        raise InputError(str(exc)) from exc
+    rows = []
+    for r in table.itertuples(index=False):
+        row = {"image": r.image, "predicted_label": r.predicted_label or None,
+               "confidence": None if math.isnan(r.confidence) else float(r.confidence)}
+        if r.error:
+            row["error"] = r.error
+        rows.append(row)
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    width = max(len("photo"), *(len(r["image"]) for r in rows))
+    label_width = max(len("label"), *(len(r["predicted_label"] or "") for r in rows))
+    print(f"{'photo':<{width}}  {'label':<{label_width}}  confidence")
+    for r in rows:
+        if "error" in r:
+            print(f"{r['image']:<{width}}  {'-':<{label_width}}  -  could not be read: {r['error']}")
+        else:
+            print(f"{r['image']:<{width}}  {r['predicted_label']:<{label_width}}  {100 * r['confidence']:5.1f} %")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m core", description="Catalog Lens command line")
     common = argparse.ArgumentParser(add_help=False)
@@ -184,6 +344,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backbone", help="backbone id (default: the project's, else the recommended one)")
     p.add_argument("--device", help="auto, cpu, cuda, cuda:N or mps")
     p.set_defaults(func=cmd_extract)
+
+    p = sub.add_parser("train", help="train a model from a folder of photos and a label sheet")
+    p.add_argument("--images", required=True, help="folder of photos (subfolders included)")
+    p.add_argument("--labels", required=True, help="label sheet (CSV, TSV, Excel)")
+    p.add_argument("--file-column", help="sheet column with the photo file names (default: guessed)")
+    p.add_argument("--label-column", help="sheet column with the labels (default: guessed)")
+    p.add_argument("--backbone", help="backbone id (default: the recommended one)")
+    p.add_argument("--method", required=True, choices=["frozen", "finetune"])
+    p.add_argument("--out", required=True, help="model file to write (.zip)")
+    p.add_argument("--epochs", type=int, help="fine-tuning epochs (--method finetune)")
+    p.add_argument("--project", help="keep the work in this project (default: a temporary one)")
+    p.add_argument("--device", help="auto, cpu, cuda, cuda:N or mps")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("predict", help="tag a folder of photos with a model file")
+    p.add_argument("--model", required=True, help="model file (.zip) from train or the app")
+    p.add_argument("--images", required=True, help="folder of photos (subfolders included)")
+    p.add_argument("--device", help="auto, cpu, cuda, cuda:N or mps")
+    p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("job-run")  # used by the app to run background jobs
     p.add_argument("--project", required=True)

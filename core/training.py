@@ -354,3 +354,68 @@ def train_finetuned(
     )
     _save_run(project, record, {"test_ids": np.asarray(test_ids), "test_proba": proba[keep]})
     return record
+
+
+def threshold_effect(project: Project, run: RunRecord, threshold: float) -> dict:
+    """What a decision threshold does on the held-out photos, counted in photos (binary only).
+
+    Returns the positive class, how many held-out photos have it, how many of those would
+    be missed, how many without it would be wrongly tagged, and the same at the run's own
+    threshold for comparison.
+    """
+    if not run.positive:
+        raise ValueError("Thresholds apply to two-class models only.")
+    _, arrays = load_run(project, run.id)
+    ids = [str(i) for i in arrays["test_ids"]]
+    pos = run.classes.index(run.positive)
+    score = arrays["test_proba"][:, pos]
+    truth = project.dataset().set_index("sha")["label"]
+    is_pos = np.array([truth.get(i, "") == run.positive for i in ids])
+
+    def counts(t: float) -> tuple[int, int]:
+        tagged = score >= t
+        return int((is_pos & ~tagged).sum()), int((~is_pos & tagged).sum())
+
+    missed, flagged = counts(threshold)
+    base_missed, base_flagged = counts(run.threshold if run.threshold is not None else 0.5)
+    return {"positive": run.positive, "n": len(ids), "n_positive": int(is_pos.sum()),
+            "n_negative": int((~is_pos).sum()), "missed": missed, "flagged": flagged,
+            "base_missed": base_missed, "base_flagged": base_flagged}
+
+
+def set_threshold(project: Project, kind: str, threshold: float) -> None:
+    """Use another decision threshold for tagging with this model (kept in the project)."""
+    chosen = project.get_meta("thresholds", {}) or {}
+    chosen[kind] = float(threshold)
+    project.set_meta("thresholds", chosen)
+
+
+def chosen_threshold(project: Project, run: RunRecord) -> float | None:
+    return (project.get_meta("thresholds", {}) or {}).get(run.kind, run.threshold)
+
+
+def what_is_learned(backbone_id: str, kind: str, n_classes: int) -> str:
+    """One plain sentence on how many numbers a method learns and how many stay as pretrained."""
+    from core import backbones
+
+    b = backbones.get_backbone(backbone_id)
+    head = (b.feature_dim + 1) * (1 if n_classes == 2 else n_classes)
+    total = b.params_features
+    if kind == "frozen":
+        return (f"Learns {head:,} numbers (a small classifier on the {b.feature_dim:,} features); "
+                f"the {total / 1e6:.1f} million numbers of {b.name} stay as pretrained.")
+    return (f"Learns all {total / 1e6:.1f} million numbers of {b.name} plus a new classifier "
+            f"({(b.feature_dim + 1) * n_classes:,} numbers), in three stages: the classifier alone, then the "
+            "last layers, then everything, with smaller changes for the earlier layers.")
+
+
+def tagging_model(project: Project) -> RunRecord | None:
+    """The model chosen for tagging: the analyst's choice, else the comparison's recommendation."""
+    runs = latest_runs(project)
+    chosen = project.get_meta("tagging_model")
+    if chosen in runs:
+        return runs[chosen]
+    comparison = compare(project) if len(runs) == 2 else None
+    if comparison is not None and comparison.recommended.lower().startswith("fine"):
+        return runs.get("finetuned")
+    return runs.get("frozen") or runs.get("finetuned")
