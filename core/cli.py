@@ -223,7 +223,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         raise InputError(f"--out should name a .zip file (or an existing folder), got {out}.")
 
     def show(label: str):
-        return (lambda d, t: None) if args.json else _progress_printer(label)
+        return (lambda *done_total_message: None) if args.json else _progress_printer(label)
 
     project = _find_project(args.project) if args.project else None
     throwaway = not args.project

@@ -1,0 +1,125 @@
+"""Project-level extraction and training on real photos with the offline EfficientNet-Lite0."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image, ImageOps
+
+from core import extraction, finetune, intake, jobs, training, workspace
+
+
+def _photos(folder):
+    """Two visually distinct classes made from scikit-image's sample photos."""
+    from skimage import data
+
+    folder.mkdir()
+    rows = ["file,label"]
+    sources = {"person": [data.astronaut()], "no_person": [data.coffee(), data.chelsea(), data.rocket()]}
+    for label, arrays in sources.items():
+        for i in range(12):
+            img = Image.fromarray(arrays[i % len(arrays)]).convert("RGB")
+            w, h = img.size
+            img = img.crop((i * 7 % 40, i * 5 % 30, w - (i * 3 % 35), h - (i * 11 % 25))).rotate((i % 5) - 2)
+            if i % 2:
+                img = ImageOps.mirror(img)
+            name = f"{label}_{i:02d}.jpg"
+            img.save(folder / name, quality=88)
+            rows.append(f"{name},{label}")
+    (folder / "bad.jpg").write_bytes(b"\xff\xd8\xff not a photo")
+    return "\n".join(rows) + "\n"
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory):
+    mp = pytest.MonkeyPatch()
+    home = tmp_path_factory.mktemp("training-home")
+    mp.setenv("CATALOG_LENS_HOME", str(home))
+    folder = home / "photos"
+    sheet = _photos(folder)
+    p = workspace.create_project("Person in photo")
+    intake.stage_folder(p, folder)
+    intake.process_staged(p)
+    intake.apply_sheet(p, filename="labels.csv", data=sheet.encode())
+    p.set_class_names({"person": "Person in photo"})
+    summary = extraction.extract_project(p, "efficientnet_lite0")
+    yield p, summary
+    mp.undo()
+
+
+@pytest.fixture(autouse=True)
+def workspace_home(project, monkeypatch):  # keep the module's workspace for every test here
+    monkeypatch.setenv("CATALOG_LENS_HOME", str(project[0].root.parents[1]))
+
+
+def test_extraction_covers_every_photo_and_the_second_run_is_free(project):
+    p, first = project
+    assert first["computed"] == 24 and first["failed"] == 0
+    status = extraction.status(p, "efficientnet_lite0")
+    assert status.complete and status.ready == 24
+    again = extraction.extract_project(p, "efficientnet_lite0")
+    assert again["computed"] == 0 and again["reused"] == 24
+    X, y, ids = extraction.load_training_features(p, "efficientnet_lite0")
+    assert X.shape == (24, 1280) and np.isfinite(X).all() and set(y) == {"person", "no_person"}
+    assert "bad.jpg" in " ".join(p.problems()["file"].fillna(""))
+
+
+def test_frozen_run_is_honest_and_recorded(project):
+    p, _ = project
+    run = training.train_frozen(p)
+    _, y, ids = extraction.load_training_features(p, "efficientnet_lite0")
+    plan = training.split_plan(p, ids, list(y))
+    assert set(run.test_ids) == set(plan.test_ids)
+    assert not set(run.test_ids) & set(plan.train_ids + plan.val_ids)  # never scored on training photos
+    assert run.positive == "person"
+    acc = run.test_report["balanced_accuracy"]
+    assert acc["low"] <= acc["value"] <= acc["high"] and acc["low"] < 1.0  # a range even for a perfect score
+    assert acc["value"] >= 0.8  # astronaut vs coffee/cat/rocket is easy for ImageNet features
+    assert training.latest_runs(p)["frozen"].id == run.id
+    preds = training.test_predictions(p, run)
+    assert len(preds) == len(run.test_ids) and set(preds["predicted"]) <= {"person", "no_person"}
+    effect = training.threshold_effect(p, run, 0.99)
+    assert effect["n_positive"] + effect["n_negative"] == effect["n"]
+    assert effect["missed"] >= effect["base_missed"]  # a stricter setting never finds more
+    assert "1,281 numbers" in training.what_is_learned("efficientnet_lite0", "frozen", 2)
+
+
+def test_split_plan_is_reused_while_the_labels_stay_the_same(project):
+    p, _ = project
+    X, y, ids = extraction.load_training_features(p, "efficientnet_lite0")
+    first = training.split_plan(p, ids, list(y))
+    again = training.split_plan(p, list(reversed(ids)), list(reversed(list(y))))
+    assert first.test_ids == again.test_ids
+
+
+def test_map_and_label_issues(project):
+    p, _ = project
+    if "frozen" not in training.latest_runs(p):
+        training.train_frozen(p)
+    points = training.feature_map(p, method="pca")
+    assert len(points) == 24 and {"x", "y", "label", "predicted"} <= set(points.columns)
+    assert np.isfinite(points[["x", "y"]].to_numpy()).all()
+    issues = training.label_issues(p)
+    assert len(issues) == 24 and issues["self_confidence"].is_monotonic_increasing
+
+
+def test_finetune_run_is_compared_on_the_same_photos(project):
+    p, _ = project
+    if "frozen" not in training.latest_runs(p):
+        training.train_frozen(p)
+    epochs = []
+    run = training.train_finetuned(p, config=finetune.FinetuneConfig(epochs=1), on_epoch=epochs.append)
+    assert run is not None and epochs and "val_loss" in epochs[0]
+    assert set(run.test_ids) == set(training.latest_runs(p)["frozen"].test_ids)
+    verdict = training.compare(p)
+    assert verdict is not None and verdict.n == len(run.test_ids)
+    assert "not evidence" in verdict.verdict  # 5 held-out photos cannot settle anything
+    assert training.tagging_model(p).kind == "frozen"  # not better, and much cheaper
+
+
+def test_training_as_a_background_job(project):
+    p, _ = project
+    job = jobs.submit(p, "train-frozen", {"backbone": "efficientnet_lite0"})
+    done = jobs.wait(p, job.id, timeout=300)
+    assert done.status == "done", done.error
+    assert done.result["run"] == training.latest_runs(p)["frozen"].id
