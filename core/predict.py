@@ -246,12 +246,20 @@ def import_bundle(project: Project, path: str | os.PathLike) -> str:
     The copy lives in the project's ``models/`` folder and is listed by
     :func:`list_models`. Importing the same model again changes nothing. Raises
     :class:`~core.problems.InputError` with a plain sentence when the file is not a
-    usable model.
+    usable model here (damaged, unsafe, an unknown network, or a frozen head made for
+    other backbone weights than the local ones).
     """
     path = Path(path)
     bundle, _ = bundles.load_bundle(path)  # BundleError: already a plain sentence
     _check_backbone(bundle)
-    if bundle.kind == "finetuned":
+    if bundle.kind == "frozen":
+        from core import backbones
+
+        # Refuse a head for other weights now when the check is free; a backbone not yet
+        # downloaded is checked when the model is first used (import never downloads).
+        if backbones.weights_status(bundle.backbone_id).available:
+            _check_weights(bundle)
+    else:
         from core import finetune
 
         # Build the network once now, so a model that does not fit is refused at import

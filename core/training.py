@@ -194,8 +194,14 @@ def test_predictions(project: Project, run: RunRecord) -> pd.DataFrame:
         "name": [ds["name"].get(i, i) for i in ids],
         "label": [ds["label"].get(i, "") for i in ids],
         "predicted": list(predicted),
-        "confidence": proba.max(axis=1),
+        "confidence": _confidence(proba, predicted, run.classes),
     })
+
+
+def _confidence(proba: np.ndarray, predicted, classes: list[str]) -> np.ndarray:
+    """The probability of the label given (not the largest one: they differ off a 0.5 threshold)."""
+    index = {c: i for i, c in enumerate(classes)}
+    return proba[np.arange(len(proba)), [index[str(p)] for p in predicted]]
 
 
 def compare(project: Project) -> evaluation.Comparison | None:
@@ -273,7 +279,7 @@ def feature_map(project: Project, *, method: str = "umap") -> pd.DataFrame:
         proba = arrays["oof_proba"][[pos[ds["sha"][i]] for i in rows]]
         predicted = evaluation.predict_labels(proba, classes=run.classes, positive=run.positive, threshold=run.threshold)
         ds.loc[rows, "predicted"] = list(predicted)
-        ds.loc[rows, "confidence"] = proba.max(axis=1)
+        ds.loc[rows, "confidence"] = _confidence(proba, predicted, run.classes)
     return ds
 
 
@@ -409,13 +415,20 @@ def what_is_learned(backbone_id: str, kind: str, n_classes: int) -> str:
             "last layers, then everything, with smaller changes for the earlier layers.")
 
 
-def tagging_model(project: Project) -> RunRecord | None:
-    """The model chosen for tagging: the analyst's choice, else the comparison's recommendation."""
-    runs = latest_runs(project)
+def tagging_model(project: Project) -> dict | None:
+    """The model chosen for tagging (an entry of :func:`core.predict.list_models`): the
+    analyst's choice, else the comparison's recommendation, else the latest trained one."""
+    from core.predict import list_models
+
+    models = list_models(project)
+    if not models:
+        return None
+    by_id = {m["id"]: m for m in models}
     chosen = project.get_meta("tagging_model")
-    if chosen in runs:
-        return runs[chosen]
+    if chosen in by_id:
+        return by_id[chosen]
+    runs = latest_runs(project)
     comparison = compare(project) if len(runs) == 2 else None
-    if comparison is not None and comparison.recommended.lower().startswith("fine"):
-        return runs.get("finetuned")
-    return runs.get("frozen") or runs.get("finetuned")
+    kind = "finetuned" if comparison is not None and comparison.recommended.lower().startswith("fine") else "frozen"
+    run = runs.get(kind) or next(iter(runs.values()), None)
+    return by_id.get(run.id) if run is not None and run.id in by_id else models[0]

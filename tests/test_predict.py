@@ -147,7 +147,7 @@ def test_train_refuses_bad_input_with_a_plain_message(photos, tmp_path, capsys, 
     argv = ["train", *[x for kv in args.items() for x in kv]]
     assert cli.main(argv) == 2
     err = capsys.readouterr().err
-    assert err.startswith("error: ") and message in err and "Traceback" not in err
+    assert err.splitlines()[-1].startswith("error: ") and message in err and "Traceback" not in err
     assert not (tmp_path / "m.zip").exists() and workspace.list_projects() == []
 
 
@@ -254,6 +254,10 @@ def test_a_model_trained_with_other_weights_is_refused(trained, photos, tmp_path
     other = bundles.save_bundle(bundle, arrays, tmp_path / "other-weights.zip")
     with pytest.raises(ValueError, match="trained with other weights"):
         predict.predict_images(other, _photo_items(photos["images"])[:2])
+    project = workspace.create_project("Shop E")
+    with pytest.raises(InputError, match="trained with other weights"):
+        predict.import_bundle(project, other)
+    assert predict.list_models(project) == [] and not any(project.path("models").iterdir())
     assert cli.main(["predict", "--model", str(other), "--images", str(photos["images"]), "--json"]) == 2
     err = capsys.readouterr().err
     assert "trained with other weights" in err and "Traceback" not in err
@@ -284,6 +288,14 @@ def test_a_finetuned_model_round_trips(in_home, trained, photos, tmp_path):
     assert result["method"] == "finetune" and 0.0 <= result["metrics"]["balanced_accuracy"] <= 1.0
     assert bundles.load_bundle(out)[0].kind == "finetuned"
     assert {m["kind"] for m in predict.list_models(in_home)} == {"frozen", "finetuned"}
+
+    # The held-out photos get the probabilities project A recorded for them.
+    run = training.latest_runs(in_home)["finetuned"]
+    _, arrays = training.load_run(in_home, run.id)
+    test_ids = [str(i) for i in arrays["test_ids"]]
+    held_out = predict.predict_images(out, [(sha, in_home.image_path(sha)) for sha in test_ids])
+    np.testing.assert_allclose(held_out[[f"proba_{c}" for c in run.classes]].to_numpy(), arrays["test_proba"],
+                               rtol=0, atol=1e-5)
 
     shop_d = workspace.create_project("Shop D")
     model_id = predict.import_bundle(shop_d, out)

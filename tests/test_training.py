@@ -114,7 +114,7 @@ def test_finetune_run_is_compared_on_the_same_photos(project):
     verdict = training.compare(p)
     assert verdict is not None and verdict.n == len(run.test_ids)
     assert "not evidence" in verdict.verdict  # 5 held-out photos cannot settle anything
-    assert training.tagging_model(p).kind == "frozen"  # not better, and much cheaper
+    assert training.tagging_model(p)["kind"] == "frozen"  # not better, and much cheaper
 
 
 def test_training_as_a_background_job(project):
@@ -123,3 +123,40 @@ def test_training_as_a_background_job(project):
     done = jobs.wait(p, job.id, timeout=300)
     assert done.status == "done", done.error
     assert done.result["run"] == training.latest_runs(p)["frozen"].id
+
+
+def test_train_and_explore_pages_on_a_trained_project(project):
+    """The pages draw real results: both reports, the verdict, try-a-photo, import, the map."""
+    import io
+
+    from skimage import data
+    from streamlit.testing.v1 import AppTest
+
+    from tests.conftest import REPO
+
+    p, _ = project
+    runs = training.latest_runs(p)
+    if "frozen" not in runs:
+        training.train_frozen(p)
+    at = AppTest.from_file(str(REPO / "app.py"), default_timeout=120)
+    at.query_params["project"] = p.slug
+    at.run()
+    at.switch_page("pages/steps/train.py").run()
+    assert not at.exception, at.exception
+    assert any(m.label == "Balanced accuracy on held-out photos" for m in at.metric)
+    buf = io.BytesIO()
+    Image.fromarray(data.astronaut()).save(buf, "JPEG")
+    at.file_uploader(key="try_photo").set_value([("astronaut.jpg", buf.getvalue(), "image/jpeg")]).run()
+    assert not at.exception, at.exception
+    answers = [m.value for m in at.markdown if "% sure" in m.value]
+    assert answers and "Person in photo" in answers[0]
+    bundle = training.latest_runs(p)["frozen"].bundle_path
+    with open(bundle, "rb") as fh:
+        at.file_uploader(key="import_model").set_value([("model.zip", fh.read(), "application/zip")]).run()
+    assert any("Imported model" in s.value for s in at.success)
+    at.file_uploader(key="import_model").set_value([("junk.zip", b"PK\x03\x04 junk", "application/zip")]).run()
+    assert at.error and "junk.zip" in at.error[0].value
+
+    at.switch_page("pages/steps/explore.py").run()
+    assert not at.exception, at.exception
+    assert at.get("plotly_chart")

@@ -2,7 +2,7 @@
 
 import streamlit as st
 
-from core import charts, extraction, jobs, journey, training
+from core import charts, extraction, jobs, journey, predict, training
 from pages import ui
 from pages.ui import results
 
@@ -55,11 +55,16 @@ for col, kind in zip(cols, [k for k in ("frozen", "finetuned") if k in runs]):
         results.run_panel(project, runs[kind], names)
 
 st.subheader("Model to use for tagging")
+models = predict.list_models(project)
 chosen = training.tagging_model(project)
-options = [k for k in ("frozen", "finetuned") if k in runs]
-pick = st.radio("Model to use for tagging", options, index=options.index(chosen.kind), horizontal=True,
-                format_func=results.TITLES.get, label_visibility="collapsed")
+ids = [m["id"] for m in models]
+labels = {m["id"]: f"{results.TITLES.get(m['kind'], m['kind'])}" + (" · imported" if m["source"] != "trained" else "")
+          + f" ({m['id']})" for m in models}
+pick = st.radio("Model to use for tagging", ids, index=ids.index(chosen["id"]), format_func=labels.get,
+                label_visibility="collapsed")
 if pick != project.get_meta("tagging_model"):
     project.set_meta("tagging_model", pick)
+results.try_a_photo(project, models)
+results.import_model(project)
 
 ui.next_step("train", ready=True, hint="")

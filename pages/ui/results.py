@@ -59,3 +59,56 @@ def _threshold(project: Project, run: training.RunRecord, names: dict[str, str])
             fig = charts.curves_figure(run.test_report, kind=curve)
             if fig is not None:
                 st.plotly_chart(fig, width="stretch", key=f"{curve}-{run.kind}")
+
+
+def try_a_photo(project: Project, models: list[dict]) -> None:
+    """Drop any photo and see each model's answer."""
+    import tempfile
+    from pathlib import Path
+
+    from core import predict
+
+    with st.expander("Try a photo"):
+        upload = st.file_uploader("Any photo", type=["jpg", "jpeg", "png", "webp", "gif", "bmp", "tif", "tiff"],
+                                  key="try_photo")
+        if upload is None:
+            return
+        names = project.class_names()
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / Path(upload.name).name
+            path.write_bytes(upload.getvalue())
+            left, right = st.columns([1, 2])
+            left.image(upload.getvalue(), width=220)
+            for model in models[:3]:
+                with st.spinner(f"Asking {TITLES.get(model['kind'], model['kind'])}…"):
+                    row = predict.predict_images(model["path"], [(upload.name, path)]).iloc[0]
+                title = TITLES.get(model["kind"], model["kind"])
+                if row["error"]:
+                    right.error(f"{upload.name}: {row['error']}")
+                    return
+                label = names.get(row["predicted_label"], row["predicted_label"])
+                right.markdown(f"**{title}:** {label} — {100 * row['confidence']:.0f} % sure")
+
+
+def import_model(project: Project) -> None:
+    """Bring in a model bundle trained elsewhere (checked before it is kept)."""
+    import tempfile
+    from pathlib import Path
+
+    from core import predict
+    from core.problems import InputError
+
+    with st.expander("Import a model"):
+        st.caption("A model file downloaded from Catalog Lens (a .zip). It is checked before it is kept.")
+        upload = st.file_uploader("Model file", type=["zip"], key="import_model")
+        if upload is None:
+            return
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "model.zip"
+            path.write_bytes(upload.getvalue())
+            try:
+                model_id = predict.import_bundle(project, path)
+            except (InputError, ValueError) as exc:
+                st.error(f"{upload.name}: {exc}")
+            else:
+                st.success(f"Imported model {model_id}. Choose it above to tag with it.")
