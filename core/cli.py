@@ -134,6 +134,24 @@ def cmd_extract(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    import tempfile
+
+    from core import bench
+
+    folder = Path(args.images)
+    if not folder.is_dir():
+        raise InputError(f"{folder} is not a folder of photos.")
+    with tempfile.TemporaryDirectory() as tmp:
+        if args.upscale:
+            folder = bench.upscale_folder(folder, Path(tmp) / "large", size=args.upscale, limit=args.limit)
+        result = bench.bench_extract(folder, backbone_id=args.backbone, device=args.device, repeats=args.repeats)
+    if args.upscale:
+        result["upscaled_to_px"] = args.upscale
+    _print(result, args.json)
+    return 0
+
+
 def cmd_job_run(args: argparse.Namespace) -> int:
     from core import jobs
 
@@ -363,6 +381,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--images", required=True, help="folder of photos (subfolders included)")
     p.add_argument("--device", help="auto, cpu, cuda, cuda:N or mps")
     p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("bench", help="measure speed on this machine")
+    bsub = p.add_subparsers(dest="bench_command", required=True)
+    b = bsub.add_parser("extract", parents=[common], help="feature extraction: forward limit, pipeline, naive loop, cache")
+    b.add_argument("--images", required=True, help="folder of photos")
+    b.add_argument("--backbone")
+    b.add_argument("--device", help="auto, cpu, cuda or mps")
+    b.add_argument("--upscale", type=int, help="first make JPEG copies with this longer side (e.g. 2000)")
+    b.add_argument("--limit", type=int, help="with --upscale: how many photos to copy")
+    b.add_argument("--repeats", type=int, default=3)
+    b.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("job-run")  # used by the app to run background jobs
     p.add_argument("--project", required=True)
