@@ -6,6 +6,9 @@
     python -m core backbones                     list the pretrained networks
     python -m core weights import --backbone ID --file FILE
     python -m core extract --project P [--backbone ID] [--device cuda]
+    python -m core train --images DIR --labels SHEET --method frozen|finetune --out BUNDLE
+    python -m core predict --model BUNDLE --images DIR
+    python -m core bench extract --images DIR [--upscale 2000]
     python -m core job-run --project P --job ID  (used by the app to run background jobs)
 
 Every command exits non-zero with a plain message on bad input; ``--json`` prints a
