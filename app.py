@@ -6,6 +6,7 @@ each step is a thin script in ``pages/`` over the ``core`` package.
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 import streamlit as st
@@ -73,6 +74,17 @@ def _project_picker(project: workspace.Project | None) -> None:
                 st.rerun()
 
 
+@st.cache_resource(show_spinner=False)
+def _warm_up_umap() -> threading.Thread:
+    """UMAP's first fit in a process costs seconds of compilation: pay it once, in the background."""
+    from core.projection import warm_up_umap
+
+    thread = threading.Thread(target=warm_up_umap, name="umap-warm-up", daemon=True)
+    thread.start()
+    return thread
+
+
+_warm_up_umap()
 project = ui.current_project()
 progress = journey.progress(project)
 
@@ -82,7 +94,7 @@ def _title(step: str) -> str:
 
 
 pages = {
-    "home": st.Page("pages/steps/home.py", title="Home", icon=":material/home:", default=True, url_path="home"),
+    "home": st.Page("pages/steps/home.py", title="Home", icon=":material/home:", default=True),
     "data": st.Page("pages/steps/data.py", title=_title("data"), url_path="data"),
     "backbone": st.Page("pages/steps/backbone.py", title=_title("backbone"), url_path="backbone"),
     "train": st.Page("pages/steps/train.py", title=_title("train"), url_path="train"),

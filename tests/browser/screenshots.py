@@ -55,8 +55,9 @@ def shoot(url: str) -> None:
         browser = pw.chromium.launch(executable_path="/usr/bin/chromium", args=CHROMIUM_ARGS)
         page = browser.new_page(viewport={"width": 1400, "height": 1100})
         for name in PAGES:
-            page.goto(f"{url}/{name}?project=person-in-photo")
+            page.goto(f"{url}/{'' if name == 'home' else name}?project=person-in-photo")
             page.get_by_text("Computing on").wait_for(timeout=60_000)
+            assert page.get_by_text("Page not found").count() == 0, name
             page.wait_for_timeout(6000)  # charts and images settle
             page.screenshot(path=str(OUT / f"{name}.png"))
             print("saved", OUT / f"{name}.png")
