@@ -2,7 +2,7 @@
 
     python -m core projects                      list projects
     python -m core create NAME                   create a project
-    python -m core intake --project P --images DIR_OR_ZIP... [--labels SHEET]
+    python -m core intake --images DIR_OR_ZIP... --labels SHEET [--project NAME] --json
     python -m core backbones                     list the pretrained networks
     python -m core weights import --backbone ID --file FILE
     python -m core extract --project P [--backbone ID] [--device cuda]
@@ -51,9 +51,19 @@ def cmd_create(args: argparse.Namespace) -> int:
 
 
 def cmd_intake(args: argparse.Namespace) -> int:
-    from core import intake
+    from core import intake, labels
 
-    project = workspace.open_project(args.project)
+    if args.labels:  # an unusable sheet stops everything before any photo is touched
+        sheet_path = Path(args.labels)
+        if not sheet_path.is_file():
+            raise InputError(f"The label sheet {args.labels} does not exist.")
+        labels.read_sheet(sheet_path.read_bytes(), filename=sheet_path.name)
+    if args.project:
+        project = _find_project(args.project) or workspace.create_project(args.project)
+    else:
+        first = Path(args.images[0]) if args.images else Path(args.labels or "photos")
+        name = first.stem or "Photos"
+        project = _find_project(name) or workspace.create_project(name)
     for source in args.images or []:
         source = Path(source)
         if not source.exists():
@@ -64,23 +74,37 @@ def cmd_intake(args: argparse.Namespace) -> int:
         else:
             with open(source, "rb") as fh:
                 intake.stage_upload(project, filename=source.name, data=fh)
-    summary = intake.process_staged(
-        project, on_progress=None if args.json else _progress_printer("Checking photos")
-    )
-    result = summary.to_dict()
+    checked = intake.process_staged(project, on_progress=None if args.json else _progress_printer("Checking photos"))
     if args.labels:
         sheet = Path(args.labels)
-        match = intake.apply_sheet(
-            project, filename=sheet.name, data=sheet.read_bytes(),
-            image_column=args.image_column, label_column=args.label_column,
-        )
-        if match is not None:
-            result.update(rows_total=match.rows_total, rows_matched=match.rows_matched)
-    training = project.training_set()
-    result["labelled_photos"] = len(training)
-    result["classes"] = training["label"].value_counts().to_dict()
-    result.pop("per_upload", None)
-    _print(result, args.json)
+        intake.apply_sheet(project, filename=sheet.name, data=sheet.read_bytes(),
+                           image_column=args.file_column, label_column=args.label_column)
+    summary = intake.data_summary(project)
+    problems = project.problems()
+    match = summary["match"] or {}
+    result = {
+        "project": project.slug,
+        "files_checked": checked.files_seen,
+        "photos": summary["photos"],
+        "unique_photos": summary["unique_photos"],
+        "matched": int(match.get("rows_matched", 0)),
+        "per_class": summary["classes"],
+        "unlabeled_images": summary["unlabelled"],
+        "missing_images": int((problems["kind"] == "missing_photo").sum()),
+        "problems": [
+            {"item": " ".join(x for x in (f"row {int(r.row)}" if r.row == r.row and r.row is not None else "",
+                                          r.file or "") if x) or r.scope,
+             "reason": r.message, "severity": r.severity}
+            for r in problems.itertuples()
+        ],
+    }
+    if args.json:
+        print(json.dumps(result, indent=2, default=str))
+    else:
+        for key in ("project", "photos", "matched", "per_class", "unlabeled_images", "missing_images"):
+            print(f"{key}: {result[key]}")
+        for p in result["problems"]:
+            print(f"  [{p['severity']}] {p['item'].strip()}: {p['reason']}")
     return 0
 
 
@@ -343,11 +367,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_create)
 
     p = sub.add_parser("intake", help="add photos (files, folders, zips) and a label sheet")
-    p.add_argument("--project", required=True)
-    p.add_argument("--images", nargs="*", help="photo files, folders or zip archives")
+    p.add_argument("--images", nargs="+", required=True, help="photo files, folders or zip archives")
     p.add_argument("--labels", help="label sheet (CSV, TSV, Excel)")
-    p.add_argument("--image-column")
-    p.add_argument("--label-column")
+    p.add_argument("--project", help="project name or id (created if new; default: named after the first --images)")
+    p.add_argument("--file-column", "--image-column", dest="file_column", help="sheet column with the photo file names")
+    p.add_argument("--label-column", help="sheet column with the labels")
     p.set_defaults(func=cmd_intake)
 
     p = sub.add_parser("backbones", help="list the pretrained networks and whether they are ready")

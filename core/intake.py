@@ -303,17 +303,23 @@ def refresh_blockers(project: Project) -> list[Problem]:
 
 
 def data_summary(project: Project) -> dict:
-    """Counts for the Data page: photos, labels per class, exclusions and problems."""
+    """Counts for the Data page and the command line.
+
+    Counts are of uploaded files, as the analyst knows them (480 files, 248 "person"); two
+    files with identical bytes are one photo for training, reported as ``duplicate_files``.
+    """
     ds = project.dataset()
     problems = project.problems()
     labelled = ds[(ds["label"] != "") & ~ds["excluded"]]
     return {
-        "photos": len(ds),
-        "labelled": len(labelled),
-        "unlabelled": int((ds["label"] == "").sum()),
+        "photos": int(ds["names"].sum()),
+        "unique_photos": len(ds),
+        "duplicate_files": int((ds["names"] - 1).sum()),
+        "labelled": int(labelled["names"].sum()),
+        "unlabelled": int(ds.loc[ds["label"] == "", "names"].sum()),
         "conflicts": int((ds["label_source"] == "conflict").sum()),
-        "excluded": int(ds["excluded"].sum()),
-        "classes": labelled["label"].value_counts().sort_index().to_dict(),
+        "excluded": int(ds.loc[ds["excluded"], "names"].sum()),
+        "classes": {str(k): int(v) for k, v in labelled.groupby("label")["names"].sum().sort_index().items()},
         "errors": int((problems["severity"] == "error").sum()),
         "warnings": int((problems["severity"] == "warning").sum()),
         "match": project.get_meta("sheet_match"),

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from core.labels import MIN_PER_CLASS
 from core.workspace import Project
 
 STEPS = ("data", "backbone", "train", "explore", "tag", "report")
-MIN_PER_CLASS = 5
 
 
 @dataclass(frozen=True)

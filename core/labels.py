@@ -848,11 +848,17 @@ def _join_rows(rows: list[int]) -> str:
 # --------------------------------------------------------------------------- training checks
 
 
-def training_blockers(labels: Mapping[str, str], *, min_per_class: int = 5) -> list[Problem]:
+MIN_PER_CLASS = 3  # one photo each for testing, validation and training
+SMALL_CLASS = 10
+
+
+def training_blockers(labels: Mapping[str, str], *, min_per_class: int = MIN_PER_CLASS) -> list[Problem]:
     """What stops (errors) or weakens (warnings) training on these photo labels.
 
-    Checks that there are at least two labels, that each has ``min_per_class`` photos and
-    that none is under 10 % of the photos, so the analyst can fix it before waiting on a run.
+    Checks that there are at least two labels, that each has ``min_per_class`` photos (the
+    honest split needs one to test, one to validate and one to learn from), warns under
+    ``SMALL_CLASS`` photos and under 10 % of the photos, so the analyst can fix it before
+    waiting on a run.
     """
     if min_per_class < 1:
         raise ValueError(f"min_per_class must be at least 1, got {min_per_class}")
@@ -890,7 +896,17 @@ def training_blockers(labels: Mapping[str, str], *, min_per_class: int = 5) -> l
                     "remove this label from the sheet.",
                 )
             )
-        elif len(counts) >= 2 and share < 0.10:
+            continue
+        if count < SMALL_CLASS:
+            problems.append(
+                Problem(
+                    "small_class",
+                    f"Only {count} photos are labelled '{name}'. Training works, but with fewer than "
+                    f"{SMALL_CLASS} photos per label the results are shaky: label a few more if you can.",
+                    severity="warning",
+                )
+            )
+        if len(counts) >= 2 and share < 0.10:
             problems.append(
                 Problem(
                     "class_imbalance",

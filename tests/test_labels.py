@@ -435,13 +435,22 @@ def test_too_few_photos_in_a_class() -> None:
 
 def test_imbalance_is_a_warning() -> None:
     labels = {f"d{i}.jpg": "dog" for i in range(94)} | {f"c{i}.jpg": "cat" for i in range(6)}
-    (problem,) = training_blockers(labels)
+    small, problem = training_blockers(labels)
+    assert (small.kind, small.severity) == ("small_class", "warning")
     assert (problem.kind, problem.severity) == ("class_imbalance", "warning")
     assert "6 of 100" in problem.message
 
 
+def test_two_photos_of_a_class_refuse_training_and_nine_warn() -> None:
+    two = {f"d{i}.jpg": "dog" for i in range(20)} | {f"c{i}.jpg": "cat" for i in range(2)}
+    assert [(p.kind, p.severity) for p in training_blockers(two) if p.severity == "error"] == [
+        ("too_few_examples", "error")]
+    nine = {f"d{i}.jpg": "dog" for i in range(12)} | {f"c{i}.jpg": "cat" for i in range(9)}
+    assert [(p.kind, p.severity) for p in training_blockers(nine)] == [("small_class", "warning")]
+
+
 def test_balanced_labels_have_no_blockers() -> None:
-    labels = {f"d{i}.jpg": "dog" for i in range(10)} | {f"c{i}.jpg": "cat" for i in range(8)}
+    labels = {f"d{i}.jpg": "dog" for i in range(10)} | {f"c{i}.jpg": "cat" for i in range(10)}
     assert training_blockers(labels) == []
     assert kinds(training_blockers({})) == ["no_labels"]
 

@@ -137,3 +137,33 @@ def test_atomic_write_leaves_old_content_on_failure(tmp_path, monkeypatch):
         workspace.atomic_write_text(target, "new")
     assert target.read_text() == "old"
     assert [p.name for p in tmp_path.iterdir()] == ["f.json"]  # no temp file left behind
+
+
+def test_cli_intake_of_the_shared_photos_as_a_zip(product_photos, tmp_path, capsys):
+    """The issue's contract: 480 matched, 248 / 232 per class, the duplicate pair reported."""
+    import json
+    import zipfile
+
+    from core import cli
+
+    archive = tmp_path / "photos.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        for photo in sorted(product_photos.glob("*.jpg")):
+            zf.write(photo, f"product-photos/{photo.name}")
+    sheet = product_photos / "labels_parfois_style.csv"
+    assert cli.main(["intake", "--images", str(archive), "--labels", str(sheet), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["matched"] == 480 and result["per_class"] == {"0": 232, "1": 248}
+    assert result["unlabeled_images"] == 0 and result["missing_images"] == 0
+    assert any("11108.jpg" in p["reason"] and "11109.jpg" in p["reason"] for p in result["problems"])
+
+
+def test_cli_intake_refuses_an_unreadable_sheet_before_touching_photos(tmp_path, capsys):
+    from core import cli
+
+    (tmp_path / "a.jpg").write_bytes(b"not a photo")
+    (tmp_path / "sheet.csv").write_bytes(b"")
+    assert cli.main(["intake", "--images", str(tmp_path / "a.jpg"), "--labels", str(tmp_path / "sheet.csv")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "Traceback" not in err
+    assert workspace.list_projects() == []

@@ -15,7 +15,7 @@ ui.explain("backbone", "features")
 project = ui.require_project()
 if not journey.progress(project).done["data"]:
     ui.not_ready("backbone", what="This step turns every photo into features with a pretrained network.",
-                 needs="upload photos and a label sheet with at least two classes (5 photos each) on the Data step.")
+                 needs="upload photos and a label sheet with at least two classes (3 photos each) on the Data step.")
     st.stop()
 
 entries = backbones.list_backbones()

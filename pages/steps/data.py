@@ -75,6 +75,9 @@ if summary["match"]:
     m = summary["match"]
     st.caption(f"The sheet has {m['rows_total']} rows: {m['rows_matched']} matched a photo, "
                f"{m['rows_unmatched']} did not (see Problems).")
+if summary["duplicate_files"]:
+    st.caption(f"{summary['duplicate_files']} files are exact copies of another file; each photo is used once "
+               "for training (see Problems).")
 
 names = project.class_names()
 classes = list(summary["classes"])
@@ -128,4 +131,4 @@ with tab_problems:
                            file_name=f"{project.slug}-problems.csv", mime="text/csv")
 
 ui.next_step("data", ready=not blockers and summary["labelled"] > 0,
-             hint="it opens once you have at least two classes with 5 labelled photos each.")
+             hint="it opens once you have at least two classes with 3 labelled photos each.")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -68,7 +69,11 @@ def test_create_project_upload_photos_and_sheet_then_refresh(server, page, tmp_p
 
     page.get_by_role("link", name="1 · Data").click()
     page.get_by_role("heading", name="1 · Data").wait_for()
-    page.locator(UPLOAD).nth(0).set_input_files([str(p) for p in photos])
+    archive = tmp_path / "photos.zip"  # a zip of a folder, as an analyst would send it
+    with zipfile.ZipFile(archive, "w") as zf:
+        for p in photos:
+            zf.write(p, f"catalog photos/{p.name}")
+    page.locator(UPLOAD).nth(0).set_input_files(str(archive))
     page.get_by_text(f"Checked {len(photos)} files").wait_for(timeout=120_000)
     page.locator(UPLOAD).nth(1).set_input_files(str(sheet))
     page.get_by_text("Name the classes").wait_for()
