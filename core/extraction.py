@@ -35,12 +35,19 @@ def _store(project: Project):
 
 
 def status(project: Project, backbone_id: str) -> FeatureStatus:
-    """How many of the project's photos already have features for this backbone."""
+    """How many of the project's photos already have features for this backbone.
+
+    A backbone whose weights are not on this computer has none yet (``key`` is empty).
+    """
+    from core.backbones import WeightsUnavailable
     from core.features import feature_key
 
-    key = feature_key(backbone_id)
-    store = _store(project)
     shas = set(project.dataset()["sha"])
+    try:
+        key = feature_key(backbone_id)
+    except WeightsUnavailable:
+        return FeatureStatus(backbone_id, "", len(shas), 0, 0)
+    store = _store(project)
     ready = len(shas & store.has(key))
     failed = len(shas & set(store.failures(key)))
     return FeatureStatus(backbone_id, key, len(shas), ready, failed)

@@ -160,3 +160,24 @@ def test_train_and_explore_pages_on_a_trained_project(project):
     at.switch_page("pages/steps/explore.py").run()
     assert not at.exception, at.exception
     assert at.get("plotly_chart")
+
+
+def test_backbone_page_offline_network_explains_itself(project, monkeypatch, tmp_path):
+    """A network that needs a download says so in plain words; the button waits for weights."""
+    from streamlit.testing.v1 import AppTest
+
+    from tests.conftest import REPO
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))  # no cached downloads
+    p, _ = project
+    at = AppTest.from_file(str(REPO / "app.py"), default_timeout=120)
+    at.query_params["project"] = p.slug
+    at.run()
+    at.switch_page("pages/steps/backbone.py").run()
+    assert not at.exception, at.exception
+    assert any("Features are ready for all 24 photos" in s.value for s in at.success)
+    next(s for s in at.selectbox if s.label == "Network to use").set_value("resnet50").run()
+    assert not at.exception, at.exception
+    message = " ".join(w.value for w in at.warning)
+    assert "ResNet-50" in message and "MB" in message and "import" in message.lower()
+    assert any(u for u in at.get("file_uploader"))  # the import-weights uploader is offered
