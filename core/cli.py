@@ -9,6 +9,7 @@
     python -m core train --images DIR --labels SHEET --method frozen|finetune --out BUNDLE
     python -m core predict --model BUNDLE --images DIR
     python -m core bench extract --images DIR [--upscale 2000]
+    python -m core tag --model BUNDLE --catalog FILE [--images DIR|ZIP] --out FILE [--resume]
     python -m core job-run --project P --job ID  (used by the app to run background jobs)
 
 Every command exits non-zero with a plain message on bad input; ``--json`` prints a
@@ -175,6 +176,40 @@ def cmd_bench(args: argparse.Namespace) -> int:
         result = bench.bench_extract(folder, backbone_id=args.backbone, device=args.device, repeats=args.repeats)
     if args.upscale:
         result["upscaled_to_px"] = args.upscale
+    _print(result, args.json)
+    return 0
+
+
+def cmd_tag(args: argparse.Namespace) -> int:
+    import shutil
+
+    from core import tagging
+    from core.labels import guess_columns, read_sheet
+
+    catalog = Path(args.catalog)
+    if not catalog.is_file():
+        raise InputError(f"The catalog {catalog} does not exist.")
+    images = Path(args.images) if args.images else None
+    if images is not None and not images.exists():
+        raise InputError(f"{images} does not exist.")
+    out = Path(args.out)
+    folder = out.with_name(out.name + ".run")  # the checkpoint, beside the output
+    if folder.exists() and not args.resume:
+        shutil.rmtree(folder)
+    if not (folder / "run.json").is_file():
+        columns = args.image_column or []
+        if not columns:
+            guessed, _ = guess_columns(read_sheet(catalog.read_bytes(), filename=catalog.name))
+            columns = [guessed] if guessed else []
+        options = tagging.TagOptions(image_columns=columns, rule=args.rule, review_below=args.review_below,
+                                     chunk_rows=args.chunk_rows)
+        is_zip = images is not None and images.is_file()
+        tagging.create_run(folder, catalog_path=catalog, bundle_path=Path(args.model), options=options,
+                           images_zip=images if is_zip else None, images_dir=images if images and not is_zip else None)
+    summary = tagging.run_tagging(folder, device=args.device,
+                                  on_progress=None if args.json else lambda d, t, m: _progress_printer(m)(d, t))
+    tagging.write_output(folder, out)
+    result = {**summary.to_dict(), "out": str(out), "checkpoint": str(folder)}
     _print(result, args.json)
     return 0
 
@@ -419,6 +454,20 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--limit", type=int, help="with --upscale: how many photos to copy")
     b.add_argument("--repeats", type=int, default=3)
     b.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("tag", help="tag every row of a catalog export with a model")
+    p.add_argument("--model", required=True, help="model bundle (.zip)")
+    p.add_argument("--catalog", required=True, help="catalog export (CSV, TSV, Excel)")
+    p.add_argument("--image-column", action="append", help="column with the photos (repeat for several)")
+    p.add_argument("--images", help="folder or zip with the photos the catalog names")
+    p.add_argument("--out", required=True, help="output file (.csv or .xlsx)")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run with the same --out")
+    p.add_argument("--rule", default="any", choices=["any", "all", "first", "majority"],
+                   help="how several photos of one row combine (default: any photo shows it)")
+    p.add_argument("--review-below", type=float, default=0.75, help="flag tags less sure than this")
+    p.add_argument("--chunk-rows", type=int, default=256, help="rows per checkpoint")
+    p.add_argument("--device")
+    p.set_defaults(func=cmd_tag)
 
     p = sub.add_parser("job-run")  # used by the app to run background jobs
     p.add_argument("--project", required=True)

@@ -75,3 +75,18 @@ def run_train_finetune(ctx: JobContext) -> dict:
         should_cancel=ctx.cancelled,
     )
     return {"run": record.id, "headline": record.headline} if record else {"cancelled": True}
+
+
+@register("tag")
+def run_tag(ctx: JobContext) -> dict:
+    """Tag every row of a catalog (resumes a run that was interrupted)."""
+    from core import tagging
+
+    folder = tagging.project_run_folder(ctx.project, ctx.params["run"])
+    summary = tagging.run_tagging(
+        folder, project_files=tagging.project_photo_files(ctx.project), device=ctx.params.get("device"),
+        on_progress=lambda done, total, message: ctx.progress(done, total, message), should_cancel=ctx.cancelled,
+    )
+    if not summary.cancelled:
+        ctx.project.set_meta("tagged", True)
+    return summary.to_dict()

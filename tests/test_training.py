@@ -181,3 +181,32 @@ def test_backbone_page_offline_network_explains_itself(project, monkeypatch, tmp
     message = " ".join(w.value for w in at.warning)
     assert "ResNet-50" in message and "MB" in message and "import" in message.lower()
     assert any(u for u in at.get("file_uploader"))  # the import-weights uploader is offered
+
+
+def test_tag_page_tags_a_catalog_of_project_photos(project):
+    """Upload a catalog naming photos already in the project, tag it in the background, review, download."""
+    from streamlit.testing.v1 import AppTest
+
+    from tests.conftest import REPO
+
+    p, _ = project
+    if "frozen" not in training.latest_runs(p):
+        training.train_frozen(p)
+    names = sorted(p.names()["name"])
+    catalog = "sku;title;picture\n" + "".join(f"S{i};Item {i};{n}\n" for i, n in enumerate(names)) + "S999;Gone;gone.jpg\n"
+    at = AppTest.from_file(str(REPO / "app.py"), default_timeout=120)
+    at.query_params["project"] = p.slug
+    at.run()
+    at.switch_page("pages/steps/tag.py").run()
+    assert not at.exception, at.exception
+    at.file_uploader[0].set_value([("catalog.csv", catalog.encode(), "text/csv")]).run()
+    assert at.multiselect[0].value == ["picture"]
+    next(b for b in at.button if b.label == "Start tagging").click().run()
+    job = jobs.latest(p, "tag")
+    done = jobs.wait(p, job.id, timeout=300)
+    assert done.status == "done", done.error
+    assert done.result["rows"] == len(names) + 1 and done.result["failed"] == 1
+    at.run()
+    assert not at.exception, at.exception
+    assert {b.label for b in at.get("download_button")} >= {"Download as CSV", "Download as Excel"}
+    assert any("To review" in s.value for s in at.subheader)

@@ -1,13 +1,106 @@
-"""Step 5: tag a whole catalog export."""
+"""Step 5: tag a whole catalog export, review the doubtful rows, download the sheet."""
+
+import tempfile
+from pathlib import Path
 
 import streamlit as st
 
+from core import charts, jobs, labels, tagging, training
+from core.problems import InputError
 from pages import ui
 
 st.title("5 · Tag catalog")
-ui.require_project()
-ui.not_ready(
-    "tag",
-    what="This step will run your model over every photo of a catalog export and give the sheet back with the tags added.",
-    needs="train a model on the Train & compare step.",
-)
+st.caption("Upload your catalog export; every row comes back with the tag added. No row is ever dropped.")
+ui.explain("confidence")
+project = ui.require_project()
+model = training.tagging_model(project)
+if model is None:
+    ui.not_ready("tag", what="This step runs your model over every photo of a catalog export.",
+                 needs="train a model on the Train & compare step.")
+    st.stop()
+names = project.class_names()
+st.caption(f"Model: **{model['name'] or model['id']}** (change it on the Train & compare step).")
+
+with st.expander("New tagging run", expanded=not project.get_meta("tagging_run")):
+    catalog = st.file_uploader("Catalog export (CSV, TSV or Excel)", type=["csv", "tsv", "txt", "xlsx", "xlsm"],
+                               key=ui.upload_key("catalog"))
+    photos = st.file_uploader("Its photos as a zip (not needed for photo links or photos already in the project)",
+                              type=["zip"], key=ui.upload_key("catalog_zip"))
+    if catalog is not None:
+        try:
+            sheet = labels.read_sheet(catalog.getvalue(), filename=catalog.name)
+        except InputError as exc:
+            st.error(f"{catalog.name}: {exc}")
+            st.stop()
+        st.dataframe(sheet.frame.head(5), hide_index=True, width="stretch")
+        guessed, _ = labels.guess_columns(sheet)
+        columns = [str(c) for c in sheet.frame.columns]
+        image_columns = st.multiselect("Columns with the photos (file names, paths or links)", columns,
+                                       default=[guessed] if guessed in columns else [])
+        rule = st.radio("When a row has several photos, tag it when…", ["any", "all", "first", "majority"],
+                        horizontal=True, format_func={"any": "any photo shows it", "all": "all photos show it",
+                                                      "first": "the first photo shows it",
+                                                      "majority": "most photos show it"}.get)
+        review = st.slider("Flag for review when the model is less sure than", 0.5, 0.99, 0.75, 0.01)
+        if st.button("Start tagging", type="primary", disabled=not image_columns):
+            run_id = tagging.start_project_run(
+                project, catalog_name=catalog.name, catalog_data=catalog.getvalue(), bundle_path=Path(model["path"]),
+                options=tagging.TagOptions(image_columns=image_columns, rule=rule, review_below=review),
+                zip_data=photos.getvalue() if photos else None)
+            jobs.submit(project, "tag", {"run": run_id})
+            ui.reset_upload("catalog")
+            ui.reset_upload("catalog_zip")
+            st.rerun()
+
+run_id = project.get_meta("tagging_run")
+if not run_id:
+    st.stop()
+folder = tagging.project_run_folder(project, run_id)
+job = ui.job_panel(project, "tag", noun="rows", where={"run": run_id})
+if job is not None and job.status in ("interrupted", "cancelled") and st.button("Resume tagging", type="primary"):
+    jobs.submit(project, "tag", {"run": run_id})
+    st.rerun()
+results = tagging.results_frame(folder)
+run = tagging.load_run(folder)
+if results.empty:
+    st.stop()
+
+fixed = tagging.overrides(folder)
+final = results["predicted_label"].copy()
+for row, label in fixed.items():
+    final[row] = label
+st.subheader(f"{run['catalog_name']}: {len(results)} of {run['rows']} rows done")
+counts = {names.get(k, k) if k else "could not be tagged": int(v) for k, v in final.value_counts().items()}
+st.plotly_chart(charts.share_figure(counts), width="stretch", key="tag-share")
+
+queue = [r for r in tagging.iter_rows_needing_review(folder, limit=24) if r["row"] not in fixed]
+st.subheader(f"To review ({int(results['needs_review'].sum()) - len(fixed)} rows)")
+st.caption("Rows the model is unsure about, or could not tag. Your answer goes into the download.")
+classes = sorted(set(results["predicted_label"]) - {""}) or list(names)
+thumbs = tagging.review_photos(folder, queue[:12], project)
+for item in queue[:12]:
+    pic, text, act = st.columns([1, 3, 2])
+    path = thumbs.get(item["row"])
+    if path is not None:
+        pic.image(str(path), width=110)
+    said = names.get(item["predicted_label"], item["predicted_label"]) or "no tag"
+    sure = f" ({100 * item['confidence']:.0f} % sure)" if item["confidence"] == item["confidence"] and item["confidence"] else ""
+    text.markdown(f"Row {item['row'] + 2}: **{said}**{sure}  \n{item['tag_error'] or ''}")
+    answer = act.selectbox("Answer", ["—", *classes], key=f"rev-{item['row']}", format_func=lambda c: names.get(c, c),
+                           label_visibility="collapsed")
+    if answer != "—":
+        tagging.set_override(folder, item["row"], answer)
+        st.rerun()
+
+with tempfile.TemporaryDirectory() as tmp:
+    stem = Path(run["catalog_name"]).stem + "-tagged"
+    suffix = Path(run["catalog"]).suffix if Path(run["catalog"]).suffix in (".csv", ".tsv", ".txt") else ".csv"
+    csv_path = tagging.write_output(folder, Path(tmp) / f"{stem}{suffix}", fmt="csv", overrides=fixed)
+    xlsx_path = tagging.write_output(folder, Path(tmp) / f"{stem}.xlsx", fmt="xlsx", overrides=fixed)
+    left, right = st.columns(2)
+    left.download_button("Download as CSV", csv_path.read_bytes(), file_name=csv_path.name, mime="text/csv",
+                         type="primary")
+    right.download_button("Download as Excel", xlsx_path.read_bytes(), file_name=xlsx_path.name,
+                          mime="application/vnd.openxmlformats-officedocument.spreadsheetml.sheet")
+
+ui.next_step("tag", ready=len(results) == run["rows"], hint="it opens once the catalog is tagged.")
