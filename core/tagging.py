@@ -274,8 +274,7 @@ def run_tagging(
             report(len(done) + start + len(rows), len(frame), "Tagging")
         summary.seconds = time.time() - started
         summary.photos_per_s = photos / summary.seconds if summary.seconds else 0.0
-        for label, conf, review, error in con.execute(
-                "SELECT predicted_label, confidence, needs_review, tag_error FROM results"):
+        for label, review in con.execute("SELECT predicted_label, needs_review FROM results"):
             summary.done += 1
             if label:
                 summary.tagged += 1
