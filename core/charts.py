@@ -64,7 +64,8 @@ def share_figure(counts: Mapping[str, int], *, title: str = "") -> go.Figure:
         x=keys, y=[counts[k] for k in keys], marker_color=PALETTE[: len(keys)] or PALETTE[0],
         text=[f"{counts[k]} ({100 * counts[k] / total:.0f} %)" for k in keys], textposition="auto",
     ))
-    fig.update_layout(title=title, height=320, margin=dict(l=10, r=10, t=40 if title else 10, b=10), yaxis_title="Photos")
+    fig.update_layout(title=title, height=320, margin=dict(l=10, r=10, t=40 if title else 10, b=10), yaxis_title="Photos",
+                      xaxis_type="category")
     return fig
 
 

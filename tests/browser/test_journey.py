@@ -111,3 +111,18 @@ def test_extract_train_and_explore_in_the_browser(server, page):
     page.get_by_text("Likely label mistakes").wait_for(timeout=120_000)
     page.locator(".js-plotly-plot").first.wait_for()
     shot(page, "explore")
+
+
+def test_tag_a_catalog_in_the_browser(server, page, tmp_path):
+    """Continues the project: a catalog naming its photos is tagged and offered for download."""
+    names = [f"catalog photos/{p.name}" for p in _photo_set(tmp_path)[0]]
+    catalog = tmp_path / "catalog.csv"
+    catalog.write_text("sku;title;image\n" + "".join(f"S{i};Item {i};{n.split('/')[-1]}\n" for i, n in enumerate(names)))
+    page.goto(f"{server['url']}/tag?project=person-in-photo")
+    page.get_by_role("heading", name="5 · Tag catalog").wait_for()
+    page.locator(UPLOAD).nth(0).set_input_files(str(catalog))
+    page.get_by_role("button", name="Start tagging").click()
+    page.get_by_text(f"{len(names)} of {len(names)} rows done").wait_for(timeout=240_000)
+    page.get_by_role("button", name="Download as CSV").wait_for()
+    assert page.locator('[data-testid="stException"]').count() == 0
+    shot(page, "tag")
