@@ -85,3 +85,18 @@ def map_figure(xy: np.ndarray, colour: Sequence[str], hover: Sequence[str], *, t
     fig.update_layout(title=title, height=560, margin=dict(l=10, r=10, t=40 if title else 10, b=10),
                       xaxis=dict(visible=False), yaxis=dict(visible=False), legend_title_text="", dragmode="lasso")
     return fig
+
+
+def grouped_share_figure(table, *, title: str = "") -> go.Figure:
+    """Share of each tag within each group (rows: groups, columns: tags, cells: counts)."""
+    shares = table.div(table.sum(axis=1).where(lambda s: s > 0, 1), axis=0)
+    fig = go.Figure()
+    for i, tag in enumerate(table.columns):
+        fig.add_trace(go.Bar(
+            x=[str(g) for g in table.index], y=shares[tag], name=str(tag), marker_color=PALETTE[i % len(PALETTE)],
+            text=[f"{int(n)}" for n in table[tag]], textposition="inside",
+            hovertemplate="%{x}: %{y:.0%} (%{text} rows)<extra>" + str(tag) + "</extra>",
+        ))
+    fig.update_layout(barmode="stack", title=title, height=360, yaxis_tickformat=".0%", xaxis_type="category",
+                      margin=dict(l=10, r=10, t=40 if title else 10, b=10), yaxis_title="Share of rows")
+    return fig

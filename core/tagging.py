@@ -394,3 +394,12 @@ def review_photos(folder: Path, items: Sequence[dict], project=None) -> dict[int
         local = [r for r in item["photos"] if not r.lower().startswith(("http://", "https://"))]
         out[item["row"]] = resolver.files.get(resolver._norm(local[0])) if local else None
     return out
+
+
+def share_by(groups: pd.Series, tags: pd.Series, *, names: dict[str, str] | None = None, top: int = 15) -> pd.DataFrame:
+    """Counts of each tag per group (e.g. per category), the ``top`` largest groups first."""
+    names = names or {}
+    frame = pd.DataFrame({"group": groups.reset_index(drop=True), "tag": tags.reindex(range(len(groups))).fillna("")})
+    frame["tag"] = frame["tag"].map(lambda t: names.get(t, t) if t else "not tagged")
+    table = pd.crosstab(frame["group"], frame["tag"])
+    return table.loc[table.sum(axis=1).sort_values(ascending=False).index[:top]]

@@ -116,3 +116,14 @@ def test_kill_9_then_resume_equals_an_uninterrupted_run(setup, tmp_path):
     rows = sqlite3.connect(db).execute("SELECT COUNT(*), COUNT(DISTINCT row) FROM results").fetchone()
     assert rows == (setup["rows"], setup["rows"])  # nothing lost, nothing twice
     assert broken.read_bytes() == whole.read_bytes()
+
+
+def test_share_by_a_category_column():
+    import pandas as pd
+
+    from core.tagging import share_by
+
+    table = share_by(pd.Series(["shoes", "shoes", "tops", "tops", "tops"]),
+                     pd.Series({0: "1", 1: "0", 2: "1", 3: "1"}), names={"1": "Person"})
+    assert list(table.index) == ["tops", "shoes"]  # largest group first
+    assert table.loc["tops"].to_dict() == {"0": 0, "Person": 2, "not tagged": 1}

@@ -72,6 +72,11 @@ for row, label in fixed.items():
 st.subheader(f"{run['catalog_name']}: {len(results)} of {run['rows']} rows done")
 counts = {names.get(k, k) if k else "could not be tagged": int(v) for k, v in final.value_counts().items()}
 st.plotly_chart(charts.share_figure(counts), width="stretch", key="tag-share")
+original, _ = tagging.read_original(folder / run["catalog"])
+split = st.selectbox("Split by a column of the catalog (optional)", ["—", *map(str, original.columns)])
+if split != "—":
+    table = tagging.share_by(original[split], final, names=names)
+    st.plotly_chart(charts.grouped_share_figure(table), width="stretch", key="tag-split")
 
 queue = [r for r in tagging.iter_rows_needing_review(folder, limit=24) if r["row"] not in fixed]
 st.subheader(f"To review ({int(results['needs_review'].sum()) - len(fixed)} rows)")
