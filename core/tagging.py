@@ -403,3 +403,22 @@ def share_by(groups: pd.Series, tags: pd.Series, *, names: dict[str, str] | None
     frame["tag"] = frame["tag"].map(lambda t: names.get(t, t) if t else "not tagged")
     table = pd.crosstab(frame["group"], frame["tag"])
     return table.loc[table.sum(axis=1).sort_values(ascending=False).index[:top]]
+
+
+def add_reviews_to_training(project, folder: Path) -> int:
+    """Add the reviewed rows' photos, with the analyst's answers, to the project's labels."""
+    fixed = overrides(folder)
+    if not fixed:
+        return 0
+    results = results_frame(folder)
+    items = [{"row": row, "photos": json.loads(results.loc[row, "photos"] or "[]")} for row in fixed if row in results.index]
+    paths = review_photos(folder, items, project)
+    added = 0
+    for item in items:
+        path = paths.get(item["row"])
+        if path is None:
+            continue
+        sha, _ = project.add_image(path, name=f"tagging/{Path(item['photos'][0]).name}", upload=f"tagging:{folder.name}")
+        project.set_override(sha, label=fixed[item["row"]])
+        added += 1
+    return added

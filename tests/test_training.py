@@ -210,3 +210,19 @@ def test_tag_page_tags_a_catalog_of_project_photos(project):
     assert not at.exception, at.exception
     assert {b.label for b in at.get("download_button")} >= {"Download as CSV", "Download as Excel"}
     assert any("To review" in s.value for s in at.subheader)
+
+
+def test_reviewed_rows_go_back_into_the_training_labels(project):
+    from core import tagging
+
+    p, _ = project
+    run_id = p.get_meta("tagging_run")
+    if not run_id:
+        pytest.skip("needs the tag page test's run")
+    folder = tagging.project_run_folder(p, run_id)
+    first = int(tagging.results_frame(folder).index[0])
+    tagging.set_override(folder, first, "no_person")
+    assert tagging.add_reviews_to_training(p, folder) == 1
+    assert "no_person" in set(p.dataset()["label"])
+    out = tagging.write_output(folder, folder / "check.csv", overrides=tagging.overrides(folder))
+    assert "reviewed" in out.read_text(encoding="utf-8-sig")

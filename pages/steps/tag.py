@@ -97,6 +97,12 @@ for item in queue[:12]:
         tagging.set_override(folder, item["row"], answer)
         st.rerun()
 
+if fixed:
+    st.caption(f"You answered {len(fixed)} rows.")
+    if st.button("Add my answers to the training photos", help="Their photos join the project with your labels; "
+                 "train again to learn from them."):
+        st.toast(f"Added {tagging.add_reviews_to_training(project, folder)} photos to the training labels.")
+
 with tempfile.TemporaryDirectory() as tmp:
     stem = Path(run["catalog_name"]).stem + "-tagged"
     suffix = Path(run["catalog"]).suffix if Path(run["catalog"]).suffix in (".csv", ".tsv", ".txt") else ".csv"
