@@ -184,7 +184,8 @@ def cmd_tag(args: argparse.Namespace) -> int:
     import shutil
 
     from core import tagging
-    from core.labels import guess_columns, read_sheet
+    from core.catalog import guess_columns
+    from core.labels import read_sheet
 
     catalog = Path(args.catalog)
     if not catalog.is_file():
@@ -199,8 +200,7 @@ def cmd_tag(args: argparse.Namespace) -> int:
     if not (folder / "run.json").is_file():
         columns = args.image_column or []
         if not columns:
-            guessed, _ = guess_columns(read_sheet(catalog.read_bytes(), filename=catalog.name))
-            columns = [guessed] if guessed else []
+            _, columns = guess_columns(read_sheet(catalog.read_bytes(), filename=catalog.name))
         options = tagging.TagOptions(image_columns=columns, rule=args.rule, review_below=args.review_below,
                                      chunk_rows=args.chunk_rows)
         is_zip = images is not None and images.is_file()

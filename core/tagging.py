@@ -18,6 +18,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 import sqlite3
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -30,6 +31,7 @@ from core import bundles
 from core.problems import InputError
 from core.workspace import atomic_write_bytes, atomic_write_text
 
+IMAGE_ROOTS_ENV = "CATALOG_LENS_IMAGE_ROOTS"
 OUTPUT_COLUMNS = ("predicted_label", "confidence", "needs_review", "tag_error", "model_id")
 Progress = Callable[[int, int, str], None]
 
@@ -175,6 +177,8 @@ class _Resolver:
         for name, path in (project_files or {}).items():
             self._add(name, path)
         self._fetcher = None
+        # Folders on the server the catalog may point into by path (configuration, not user input).
+        self.roots = [Path(p) for p in os.environ.get(IMAGE_ROOTS_ENV, "").split(os.pathsep) if p]
 
     def _add(self, name: str, path: Path) -> None:
         self.files.setdefault(self._norm(name), path)
@@ -187,6 +191,10 @@ class _Resolver:
             if ref in urls:
                 continue
             path = self.files.get(self._norm(ref))
+            if path is None and self.roots:
+                from core.catalog import ImageRef, ref_kind, resolve_local
+
+                path = resolve_local(ImageRef(0, 0, "", 0, ref, ref_kind(ref)), allowed_roots=self.roots)
             out[ref] = (path, "" if path else f"no photo named {ref!r} was uploaded with the catalog")
         if urls:
             if self._fetcher is None:

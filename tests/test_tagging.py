@@ -127,3 +127,29 @@ def test_share_by_a_category_column():
                      pd.Series({0: "1", 1: "0", 2: "1", 3: "1"}), names={"1": "Person"})
     assert list(table.index) == ["tops", "shoes"]  # largest group first
     assert table.loc["tops"].to_dict() == {"0": 0, "Person": 2, "not tagged": 1}
+
+
+def test_photos_given_as_links_are_downloaded_and_failed_links_are_row_errors(setup, tmp_path, monkeypatch):
+    """Links are fetched (a test server on 127.0.0.1, allowed by configuration only here)."""
+    import functools
+    import threading
+    from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+
+    handler = functools.partial(SimpleHTTPRequestHandler, directory=str(setup["photos"]))
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        base = f"http://127.0.0.1:{server.server_port}"
+        catalog = tmp_path / "links.csv"
+        catalog.write_text("id,image_link\nA,{0}/person_0.jpg\nB,{0}/no_person_1.jpg\nC,{0}/missing.jpg\n"
+                           "D,http://169.254.169.254/latest/meta-data\n".format(base))
+        monkeypatch.setenv("CATALOG_LENS_ALLOW_PRIVATE_URLS", "1")
+        out = tmp_path / "links-tagged.csv"
+        assert cli.main(["tag", "--model", str(setup["bundle"]), "--catalog", str(catalog), "--out", str(out)]) == 0
+    finally:
+        server.shutdown()
+    rows = list(csv.reader(io.StringIO(out.read_text(encoding="utf-8-sig"))))
+    by_id = {r[0]: r for r in rows[1:]}
+    assert by_id["A"][2] == "person" and by_id["B"][2] == "no_person"
+    assert "404" in by_id["C"][5]
+    assert by_id["D"][2] == "" and "download failed" in by_id["D"][5]

@@ -5,6 +5,7 @@ from pathlib import Path
 
 import streamlit as st
 
+from core import catalog as catalog_module
 from core import charts, jobs, labels, tagging, training
 from core.problems import InputError
 from pages import ui
@@ -33,10 +34,10 @@ with st.expander("New tagging run", expanded=not project.get_meta("tagging_run")
             st.error(f"{catalog.name}: {exc}")
             st.stop()
         st.dataframe(sheet.frame.head(5), hide_index=True, width="stretch")
-        guessed, _ = labels.guess_columns(sheet)
+        _, guessed = catalog_module.guess_columns(sheet)
         columns = [str(c) for c in sheet.frame.columns]
         image_columns = st.multiselect("Columns with the photos (file names, paths or links)", columns,
-                                       default=[guessed] if guessed in columns else [])
+                                       default=[c for c in guessed if c in columns])
         rule = st.radio("When a row has several photos, tag it when…", ["any", "all", "first", "majority"],
                         horizontal=True, format_func={"any": "any photo shows it", "all": "all photos show it",
                                                       "first": "the first photo shows it",
