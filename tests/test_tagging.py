@@ -141,8 +141,8 @@ def test_photos_given_as_links_are_downloaded_and_failed_links_are_row_errors(se
     try:
         base = f"http://127.0.0.1:{server.server_port}"
         catalog = tmp_path / "links.csv"
-        catalog.write_text("id,image_link\nA,{0}/person_0.jpg\nB,{0}/no_person_1.jpg\nC,{0}/missing.jpg\n"
-                           "D,http://169.254.169.254/latest/meta-data\n".format(base))
+        catalog.write_text(f"id,image_link\nA,{base}/person_0.jpg\nB,{base}/no_person_1.jpg\nC,{base}/missing.jpg\n"
+                           "D,http://169.254.169.254/latest/meta-data\n")
         monkeypatch.setenv("CATALOG_LENS_ALLOW_PRIVATE_URLS", "1")
         out = tmp_path / "links-tagged.csv"
         assert cli.main(["tag", "--model", str(setup["bundle"]), "--catalog", str(catalog), "--out", str(out)]) == 0
