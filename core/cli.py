@@ -202,7 +202,7 @@ def cmd_tag(args: argparse.Namespace) -> int:
         if not columns:
             _, columns = guess_columns(read_sheet(catalog.read_bytes(), filename=catalog.name))
         options = tagging.TagOptions(image_columns=columns, rule=args.rule, review_below=args.review_below,
-                                     chunk_rows=args.chunk_rows)
+                                     chunk_rows=args.chunk_rows, id_column=tagging.product_id_column(catalog))
         is_zip = images is not None and images.is_file()
         tagging.create_run(folder, catalog_path=catalog, bundle_path=Path(args.model), options=options,
                            images_zip=images if is_zip else None, images_dir=images if images and not is_zip else None)

@@ -316,6 +316,17 @@ def write_output(folder: Path, out: Path, *, fmt: str | None = None, overrides: 
     added["tag_error"] = results["tag_error"].reindex(added.index).fillna("not tagged yet")
     for row, label in (overrides or {}).items():
         added.loc[row, ["predicted_label", "needs_review"]] = [label, "reviewed"]
+    options = TagOptions(**run["options"])
+    if options.id_column and options.id_column in frame.columns:
+        # One product over several rows (one photo per row): one tag for the whole product.
+        bundle, _ = bundles.load_bundle(run["bundle"])
+        rows = pd.DataFrame({"id": frame[options.id_column].to_numpy(), "tag": added["predicted_label"].to_numpy(),
+                             "conf": added["confidence"].to_numpy()})
+        product = {}
+        for product_id, group in rows.groupby("id", sort=False):
+            tags = [(t, float(c)) for t, c in zip(group["tag"], group["conf"]) if t]
+            product[product_id] = _combine(tags, options.rule, bundle.positive)[0] if tags else ""
+        added["product_tag"] = [product.get(v, "") for v in frame[options.id_column]]
     added["model_id"] = run["model_id"]
     output = pd.concat([frame.reset_index(drop=True), added.reset_index(drop=True)], axis=1)
     fmt = fmt or ("xlsx" if out.suffix.lower() in (".xlsx", ".xlsm") else "csv")
@@ -366,6 +377,8 @@ def start_project_run(project, *, catalog_name: str, catalog_data: bytes, bundle
     if zip_data:
         zip_path = upload / "photos.zip"
         atomic_write_bytes(zip_path, zip_data)
+    if options.id_column is None:
+        options.id_column = product_id_column(catalog_path)
     create_run(folder, catalog_path=catalog_path, bundle_path=bundle_path, options=options, images_zip=zip_path)
     project.set_meta("tagging_run", run_id)
     return run_id
@@ -430,3 +443,14 @@ def add_reviews_to_training(project, folder: Path) -> int:
         project.set_override(sha, label=fixed[item["row"]])
         added += 1
     return added
+
+
+def product_id_column(catalog_path: Path) -> str | None:
+    """The product id column when the export lists one photo per row (several rows per product)."""
+    from core.catalog import read_catalog
+
+    try:
+        found = read_catalog(catalog_path.read_bytes(), filename=catalog_path.name)
+    except InputError:
+        return None
+    return found.id_column if found.long_format else None

@@ -153,3 +153,18 @@ def test_photos_given_as_links_are_downloaded_and_failed_links_are_row_errors(se
     assert by_id["A"][2] == "person" and by_id["B"][2] == "no_person"
     assert "404" in by_id["C"][5]
     assert by_id["D"][2] == "" and "download failed" in by_id["D"][5]
+
+
+def test_one_photo_per_row_exports_get_one_tag_per_product(setup, tmp_path):
+    """Shopify-style: several rows per product; 'any photo shows a person' tags the whole product."""
+    catalog = tmp_path / "shopify.csv"
+    catalog.write_text("Handle,Title,Image Src,Image Position\n"
+                       "shirt,Shirt,person_0.jpg,1\nshirt,,no_person_1.jpg,2\n"
+                       "mug,Mug,no_person_2.jpg,1\nmug,,no_person_3.jpg,2\n")
+    out = tmp_path / "shopify-tagged.csv"
+    assert cli.main(["tag", "--model", str(setup["bundle"]), "--catalog", str(catalog), "--images",
+                     str(setup["photos"]), "--out", str(out)]) == 0
+    rows = list(csv.DictReader(io.StringIO(out.read_text(encoding="utf-8-sig"))))
+    assert [r["Handle"] for r in rows] == ["shirt", "shirt", "mug", "mug"]
+    assert {r["product_tag"] for r in rows if r["Handle"] == "shirt"} == {"person"}
+    assert {r["product_tag"] for r in rows if r["Handle"] == "mug"} == {"no_person"}
