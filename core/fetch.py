@@ -241,9 +241,10 @@ def _status_words(status: int) -> str:
 class Fetcher:
     """Downloads photos into a content-addressed cache, one call or many in parallel."""
 
-    def __init__(self, cache_dir: Path, policy: FetchPolicy = FetchPolicy()) -> None:
+    def __init__(self, cache_dir: Path, policy: FetchPolicy | None = None) -> None:
         self.cache_dir = Path(cache_dir)
-        self.policy = policy
+        # Built per fetcher, not once at import, so the configuration in force now applies.
+        self.policy = policy or FetchPolicy()
         self._ssl = ssl.create_default_context()  # verifies the certificate against the host name
         self._ssl.set_alpn_protocols(["http/1.1"])
         self._host_locks: dict[str, threading.BoundedSemaphore] = {}
