@@ -80,7 +80,8 @@ if split != "—":
     st.plotly_chart(charts.grouped_share_figure(table), width="stretch", key="tag-split")
 
 queue = [r for r in tagging.iter_rows_needing_review(folder, limit=24) if r["row"] not in fixed]
-st.subheader(f"To review ({int(results['needs_review'].sum()) - len(fixed)} rows)")
+left_to_review = int(results["needs_review"].sum()) - len(fixed)
+st.subheader(f"To review ({left_to_review} row{'' if left_to_review == 1 else 's'})")
 st.caption("Rows the model is unsure about, or could not tag. Your answer goes into the download.")
 classes = sorted(set(results["predicted_label"]) - {""}) or list(names)
 thumbs = tagging.review_photos(folder, queue[:12], project)

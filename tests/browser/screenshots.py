@@ -20,11 +20,11 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 OUT = REPO / "assets" / "screenshots"
-PAGES = ["home", "data", "backbone", "train", "explore"]
+PAGES = ["home", "data", "backbone", "train", "explore", "tag"]
 
 
 def build_demo(photos: Path, n: int) -> None:
-    from core import extraction, finetune, intake, training, workspace
+    from core import extraction, finetune, intake, tagging, training, workspace
 
     lines = (photos / "labels.csv").read_text().splitlines()
     rows = lines[1:]
@@ -43,6 +43,13 @@ def build_demo(photos: Path, n: int) -> None:
     training.train_frozen(project)
     training.train_finetuned(project, config=finetune.FinetuneConfig(epochs=3))
     training.feature_map(project)
+    names = sorted(project.names()["name"])
+    catalog = "sku;title;image\n" + "".join(f"S{i};Item {i};{n}\n" for i, n in enumerate(names))
+    model = training.tagging_model(project)
+    run_id = tagging.start_project_run(
+        project, catalog_name="catalog-export.csv", catalog_data=catalog.encode(), bundle_path=Path(model["path"]),
+        options=tagging.TagOptions(image_columns=["image"], review_below=0.99))
+    tagging.run_tagging(tagging.project_run_folder(project, run_id), project_files=tagging.project_photo_files(project))
 
 
 def shoot(url: str) -> None:
