@@ -207,18 +207,18 @@ class _Resolver:
 
 
 def _combine(tags: list[tuple[str, float]], rule: str, positive: str | None) -> tuple[str, float]:
-    """One tag for a row with several photos."""
-    if len(tags) == 1 or rule == "first" or positive is None and rule in ("any", "all"):
-        return tags[0]
-    labels = [t for t, _ in tags]
-    if rule == "any":
-        hits = [t for t in tags if t[0] == positive]
-        return max(hits, key=lambda t: t[1]) if hits else min(tags, key=lambda t: t[1])
-    if rule == "all":
-        misses = [t for t in tags if t[0] != positive]
-        return max(misses, key=lambda t: t[1]) if misses else min(tags, key=lambda t: t[1])
-    winner = max(set(labels), key=lambda c: (labels.count(c), c))  # majority
-    return winner, max(c for t, c in tags if t == winner)
+    """One tag and its confidence for a row or product with several photos.
+
+    The tag follows :func:`core.catalog.combine`; the confidence is that of the least sure
+    photo when every photo had to agree (no person under "any", a person under "all"),
+    else of the surest photo carrying the tag.
+    """
+    from core.catalog import combine
+
+    label = combine([t for t, _ in tags], rule=rule, positive=positive or "")
+    confs = [c for t, c in tags if t == label]
+    every_photo_counts = (rule == "any" and label != positive) or (rule == "all" and label == positive)
+    return label, (min(confs) if every_photo_counts else max(confs))
 
 
 def run_tagging(

@@ -260,7 +260,10 @@ def feature_map(project: Project, *, method: str = "umap") -> pd.DataFrame:
     ds = ds[ds["sha"].isin(store.has(key))].reset_index(drop=True)
     if len(ds) < 3:
         return pd.DataFrame()
-    cache = project.path("runs", f"map-{method}-{evaluation_signature(list(ds['sha']), [key], 0)}.npy")
+    import hashlib
+
+    digest = hashlib.sha256("\n".join([key, *ds["sha"]]).encode()).hexdigest()[:16]
+    cache = project.path("runs", f"map-{method}-{digest}.npy")
     if cache.is_file():
         xy = np.load(cache, allow_pickle=False)
     else:

@@ -226,3 +226,17 @@ def test_reviewed_rows_go_back_into_the_training_labels(project):
     assert "no_person" in set(p.dataset()["label"])
     out = tagging.write_output(folder, folder / "check.csv", overrides=tagging.overrides(folder))
     assert "reviewed" in out.read_text(encoding="utf-8-sig")
+
+
+def test_the_map_follows_new_photos(project, tmp_path):
+    """The stored map is keyed on every photo: a new photo gives a new map, never a stale one."""
+    from skimage import data
+
+    p, _ = project
+    before = training.feature_map(p, method="pca")
+    extra = tmp_path / "extra.jpg"
+    Image.fromarray(data.astronaut()).convert("RGB").rotate(33).save(extra)
+    p.add_image(extra, name="extra.jpg")
+    extraction.extract_project(p, "efficientnet_lite0")
+    after = training.feature_map(p, method="pca")
+    assert len(after) == len(before) + 1
