@@ -1,5 +1,6 @@
 """Step 5: tag a whole catalog export, review the doubtful rows, download the sheet."""
 
+import json
 import tempfile
 from pathlib import Path
 
@@ -105,15 +106,27 @@ if fixed:
                  "train again to learn from them."):
         st.toast(f"Added {tagging.add_reviews_to_training(project, folder)} photos to the training labels.")
 
-with tempfile.TemporaryDirectory() as tmp:
-    stem = Path(run["catalog_name"]).stem + "-tagged"
-    suffix = Path(run["catalog"]).suffix if Path(run["catalog"]).suffix in (".csv", ".tsv", ".txt") else ".csv"
-    csv_path = tagging.write_output(folder, Path(tmp) / f"{stem}{suffix}", fmt="csv", overrides=fixed)
-    xlsx_path = tagging.write_output(folder, Path(tmp) / f"{stem}.xlsx", fmt="xlsx", overrides=fixed)
-    left, right = st.columns(2)
-    left.download_button("Download as CSV", csv_path.read_bytes(), file_name=csv_path.name, mime="text/csv",
-                         type="primary")
-    right.download_button("Download as Excel", xlsx_path.read_bytes(), file_name=xlsx_path.name,
-                          mime="application/vnd.openxmlformats-officedocument.spreadsheetml.sheet")
+@st.cache_data(max_entries=4, show_spinner="Preparing the download…")
+def _downloads(folder_str: str, version: tuple, fixed_json: str) -> tuple[str, bytes, str, bytes]:
+    """Both output files, rebuilt only when the results or the answers change."""
+    import json
+
+    folder_path, fixed_rows = Path(folder_str), {int(k): v for k, v in json.loads(fixed_json).items()}
+    meta = tagging.load_run(folder_path)
+    stem = Path(meta["catalog_name"]).stem + "-tagged"
+    suffix = Path(meta["catalog"]).suffix if Path(meta["catalog"]).suffix in (".csv", ".tsv", ".txt") else ".csv"
+    with tempfile.TemporaryDirectory() as tmp:
+        csv_path = tagging.write_output(folder_path, Path(tmp) / f"{stem}{suffix}", fmt="csv", overrides=fixed_rows)
+        xlsx_path = tagging.write_output(folder_path, Path(tmp) / f"{stem}.xlsx", fmt="xlsx", overrides=fixed_rows)
+        return csv_path.name, csv_path.read_bytes(), xlsx_path.name, xlsx_path.read_bytes()
+
+
+# Results only ever grow, so their count (with the answers) says when the files must be rebuilt.
+csv_name, csv_bytes, xlsx_name, xlsx_bytes = _downloads(
+    str(folder), (len(results),), json.dumps({str(k): v for k, v in fixed.items()}))
+left, right = st.columns(2)
+left.download_button("Download as CSV", csv_bytes, file_name=csv_name, mime="text/csv", type="primary")
+right.download_button("Download as Excel", xlsx_bytes, file_name=xlsx_name,
+                      mime="application/vnd.openxmlformats-officedocument.spreadsheetml.sheet")
 
 ui.next_step("tag", ready=len(results) == run["rows"], hint="it opens once the catalog is tagged.")
