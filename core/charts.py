@@ -56,14 +56,21 @@ def history_figure(history: Sequence[Mapping]) -> go.Figure:
     return fig
 
 
-def share_figure(counts: Mapping[str, int], *, title: str = "") -> go.Figure:
-    """A bar per class with its count and share."""
+def share_figure(counts: Mapping[str, int], *, title: str = "", horizontal: bool = False) -> go.Figure:
+    """A bar per class with its count and share (``horizontal``: compact, for summaries)."""
     total = max(sum(counts.values()), 1)
     keys = list(counts)
-    fig = go.Figure(go.Bar(
-        x=keys, y=[counts[k] for k in keys], marker_color=PALETTE[: len(keys)] or PALETTE[0],
-        text=[f"{counts[k]} ({100 * counts[k] / total:.0f} %)" for k in keys], textposition="auto",
-    ))
+    values = [counts[k] for k in keys]
+    text = [f"{counts[k]:,} ({100 * counts[k] / total:.0f} %)" for k in keys]
+    colours = [PALETTE[i % len(PALETTE)] for i in range(len(keys))]
+    if horizontal:
+        fig = go.Figure(go.Bar(y=keys, x=values, orientation="h", marker_color=colours, text=text,
+                               textposition="outside", cliponaxis=False))
+        fig.update_layout(title=title, height=70 + 42 * len(keys), yaxis=dict(type="category", autorange="reversed"),
+                          xaxis=dict(visible=False, range=[0, 1.25 * max(values, default=1)]),
+                          margin=dict(l=10, r=10, t=40 if title else 10, b=10))
+        return fig
+    fig = go.Figure(go.Bar(x=keys, y=values, marker_color=colours, text=text, textposition="auto"))
     fig.update_layout(title=title, height=320, margin=dict(l=10, r=10, t=40 if title else 10, b=10), yaxis_title="Photos",
                       xaxis_type="category")
     return fig

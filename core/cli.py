@@ -10,6 +10,8 @@
     python -m core predict --model BUNDLE --images DIR
     python -m core bench extract --images DIR [--upscale 2000]
     python -m core tag --model BUNDLE --catalog FILE [--images DIR|ZIP] --out FILE [--resume]
+    python -m core report --project P --out FILE.html
+    python -m core demo --images DIR --labels SHEET [--project NAME] [--catalog FILE]
     python -m core job-run --project P --job ID  (used by the app to run background jobs)
 
 Every command exits non-zero with a plain message on bad input; ``--json`` prints a
@@ -382,6 +384,39 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from core import report
+
+    project = _find_project(args.project)
+    if project is None:
+        raise InputError(f"No project named {args.project!r}. Projects: "
+                         f"{', '.join(p.name for p in workspace.list_projects()) or 'none yet'}.")
+    out = report.write_html(project, Path(args.out), question=args.question)
+    _print({"project": project.slug, "report": str(out), "bytes": out.stat().st_size}, args.json)
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from core import demo
+
+    names = {}
+    for item in args.class_name or []:
+        label, sep, display = item.partition("=")
+        if not sep or not label.strip() or not display.strip():
+            raise InputError(f"--class-name takes LABEL=NAME (e.g. person=\"Person in photo\"), not {item!r}.")
+        names[label.strip()] = display.strip()
+    summary = demo.build_demo(
+        Path(args.images), Path(args.labels), name=args.project, replace=args.replace, class_names=names,
+        catalog=Path(args.catalog) if args.catalog else None,
+        catalog_images=Path(args.catalog_images) if args.catalog_images else None,
+        epochs=args.epochs, say=(lambda m: None) if args.json else (lambda m: print(m, file=sys.stderr, flush=True)),
+    )
+    _print(summary.to_dict(), args.json)
+    if not args.json:
+        print(f"Open it with: streamlit run app.py, then choose the project {args.project!r}.")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m core", description="Catalog Lens command line")
     common = argparse.ArgumentParser(add_help=False)
@@ -468,6 +503,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--chunk-rows", type=int, default=256, help="rows per checkpoint")
     p.add_argument("--device")
     p.set_defaults(func=cmd_tag)
+
+    p = sub.add_parser("report", help="write the management report of a project as one HTML file")
+    p.add_argument("--project", required=True, help="project name or id")
+    p.add_argument("--out", required=True, help="HTML file to write")
+    p.add_argument("--question", help="the question the model answers, in your words (default: the saved one)")
+    p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("demo", help="build a finished project (every step done) for presentations")
+    p.add_argument("--images", required=True, help="folder of labelled photos")
+    p.add_argument("--labels", required=True, help="label sheet (CSV, TSV, Excel)")
+    p.add_argument("--project", default="Demo", help="project name (default: Demo)")
+    p.add_argument("--replace", action="store_true", help="replace a project of the same name")
+    p.add_argument("--class-name", action="append", metavar="LABEL=NAME", help="a readable name for a label")
+    p.add_argument("--catalog", help="catalog export to tag (default: one row per photo of --images)")
+    p.add_argument("--catalog-images", help="folder with the catalog's photos, when not in --images")
+    p.add_argument("--epochs", type=int, help="fine-tuning epochs (default: the app's)")
+    p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("job-run")  # used by the app to run background jobs
     p.add_argument("--project", required=True)

@@ -365,8 +365,11 @@ def project_run_folder(project, run_id: str) -> Path:
 
 
 def start_project_run(project, *, catalog_name: str, catalog_data: bytes, bundle_path: Path,
-                      options: TagOptions, zip_data: bytes | None = None) -> str:
-    """Keep an uploaded catalog (and its photo zip) in the project and prepare a run; returns its id."""
+                      options: TagOptions, zip_data: bytes | None = None, images_dir: Path | None = None) -> str:
+    """Keep an uploaded catalog (and its photo zip) in the project and prepare a run; returns its id.
+
+    ``images_dir`` (command line only) is a folder on this computer read in place for the photos.
+    """
     run_id = time.strftime("%Y%m%d-%H%M%S")
     folder = project_run_folder(project, run_id)
     upload = folder / "upload"
@@ -379,7 +382,8 @@ def start_project_run(project, *, catalog_name: str, catalog_data: bytes, bundle
         atomic_write_bytes(zip_path, zip_data)
     if options.id_column is None:
         options.id_column = product_id_column(catalog_path)
-    create_run(folder, catalog_path=catalog_path, bundle_path=bundle_path, options=options, images_zip=zip_path)
+    create_run(folder, catalog_path=catalog_path, bundle_path=bundle_path, options=options, images_zip=zip_path,
+               images_dir=Path(images_dir).resolve() if images_dir else None)
     project.set_meta("tagging_run", run_id)
     return run_id
 

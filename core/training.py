@@ -204,8 +204,8 @@ def _confidence(proba: np.ndarray, predicted, classes: list[str]) -> np.ndarray:
     return proba[np.arange(len(proba)), [index[str(p)] for p in predicted]]
 
 
-def compare(project: Project) -> evaluation.Comparison | None:
-    """Frozen vs fine-tuned on the same held-out photos, once both exist."""
+def compare(project: Project, *, names: tuple[str, str] = ("Frozen", "Fine-tuned")) -> evaluation.Comparison | None:
+    """Frozen vs fine-tuned on the same held-out photos, once both exist (``names`` word the verdict)."""
     runs = latest_runs(project)
     if "frozen" not in runs or "finetuned" not in runs:
         return None
@@ -218,6 +218,7 @@ def compare(project: Project) -> evaluation.Comparison | None:
     return evaluation.compare_methods(
         [truth[i] for i in ids], pa["test_proba"], proba_b, classes=a.classes, positive=a.positive,
         threshold_a=a.threshold, threshold_b=b.threshold, cost_a_seconds=a.seconds, cost_b_seconds=b.seconds,
+        names=names,
     )
 
 

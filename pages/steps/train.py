@@ -45,7 +45,7 @@ if not runs:
     st.info("Press **Train the quick model** to see how well your label can be learned.")
     st.stop()
 
-comparison = training.compare(project)
+comparison = training.compare(project, names=("Quick model", "Fine-tuned network"))
 if comparison is not None:
     (st.success if comparison.better else st.info)(f"**Verdict:** {comparison.verdict}")
 

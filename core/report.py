@@ -1,0 +1,522 @@
+"""The management report: the question, the data, how well it works, the catalog now, the limits.
+
+:func:`build_report` gathers everything from the workspace into a :class:`Report` made of
+plain sentences, counts and small JPEG photos. The Report page draws that object with
+Streamlit, and :func:`to_html` writes it as one self-contained HTML file (photos and
+charts inlined, no script, no external reference) that prints cleanly to PDF, so the
+page, the download and ``python -m core report`` always say the same thing.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+
+from core import training
+from core.problems import InputError
+from core.workspace import Project
+
+PHOTO_SIZE = 160  # pixels on the longest side of every photo in the report
+EXAMPLES_PER_CLASS = 4
+MISTAKES_SHOWN = 6
+NOT_TAGGED = "could not be tagged"
+METHOD_TITLES = {"frozen": "Quick model (frozen backbone)", "finetuned": "Fine-tuned network"}
+_CATEGORY_NAMES = re.compile(r"categ|type|department|collection|gender|segment|family|group|season|range|usage",
+                             re.IGNORECASE)
+
+
+@dataclass(frozen=True)
+class Photo:
+    caption: str
+    jpeg: bytes
+
+
+@dataclass
+class MethodResult:
+    """One trained model's scores on the held-out photos, in plain words."""
+
+    kind: str
+    title: str
+    used_for_tagging: bool
+    n_test: int
+    accuracy: dict  # balanced accuracy: value, low, high (0-1)
+    sentence: str  # the headline figure in words
+    detail: str  # for two classes: how many it finds and how often it is right, per 100 photos
+    per_class: pd.DataFrame  # rows: class display names; columns: found, right_when_said, photos
+    confusion: list[list[int]]
+    classes: list[str]  # display names, in the confusion matrix's order
+    trained_on: str  # date
+
+
+@dataclass
+class CatalogResult:
+    """The latest tagged catalog: how many rows got each tag, by category, with examples."""
+
+    name: str
+    rows: int
+    done: int
+    counts: dict[str, int]  # display tag -> rows (the analyst's answers included)
+    needs_review: int
+    answered: int
+    failed: int
+    model: str
+    category_column: str | None
+    category_columns: list[str]
+    by_category: pd.DataFrame | None  # rows: categories, columns: tags, cells: rows
+    examples: dict[str, list[Photo]]
+
+    @property
+    def finished(self) -> bool:
+        return self.done >= self.rows
+
+
+@dataclass
+class Report:
+    project: str
+    created: str
+    question: str
+    in_short: list[str]
+    classes: dict[str, int]  # display name -> labelled photos
+    held_out: int
+    backbone: str
+    examples: dict[str, list[Photo]]
+    methods: list[MethodResult]
+    verdict: str | None
+    mistakes: list[Photo]
+    catalog: CatalogResult | None
+    limits: list[str] = field(default_factory=list)
+
+
+# --------------------------------------------------------------------------- gathering
+
+
+def default_question(classes: list[str], names: dict[str, str], positive: str | None) -> str:
+    if positive is not None:
+        return f"Does the photo show “{names.get(positive, positive)}”?"
+    shown = [f"“{names.get(c, c)}”" for c in classes]
+    return f"Which of these does the photo show: {', '.join(shown[:-1])} or {shown[-1]}?"
+
+
+def percent(v: float) -> str:
+    """A share as a percentage; one decimal near the ends, so 99.6 % never reads as 100 %."""
+    return f"{100 * v:.1f} %" if 0 < v < 0.01 or 0.99 < v < 1 else f"{100 * v:.0f} %"
+
+
+def _thumb(project: Project, sha: str) -> bytes | None:
+    try:
+        return project.thumbnail(sha, size=PHOTO_SIZE)
+    except Exception:  # a photo gone from disk must not stop the report
+        return None
+
+
+def _method(project: Project, run: training.RunRecord, names: dict[str, str], used: bool) -> MethodResult:
+    rep = run.test_report
+    table = pd.DataFrame(rep["report"]["data"], index=rep["report"]["index"], columns=rep["report"]["columns"])
+    table = table.loc[[c for c in run.classes if c in table.index]]
+    per_class = pd.DataFrame({
+        "found": table["recall"], "right_when_said": table["precision"], "photos": table["support"].astype(int),
+    })
+    per_class.index = [names.get(c, c) for c in per_class.index]
+    acc = rep["balanced_accuracy"]
+    n = int(rep["n"])
+    sentence = (f"On {n} labelled photos it never saw while learning, it gave the right answer "
+                f"{percent(acc['value'])} of the time, each answer counting equally.")
+    detail = ""
+    if run.positive is not None:
+        pos = names.get(run.positive, run.positive)
+        found = table.loc[run.positive, "recall"]
+        right = table.loc[run.positive, "precision"]
+        detail = (f"Of every 100 photos that show “{pos}”, it finds about {100 * found:.0f}; when it says "
+                  f"“{pos}”, it is right about {100 * right:.0f} times in 100.")
+    return MethodResult(
+        kind=run.kind, title=METHOD_TITLES.get(run.kind, run.kind), used_for_tagging=used, n_test=n,
+        accuracy=acc, sentence=sentence, detail=detail, per_class=per_class, confusion=rep["confusion"],
+        classes=[names.get(c, c) for c in run.classes],
+        trained_on=time.strftime("%Y-%m-%d", time.localtime(run.created_at)),
+    )
+
+
+def category_columns(frame: pd.DataFrame, *, exclude: list[str] = ()) -> list[str]:
+    """Columns that look like a category (2-30 distinct values), likeliest first."""
+    found = []
+    for column in frame.columns:
+        name = str(column)
+        if name in exclude:
+            continue
+        values = frame[column].dropna().astype(str).str.strip()
+        values = values[values != ""]
+        distinct = values.nunique()
+        if 2 <= distinct <= 30 and distinct < max(3, len(values) // 2) and not values.str.contains("/|\\.jpe?g", case=False).any():
+            found.append(name)
+    return sorted(found, key=lambda c: not _CATEGORY_NAMES.search(c))
+
+
+def _catalog(project: Project, names: dict[str, str], category: str | None,
+             model_titles: dict[str, str], order: list[str]) -> CatalogResult | None:
+    from core import images, tagging
+
+    run_id = project.get_meta("tagging_run")
+    if not run_id:
+        return None
+    folder = tagging.project_run_folder(project, run_id)
+    try:
+        run = tagging.load_run(folder)
+        results = tagging.results_frame(folder)
+    except (OSError, ValueError, KeyError):
+        return None
+    if results.empty:
+        return None
+    fixed = tagging.overrides(folder)
+    final = results["predicted_label"].copy()
+    for row, label in fixed.items():
+        if row in final.index:
+            final[row] = label
+    shown = final.map(lambda t: names.get(t, t) if t else NOT_TAGGED)
+    found = shown.value_counts()
+    ranked = [names.get(c, c) for c in order] + sorted(set(found.index) - {names.get(c, c) for c in order})
+    counts = {k: int(found[k]) for k in ranked if k in found.index}
+    original, _ = tagging.read_original(folder / run["catalog"])
+    options = run.get("options", {})
+    columns = category_columns(original, exclude=list(options.get("image_columns", [])))
+    column = category if category in columns else (None if category == "" or not columns else columns[0])
+    by_category = None
+    if column:
+        by_category = tagging.share_by(original[column].astype(str), final, names=names)
+    examples: dict[str, list[Photo]] = {}
+    done = results.assign(final=final)
+    for label, group in done[done["final"] != ""].groupby("final"):
+        top = group.sort_values("confidence", ascending=False).head(3 * EXAMPLES_PER_CLASS)
+        items = [{"row": int(r), "photos": json.loads(top.loc[r, "photos"] or "[]")} for r in top.index]
+        photos = []
+        for row, path in tagging.review_photos(folder, items, project).items():
+            if path is None or len(photos) >= EXAMPLES_PER_CLASS:
+                continue
+            try:
+                jpeg = images.make_thumbnail(path, size=PHOTO_SIZE)
+            except Exception:  # an unreadable photo is simply not an example
+                continue
+            conf = group.loc[row, "confidence"]
+            photos.append(Photo(f"row {row + 2} · {percent(conf)} sure" if conf == conf else f"row {row + 2}", jpeg))
+        examples[names.get(label, label)] = photos
+    model_name = model_titles.get(run.get("model_id"), run.get("model_id", ""))
+    return CatalogResult(
+        name=run.get("catalog_name", "catalog"), rows=int(run["rows"]), done=len(results), counts=counts,
+        needs_review=int(results["needs_review"].sum()), answered=len(fixed),
+        failed=int((results["predicted_label"] == "").sum()), model=str(model_name),
+        category_column=column, category_columns=columns, by_category=by_category, examples=examples,
+    )
+
+
+def build_report(project: Project, *, question: str | None = None, category: str | None = None) -> Report:
+    """Everything the report says, read from the workspace.
+
+    ``question`` and ``category`` (a catalog column to split the tags by; "" for none)
+    default to what was saved with :func:`save_choices`, else to a guess.
+    """
+    from core import backbones
+
+    runs = training.latest_runs(project)
+    if not runs:
+        raise InputError("The report needs a trained model: train one on the Train & compare step first.")
+    names = project.class_names()
+    saved = project.get_meta("report", {}) or {}
+    chosen = training.tagging_model(project)
+    chosen_id = chosen["id"] if chosen else None
+    main = next((r for r in runs.values() if r.id == chosen_id), None) or runs.get("frozen") or next(iter(runs.values()))
+    question = question or saved.get("question") or default_question(main.classes, names, main.positive)
+    category = category if category is not None else saved.get("category")
+
+    order = sorted(main.classes, key=lambda c: c != main.positive)  # the tag itself first
+    data = project.training_set()
+    counts = data["label"].value_counts()
+    classes = {names.get(c, c): int(counts.get(c, 0)) for c in order}
+    examples = {}
+    for label in order:
+        shas = sorted(data.loc[data["label"] == label, "sha"])[:EXAMPLES_PER_CLASS]
+        examples[names.get(label, label)] = [Photo(names.get(label, label), j) for s in shas if (j := _thumb(project, s))]
+
+    methods = [_method(project, runs[k], names, runs[k].id == chosen_id) for k in ("frozen", "finetuned") if k in runs]
+    comparison = training.compare(project, names=("Quick model", "Fine-tuned network"))
+    verdict = comparison.verdict if comparison is not None else None
+
+    preds = training.test_predictions(project, main)
+    wrong = preds[preds["label"] != preds["predicted"]].sort_values("confidence", ascending=False)
+    mistakes = []
+    for r in wrong.head(MISTAKES_SHOWN).itertuples():
+        jpeg = _thumb(project, r.sha)
+        if jpeg:
+            mistakes.append(Photo(f"labelled “{names.get(r.label, r.label)}”, the model said "
+                                  f"“{names.get(r.predicted, r.predicted)}” ({percent(r.confidence)} sure)", jpeg))
+
+    from core.predict import list_models
+
+    titles = {m["id"]: METHOD_TITLES.get(m["kind"], m["name"]) + (" (imported)" if m["source"] != "trained" else "")
+              for m in list_models(project)}
+    catalog = _catalog(project, names, category, titles, order)
+    backbone = backbones.get_backbone(main.backbone_id).name
+    used = next(m for m in methods if m.kind == main.kind)
+    in_short = [
+        f"The model learned from {sum(classes.values()):,} product photos labelled by hand, building on "
+        f"{backbone}, a network pretrained on millions of everyday photos.",
+        used.sentence,
+    ]
+    if verdict:
+        in_short.append(f"Two ways of learning were compared on the same photos. {verdict}")
+    if catalog is not None:
+        top = ", ".join(f"{n:,} “{tag}”" for tag, n in catalog.counts.items())
+        in_short.append(f"It tagged {catalog.done:,} of the {catalog.rows:,} rows of {catalog.name}: {top}.")
+    else:
+        in_short.append("No catalog has been tagged yet.")
+    report = Report(
+        project=project.name, created=time.strftime("%Y-%m-%d %H:%M"), question=question, in_short=in_short,
+        classes=classes, held_out=main.test_report["n"] if main.test_report else 0, backbone=backbone,
+        examples=examples, methods=methods, verdict=verdict, mistakes=mistakes, catalog=catalog,
+    )
+    report.limits = _limits(project, report, main, runs, chosen)
+    return report
+
+
+def _limits(project: Project, report: Report, main: training.RunRecord, runs: dict, chosen: dict | None) -> list[str]:
+    n = report.held_out
+    limits = [f"The scores come from {n} labelled photos set aside before training. Another set of photos would "
+              "give somewhat different numbers; the ranges show by how much."]
+    limits += [w for w in main.test_report.get("warnings", [])]
+    ds = project.dataset()
+    changed = int((ds["label_source"] == "manual").sum())
+    left_out = int(ds["excluded"].sum())
+    try:
+        doubts = training.label_issues(project)
+        doubtful = int(doubts["likely_issue"].sum()) if not doubts.empty else 0
+    except (OSError, ValueError, KeyError):
+        doubtful = 0
+    found = (f"The app found {_count(doubtful, 'photo')} whose label looks doubtful" if doubtful
+             else "The app found no photo whose label looks doubtful")
+    limits.append(f"The photos were labelled by hand; wrong labels teach the model wrong answers. {found}; "
+                  f"{_count(changed, 'label')} corrected and {_count(left_out, 'photo')} left out by hand.")
+    limits.append("The model was checked only on photos like the ones it learned from. Photos from another studio, "
+                  "camera, background or product range were not tested: look at a sample of those before relying on "
+                  "the tags.")
+    if "finetuned" not in runs:
+        limits.append("Only the quick model was trained; the fine-tuned network, slower to train, was not tried.")
+    thresholds = project.get_meta("thresholds", {}) or {}
+    if main.kind in thresholds and main.threshold is not None and abs(thresholds[main.kind] - main.threshold) > 1e-6:
+        limits.append(f"The confidence needed to tag a photo was set by hand to {percent(thresholds[main.kind])} "
+                      f"(the model's own setting was {percent(main.threshold)}); the scores above use the model's own.")
+    if chosen is not None and chosen.get("source") == "imported":
+        limits.append(f"The catalog is tagged with an imported model ({chosen['name']}); the scores above are those of "
+                      "this project's own models.")
+    cat = report.catalog
+    if cat is not None:
+        if not cat.finished:
+            limits.append(f"Tagging is not finished: {cat.done:,} of {cat.rows:,} rows so far.")
+        if cat.failed:
+            limits.append(f"{cat.failed:,} row{'' if cat.failed == 1 else 's'} could not be tagged (missing or "
+                          "unreadable photo); the downloaded sheet says why for each.")
+        if cat.needs_review:
+            limits.append(f"{_count(cat.needs_review, 'row')} flagged as doubtful; {cat.answered:,} of them checked by "
+                          "hand. The other tags were not checked one by one.")
+        else:
+            limits.append("No row was flagged as doubtful, and the tags were not checked one by one.")
+    return limits
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n:,} {noun}" + ("" if n == 1 else "s")
+
+
+def save_choices(project: Project, *, question: str | None = None, category: str | None = None) -> None:
+    """Remember the analyst's wording of the question and the catalog column to split by."""
+    saved = dict(project.get_meta("report", {}) or {})
+    if question is not None:
+        saved["question"] = question.strip()
+    if category is not None:
+        saved["category"] = category
+    project.set_meta("report", saved)
+
+
+# --------------------------------------------------------------------------- HTML
+
+_CSS = """
+:root { --ink:#1B2433; --muted:#5B6576; --line:#DDE3EC; --soft:#F3F6FB; --blue:#2F6FEB; }
+* { box-sizing:border-box; }
+body { font-family:-apple-system,"Segoe UI",Roboto,Helvetica,Arial,sans-serif; color:var(--ink); margin:0;
+       background:#fff; font-size:16px; line-height:1.5; }
+main { max-width:980px; margin:0 auto; padding:32px 28px 48px; }
+header { display:flex; align-items:center; gap:16px; border-bottom:3px solid var(--blue); padding-bottom:14px; }
+header img { width:52px; height:52px; }
+header h1 { font-size:28px; margin:0; }
+header p { margin:2px 0 0; color:var(--muted); }
+h2 { font-size:21px; margin:30px 0 10px; padding-bottom:4px; border-bottom:1px solid var(--line); }
+h3 { font-size:17px; margin:18px 0 6px; }
+section { break-inside:avoid-page; }
+.question { font-size:20px; background:var(--soft); border-left:5px solid var(--blue); padding:12px 16px; margin:18px 0; }
+.short li { margin:4px 0; }
+.grid { display:flex; flex-wrap:wrap; gap:10px; }
+figure { margin:0; width:150px; }
+figure img { width:150px; height:150px; object-fit:contain; background:var(--soft); border:1px solid var(--line); border-radius:6px; }
+figcaption { font-size:12px; color:var(--muted); line-height:1.3; margin-top:3px; }
+table { border-collapse:collapse; margin:6px 0 12px; font-size:14px; }
+th, td { border:1px solid var(--line); padding:5px 10px; text-align:right; }
+th:first-child, td:first-child { text-align:left; }
+th { background:var(--soft); font-weight:600; }
+.bars { width:100%; max-width:720px; }
+.bar { display:flex; align-items:center; gap:10px; margin:5px 0; font-size:14px; }
+.bar .name { width:190px; flex:none; text-align:right; }
+.bar .track { flex:1; background:var(--soft); border-radius:4px; height:22px; }
+.bar .fill { height:22px; border-radius:4px; }
+.bar .num { width:120px; flex:none; color:var(--muted); }
+.stack { display:flex; height:22px; border-radius:4px; overflow:hidden; flex:1; }
+.legend span { display:inline-block; margin-right:14px; font-size:13px; }
+.legend i { display:inline-block; width:11px; height:11px; margin-right:5px; border-radius:2px; vertical-align:-1px; }
+.metric { font-size:34px; font-weight:700; color:var(--blue); margin:0; }
+.muted { color:var(--muted); font-size:14px; }
+.verdict { background:#EAF7EE; border-left:5px solid #2BA84A; padding:10px 14px; }
+.cols { display:flex; gap:28px; flex-wrap:wrap; }
+.cols > div { flex:1; min-width:300px; }
+ul.limits li { margin:5px 0; }
+footer { margin-top:36px; color:var(--muted); font-size:12px; border-top:1px solid var(--line); padding-top:8px; }
+* { -webkit-print-color-adjust:exact; print-color-adjust:exact; }
+@page { size:A4; margin:14mm 12mm; }
+@media print { main { padding:0; max-width:none; } body { font-size:12.5px; } h2 { break-after:avoid; }
+  figure { width:118px; } figure img { width:118px; height:118px; } .metric { font-size:26px; } }
+"""
+
+
+def _e(text) -> str:
+    return html.escape(str(text), quote=True)
+
+
+def _img(jpeg: bytes, alt: str) -> str:
+    return f'<img alt="{_e(alt)}" src="data:image/jpeg;base64,{base64.b64encode(jpeg).decode()}">'
+
+
+def _photos(photos: list[Photo]) -> str:
+    if not photos:
+        return '<p class="muted">No photo to show.</p>'
+    return '<div class="grid">' + "".join(
+        f"<figure>{_img(p.jpeg, p.caption)}<figcaption>{_e(p.caption)}</figcaption></figure>" for p in photos) + "</div>"
+
+
+def _colour(i: int) -> str:
+    from core.charts import PALETTE
+
+    return PALETTE[i % len(PALETTE)]
+
+
+def _bars(counts: dict[str, int]) -> str:
+    total = max(sum(counts.values()), 1)
+    top = max(counts.values(), default=1) or 1
+    rows = "".join(
+        f'<div class="bar"><span class="name">{_e(k)}</span><span class="track"><div class="fill" '
+        f'style="width:{100 * v / top:.1f}%;background:{_colour(i)}"></div></span>'
+        f'<span class="num">{v:,} ({100 * v / total:.0f} %)</span></div>'
+        for i, (k, v) in enumerate(counts.items()))
+    return f'<div class="bars">{rows}</div>'
+
+
+def _stacked(table: pd.DataFrame) -> str:
+    tags = [str(c) for c in table.columns]
+    legend = "".join(f'<span><i style="background:{_colour(i)}"></i>{_e(t)}</span>' for i, t in enumerate(tags))
+    rows = []
+    for group, counts in table.iterrows():
+        total = max(int(counts.sum()), 1)
+        parts = "".join(
+            f'<div title="{_e(t)}: {int(n)}" style="width:{100 * n / total:.2f}%;background:{_colour(i)}"></div>'
+            for i, (t, n) in enumerate(counts.items()) if n)
+        first = int(counts.iloc[0])
+        rows.append(f'<div class="bar"><span class="name">{_e(group)}</span><span class="stack">{parts}</span>'
+                    f'<span class="num">{total:,} rows · {100 * first / total:.0f} % {_e(tags[0])}</span></div>')
+    return f'<div class="legend">{legend}</div><div class="bars">{"".join(rows)}</div>'
+
+
+def _confusion(method: MethodResult) -> str:
+    head = "".join(f"<th>said “{_e(c)}”</th>" for c in method.classes)
+    body = []
+    for name, row in zip(method.classes, method.confusion):
+        total = max(sum(row), 1)
+        cells = "".join(
+            f'<td style="background:rgba(47,111,235,{0.08 + 0.6 * n / total:.2f})">{n}</td>' for n in row)
+        body.append(f"<tr><td>really “{_e(name)}”</td>{cells}</tr>")
+    return f"<table><tr><th></th>{head}</tr>{''.join(body)}</table>"
+
+
+def _per_class(method: MethodResult) -> str:
+    rows = "".join(
+        f"<tr><td>{_e(name)}</td><td>{percent(r.found)}</td><td>{percent(r.right_when_said)}</td><td>{int(r.photos)}</td></tr>"
+        for name, r in method.per_class.iterrows())
+    return ("<table><tr><th>Class</th><th>Found (recall)</th><th>Right when it says so (precision)</th>"
+            f"<th>Held-out photos</th></tr>{rows}</table>")
+
+
+def _logo() -> str:
+    logo = Path(__file__).resolve().parents[1] / "assets" / "logo.png"
+    if not logo.is_file():
+        return ""
+    return f'<img alt="Catalog Lens" src="data:image/png;base64,{base64.b64encode(logo.read_bytes()).decode()}">'
+
+
+def to_html(report: Report) -> str:
+    """The report as one HTML file that opens offline and prints cleanly (A4)."""
+    out = [f"<!doctype html><html lang='en'><head><meta charset='utf-8'><title>{_e(report.project)} · Catalog Lens "
+           f"report</title><style>{_CSS}</style></head><body><main>",
+           f"<header>{_logo()}<div><h1>{_e(report.project)}</h1><p>Catalog Lens report · {_e(report.created)}</p>"
+           "</div></header>",
+           f'<p class="question">{_e(report.question)}</p>',
+           "<section><h2>In short</h2><ul class='short'>" + "".join(f"<li>{_e(s)}</li>" for s in report.in_short)
+           + "</ul></section>",
+           "<section><h2>What it learned from</h2>"
+           f"<p>{sum(report.classes.values()):,} photos labelled by hand. {report.held_out} of them were set aside "
+           "before training to check the models.</p>" + _bars(report.classes)]
+    for name, photos in report.examples.items():
+        out.append(f"<h3>Examples: {_e(name)}</h3>{_photos(photos)}")
+    out.append("</section><section><h2>How well it works</h2>")
+    if report.verdict:
+        out.append(f'<p class="verdict"><b>Quick model or fine-tuned network?</b> {_e(report.verdict)}</p>')
+    out.append('<div class="cols">')
+    for m in report.methods:
+        acc = m.accuracy
+        used = " · <b>used for tagging</b>" if m.used_for_tagging else ""
+        out.append(f"<div><h3>{_e(m.title)}</h3><p class='metric'>{percent(acc['value'])}</p>"
+                   f"<p class='muted'>right, each answer counting equally · 95 % range {percent(acc['low'])} – "
+                   f"{percent(acc['high'])} · {m.n_test} held-out photos · trained {m.trained_on}{used}</p>"
+                   f"<p>{_e(m.detail)}</p>{_per_class(m)}{_confusion(m)}</div>")
+    out.append("</div>")
+    out.append("<p class='muted'><b>Recall</b>: of the photos that really have a label, the share the model found. "
+               "<b>Precision</b>: of the photos the model gave a label, the share that really have it.</p>")
+    out.append(f"<h3>Examples of mistakes ({len(report.mistakes)})</h3>" + (
+        _photos(report.mistakes) if report.mistakes else "<p>It made no mistake on the held-out photos.</p>")
+        + "</section>")
+    out.append("<section><h2>The catalog now</h2>")
+    cat = report.catalog
+    if cat is None:
+        out.append("<p>No catalog has been tagged yet.</p>")
+    else:
+        status = "" if cat.finished else f" (tagging in progress: {cat.done:,} of {cat.rows:,} rows)"
+        out.append(f"<p><b>{_e(cat.name)}</b>: {cat.rows:,} rows{_e(status)}. {cat.needs_review:,} flagged for a "
+                   f"second look, {cat.answered:,} answered by hand.</p>" + _bars(cat.counts))
+        if cat.by_category is not None and not cat.by_category.empty:
+            out.append(f"<h3>By {_e(cat.category_column)}</h3>" + _stacked(cat.by_category))
+        for name, photos in cat.examples.items():
+            if photos:
+                out.append(f"<h3>Tagged “{_e(name)}”</h3>{_photos(photos)}")
+    out.append("</section><section><h2>What was not checked</h2><ul class='limits'>"
+               + "".join(f"<li>{_e(s)}</li>" for s in report.limits) + "</ul></section>")
+    out.append(f"<footer>Made with Catalog Lens from project “{_e(report.project)}” on {_e(report.created)}. "
+               f"Backbone: {_e(report.backbone)}.</footer></main></body></html>")
+    return "\n".join(out)
+
+
+def write_html(project: Project, out: Path, **choices) -> Path:
+    """Build the report and write it to ``out`` (used by the CLI); marks the step done."""
+    from core.workspace import atomic_write_text
+
+    atomic_write_text(Path(out), to_html(build_report(project, **choices)))
+    project.set_meta("reported", True)
+    return Path(out)
