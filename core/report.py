@@ -19,14 +19,14 @@ from pathlib import Path
 
 import pandas as pd
 
-from core import training
+from core import tagging, training
 from core.problems import InputError
 from core.workspace import Project
 
 PHOTO_SIZE = 160  # pixels on the longest side of every photo in the report
 EXAMPLES_PER_CLASS = 4
 MISTAKES_SHOWN = 6
-NOT_TAGGED = "could not be tagged"
+NOT_TAGGED = tagging.NOT_TAGGED
 METHOD_TITLES = {"frozen": "Quick model (frozen backbone)", "finetuned": "Fine-tuned network"}
 _CATEGORY_NAMES = re.compile(r"categ|type|department|collection|gender|segment|family|group|season|range|usage",
                              re.IGNORECASE)
@@ -68,7 +68,7 @@ class CatalogResult:
     failed: int
     model: str
     category_column: str | None
-    category_columns: list[str]
+    category_columns: list[str]  # every column it can be split by, likeliest first
     by_category: pd.DataFrame | None  # rows: categories, columns: tags, cells: rows
     examples: dict[str, list[Photo]]
 
@@ -160,7 +160,7 @@ def category_columns(frame: pd.DataFrame, *, exclude: list[str] = ()) -> list[st
 
 def _catalog(project: Project, names: dict[str, str], category: str | None,
              model_titles: dict[str, str], order: list[str]) -> CatalogResult | None:
-    from core import images, tagging
+    from core import images
 
     run_id = project.get_meta("tagging_run")
     if not run_id:
@@ -174,21 +174,18 @@ def _catalog(project: Project, names: dict[str, str], category: str | None,
     if results.empty:
         return None
     fixed = tagging.overrides(folder)
-    final = results["predicted_label"].copy()
-    for row, label in fixed.items():
-        if row in final.index:
-            final[row] = label
-    shown = final.map(lambda t: names.get(t, t) if t else NOT_TAGGED)
-    found = shown.value_counts()
-    ranked = [names.get(c, c) for c in order] + sorted(set(found.index) - {names.get(c, c) for c in order})
-    counts = {k: int(found[k]) for k in ranked if k in found.index}
+    final = tagging.final_labels(folder)
+    counts = tagging.tag_counts(final, names=names, order=order)
     original, _ = tagging.read_original(folder / run["catalog"])
     options = run.get("options", {})
-    columns = category_columns(original, exclude=list(options.get("image_columns", [])))
-    column = category if category in columns else (None if category == "" or not columns else columns[0])
+    original.columns = [str(c) for c in original.columns]
+    images_in = list(options.get("image_columns", []))
+    guessed = category_columns(original, exclude=images_in)
+    columns = guessed + [c for c in original.columns if c not in guessed and c not in images_in]
+    column = category if category in columns else (None if category == "" or not guessed else guessed[0])
     by_category = None
     if column:
-        by_category = tagging.share_by(original[column].astype(str), final, names=names)
+        by_category = tagging.share_by(original[column].astype(str), final, names=names, order=order)
     examples: dict[str, list[Photo]] = {}
     done = results.assign(final=final)
     for label, group in done[done["final"] != ""].groupby("final"):
@@ -233,14 +230,14 @@ def build_report(project: Project, *, question: str | None = None, category: str
     question = question or saved.get("question") or default_question(main.classes, names, main.positive)
     category = category if category is not None else saved.get("category")
 
-    order = sorted(main.classes, key=lambda c: c != main.positive)  # the tag itself first
+    order = sorted(main.classes, key=lambda c: c != main.positive)  # the tag itself first, as everywhere
     data = project.training_set()
     counts = data["label"].value_counts()
     classes = {names.get(c, c): int(counts.get(c, 0)) for c in order}
     examples = {}
     for label in order:
-        shas = sorted(data.loc[data["label"] == label, "sha"])[:EXAMPLES_PER_CLASS]
-        examples[names.get(label, label)] = [Photo(names.get(label, label), j) for s in shas if (j := _thumb(project, s))]
+        chosen_rows = data[data["label"] == label].sort_values("sha").head(EXAMPLES_PER_CLASS)
+        examples[names.get(label, label)] = [Photo(r.name, j) for r in chosen_rows.itertuples() if (j := _thumb(project, r.sha))]
 
     methods = [_method(project, runs[k], names, runs[k].id == chosen_id) for k in ("frozen", "finetuned") if k in runs]
     comparison = training.compare(project, names=("Quick model", "Fine-tuned network"))
@@ -320,8 +317,9 @@ def _limits(project: Project, report: Report, main: training.RunRecord, runs: di
             limits.append(f"{cat.failed:,} row{'' if cat.failed == 1 else 's'} could not be tagged (missing or "
                           "unreadable photo); the downloaded sheet says why for each.")
         if cat.needs_review:
-            limits.append(f"{_count(cat.needs_review, 'row')} flagged as doubtful; {cat.answered:,} of them checked by "
-                          "hand. The other tags were not checked one by one.")
+            checked = f"{cat.answered:,} of them checked by hand" if cat.answered else "none checked by hand yet"
+            limits.append(f"{_count(cat.needs_review, 'row')} flagged as doubtful; {checked}. The other tags were not "
+                          "checked one by one.")
         else:
             limits.append("No row was flagged as doubtful, and the tags were not checked one by one.")
     return limits

@@ -421,13 +421,39 @@ def review_photos(folder: Path, items: Sequence[dict], project=None) -> dict[int
     return out
 
 
-def share_by(groups: pd.Series, tags: pd.Series, *, names: dict[str, str] | None = None, top: int = 15) -> pd.DataFrame:
+NOT_TAGGED = "could not be tagged"
+
+
+def final_labels(folder: Path) -> pd.Series:
+    """Each finished row's tag, the analyst's answers included ("" where there is no tag)."""
+    final = results_frame(folder)["predicted_label"].copy()
+    for row, label in overrides(folder).items():
+        if row in final.index:
+            final[row] = label
+    return final
+
+
+def _ranked(found, names: dict[str, str], order: Sequence[str]) -> list[str]:
+    first = [names.get(c, c) for c in order]
+    return [k for k in first + sorted(set(found) - set(first) - {NOT_TAGGED}) + [NOT_TAGGED] if k in found]
+
+
+def tag_counts(final: pd.Series, *, names: dict[str, str] | None = None, order: Sequence[str] = ()) -> dict[str, int]:
+    """Rows per tag, by display name, classes in ``order`` first and the failures last."""
+    names = names or {}
+    found = final.map(lambda t: names.get(t, t) if t else NOT_TAGGED).value_counts()
+    return {k: int(found[k]) for k in _ranked(set(found.index), names, order)}
+
+
+def share_by(groups: pd.Series, tags: pd.Series, *, names: dict[str, str] | None = None, top: int = 15,
+             order: Sequence[str] = ()) -> pd.DataFrame:
     """Counts of each tag per group (e.g. per category), the ``top`` largest groups first."""
     names = names or {}
     frame = pd.DataFrame({"group": groups.reset_index(drop=True), "tag": tags.reindex(range(len(groups))).fillna("")})
-    frame["tag"] = frame["tag"].map(lambda t: names.get(t, t) if t else "not tagged")
+    frame["tag"] = frame["tag"].map(lambda t: names.get(t, t) if t else NOT_TAGGED)
     table = pd.crosstab(frame["group"], frame["tag"])
-    return table.loc[table.sum(axis=1).sort_values(ascending=False).index[:top]]
+    table = table[_ranked(set(table.columns), names, order)]
+    return table.loc[table.sum(axis=1).sort_values(ascending=False, kind="stable").index[:top]]
 
 
 def add_reviews_to_training(project, folder: Path) -> int:

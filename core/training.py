@@ -419,6 +419,15 @@ def what_is_learned(backbone_id: str, kind: str, n_classes: int) -> str:
             "last layers, then everything, with smaller changes for the earlier layers.")
 
 
+def class_order(project: Project) -> list[str]:
+    """The classes in the order every chart and table shows them: the tag itself (positive class) first."""
+    runs = latest_runs(project)
+    run = runs.get("frozen") or next(iter(runs.values()), None)
+    if run is None:
+        return sorted(set(project.training_set()["label"]))
+    return sorted(run.classes, key=lambda c: c != run.positive)
+
+
 def tagging_model(project: Project) -> dict | None:
     """The model chosen for tagging (an entry of :func:`core.predict.list_models`): the
     analyst's choice, else the comparison's recommendation, else the latest trained one."""

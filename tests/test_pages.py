@@ -136,3 +136,15 @@ def test_data_page_upload_photos_and_sheet(project):
     again = _app(project.slug).run()
     again.switch_page("pages/steps/data.py").run()
     assert {m.label: m.value for m in again.metric}["Labelled"] == "12"
+
+
+def test_theme_charts_and_report_share_one_palette():
+    """A class keeps its colour on every page, in the charts and in the exported report."""
+    import tomllib
+
+    from core import charts
+
+    theme = tomllib.loads((REPO / ".streamlit" / "config.toml").read_text())["theme"]
+    assert theme["chartCategoricalColors"] == charts.PALETTE
+    assert theme["primaryColor"] == charts.PALETTE[0]
+    assert (REPO / "assets" / "logo.png").is_file()

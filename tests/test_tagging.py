@@ -126,7 +126,7 @@ def test_share_by_a_category_column():
     table = share_by(pd.Series(["shoes", "shoes", "tops", "tops", "tops"]),
                      pd.Series({0: "1", 1: "0", 2: "1", 3: "1"}), names={"1": "Person"})
     assert list(table.index) == ["tops", "shoes"]  # largest group first
-    assert table.loc["tops"].to_dict() == {"0": 0, "Person": 2, "not tagged": 1}
+    assert table.loc["tops"].to_dict() == {"0": 0, "Person": 2, "could not be tagged": 1}
 
 
 def test_photos_given_as_links_are_downloaded_and_failed_links_are_row_errors(setup, tmp_path, monkeypatch):

@@ -7,7 +7,7 @@ from pathlib import Path
 import streamlit as st
 
 from core import catalog as catalog_module
-from core import charts, jobs, labels, tagging, training
+from core import charts, jobs, labels, report, tagging, training
 from core.problems import InputError
 from pages import ui
 
@@ -68,16 +68,24 @@ if results.empty:
     st.stop()
 
 fixed = tagging.overrides(folder)
-final = results["predicted_label"].copy()
-for row, label in fixed.items():
-    final[row] = label
+final = tagging.final_labels(folder)
+order = training.class_order(project)
 st.subheader(f"{run['catalog_name']}: {len(results)} of {run['rows']} rows done")
-counts = {names.get(k, k) if k else "could not be tagged": int(v) for k, v in final.value_counts().items()}
-st.plotly_chart(charts.share_figure(counts), width="stretch", key="tag-share")
+st.plotly_chart(charts.share_figure(tagging.tag_counts(final, names=names, order=order), horizontal=True),
+                width="stretch", key="tag-share")
 original, _ = tagging.read_original(folder / run["catalog"])
-split = st.selectbox("Split by a column of the catalog (optional)", ["—", *map(str, original.columns)])
-if split != "—":
-    table = tagging.share_by(original[split], final, names=names)
+original.columns = [str(c) for c in original.columns]
+images_in = list(run["options"].get("image_columns", []))
+columns = report.category_columns(original, exclude=images_in)
+saved = (project.get_meta("report", {}) or {}).get("category")
+choices = ["", *columns, *[c for c in original.columns if c not in columns and c not in images_in]]
+default = saved if saved in choices else (columns[0] if columns else "")
+split = st.selectbox("Split by a column of the catalog (the report uses the same)", choices,
+                     index=choices.index(default), format_func=lambda c: c or "(no split)", key=f"split-{run_id}")
+if split != default:
+    report.save_choices(project, category=split)
+if split:
+    table = tagging.share_by(original[split].astype(str), final, names=names, order=order)
     st.plotly_chart(charts.grouped_share_figure(table), width="stretch", key="tag-split")
 
 queue = [r for r in tagging.iter_rows_needing_review(folder, limit=24) if r["row"] not in fixed]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 import zipfile
 from pathlib import Path
@@ -57,17 +58,31 @@ def test_a_deep_link_on_a_fresh_server_opens_inside_the_app(server, page):
     page.get_by_text("Computing on").wait_for()
 
 
+def press(page, name: str):
+    """Click a button only if it is the page's recommended (primary) one: the journey needs no other."""
+    button = page.get_by_role("button", name=name)
+    button.wait_for()
+    kind = button.evaluate("b => b.closest('[data-testid^=stBaseButton]')?.dataset.testid || b.dataset.testid")
+    assert kind == "stBaseButton-primary", f"{name!r} is not a recommended button ({kind})"
+    button.click()
+
+
+def next_step(page, title: str) -> None:
+    page.get_by_role("link", name=f"Next: {title}").click()
+    page.get_by_role("heading", name=title).wait_for()
+
+
 def test_create_project_upload_photos_and_sheet_then_refresh(server, page, tmp_path):
     photos, sheet = _photo_set(tmp_path)
     page.goto(server["url"])
     page.get_by_text("Start by creating a project").wait_for()
     page.get_by_text("Computing on").wait_for()  # the first run has finished
     page.get_by_label("Name").fill("Person in photo")
-    page.get_by_role("button", name="Create project").click()
+    press(page, "Create project")
     page.get_by_text("Project: Person in photo").wait_for()
     shot(page, "home")
 
-    page.get_by_role("link", name="1 · Data").click()
+    page.get_by_role("link", name="Go").click()  # the home page points at the next step
     page.get_by_role("heading", name="1 · Data").wait_for()
     archive = tmp_path / "photos.zip"  # a zip of a folder, as an analyst would send it
     with zipfile.ZipFile(archive, "w") as zf:
@@ -92,37 +107,71 @@ def test_create_project_upload_photos_and_sheet_then_refresh(server, page, tmp_p
 
 def test_extract_train_and_explore_in_the_browser(server, page):
     """Continues the project of the previous test: features, the quick model, the map."""
-    page.goto(f"{server['url']}/backbone?project=person-in-photo")
-    page.get_by_role("heading", name="2 · Backbone").wait_for()
-    page.get_by_role("button", name="Extract features").click()
+    page.goto(f"{server['url']}/data?project=person-in-photo")
+    page.get_by_role("heading", name="1 · Data").wait_for()
+    next_step(page, "2 · Backbone")
+    press(page, "Extract features")
     page.get_by_text("Features are ready for all").wait_for(timeout=240_000)
     shot(page, "backbone")
     page.reload()  # a second visit costs nothing: the cache answers at once
     page.get_by_text("Features are ready for all").wait_for()
     assert page.get_by_role("button", name="Extract features").count() == 0
 
-    page.get_by_role("link", name="Next: 3 · Train & compare").click()
-    page.get_by_role("button", name="Train the quick model").click()
+    next_step(page, "3 · Train & compare")
+    press(page, "Train the quick model")
     page.get_by_text("Balanced accuracy on held-out photos").wait_for(timeout=240_000)
     assert page.locator('[data-testid="stException"]').count() == 0
     shot(page, "train")
 
-    page.get_by_role("link", name="Next: 4 · Explore").click()
+    next_step(page, "4 · Explore")
     page.get_by_text("Likely label mistakes").wait_for(timeout=120_000)
     page.locator(".js-plotly-plot").first.wait_for()
     shot(page, "explore")
 
 
-def test_tag_a_catalog_in_the_browser(server, page, tmp_path):
-    """Continues the project: a catalog naming its photos is tagged and offered for download."""
-    names = [f"catalog photos/{p.name}" for p in _photo_set(tmp_path)[0]]
+def test_tag_a_catalog_and_export_the_report_in_the_browser(server, page, tmp_path):
+    """Continues the project: tag a catalog, download it, then download the report and read it offline."""
+    names = [p.name for p in _photo_set(tmp_path)[0]]
     catalog = tmp_path / "catalog.csv"
-    catalog.write_text("sku;title;image\n" + "".join(f"S{i};Item {i};{n.split('/')[-1]}\n" for i, n in enumerate(names)))
-    page.goto(f"{server['url']}/tag?project=person-in-photo")
-    page.get_by_role("heading", name="5 · Tag catalog").wait_for()
+    catalog.write_text("sku;category;image\n" + "".join(
+        f"S{i};{'Tops' if i % 2 else 'Shoes'};{n}\n" for i, n in enumerate(names)))
+    page.goto(f"{server['url']}/explore?project=person-in-photo")
+    page.get_by_role("heading", name="4 · Explore").wait_for()
+    next_step(page, "5 · Tag catalog")
     page.locator(UPLOAD).nth(0).set_input_files(str(catalog))
-    page.get_by_role("button", name="Start tagging").click()
+    press(page, "Start tagging")
     page.get_by_text(f"{len(names)} of {len(names)} rows done").wait_for(timeout=240_000)
-    page.get_by_role("button", name="Download as CSV").wait_for()
     assert page.locator('[data-testid="stException"]').count() == 0
     shot(page, "tag")
+    with page.expect_download() as download:
+        press(page, "Download as CSV")
+    tagged = tmp_path / "tagged.csv"
+    download.value.save_as(tagged)
+    lines = tagged.read_text(encoding="utf-8-sig").splitlines()
+    assert len(lines) == len(names) + 1 and "predicted_label" in lines[0] and "needs_review" in lines[0]
+
+    next_step(page, "6 · Report")
+    page.get_by_role("heading", name="What was not checked").wait_for(timeout=120_000)
+    assert page.locator('[data-testid="stException"]').count() == 0
+    page.get_by_text(f"{len(names)} rows").first.wait_for()
+    shot(page, "report")
+    with page.expect_download() as download:
+        press(page, "Download the report (HTML)")
+    exported = tmp_path / "report.html"
+    download.value.save_as(exported)
+
+    offline = page.context.browser.new_context(offline=True)  # a manager's laptop on a plane
+    requests = []
+    reader = offline.new_page()
+    reader.on("request", lambda r: requests.append(r.url))
+    reader.goto(exported.as_uri())
+    reader.get_by_role("heading", name="How well it works").wait_for()
+    assert reader.get_by_text("Does the photo show").count() >= 1
+    broken = reader.evaluate("[...document.images].filter(i => !i.complete || i.naturalWidth === 0).length")
+    assert broken == 0 and reader.evaluate("document.images.length") > 8
+    assert [u for u in requests if not u.startswith(("file:", "data:"))] == []
+    shot(reader, "report-file")
+    offline.close()
+    page.reload()
+    page.get_by_role("heading", name="6 · Report").wait_for()
+    assert re.search(r"6 · Report\s*✓", page.locator('[data-testid="stSidebarNav"]').inner_text())
