@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import html
 import json
+import math
 import re
 import time
 from dataclasses import dataclass, field
@@ -106,7 +107,9 @@ def default_question(classes: list[str], names: dict[str, str], positive: str | 
 
 def percent(v: float) -> str:
     """A share as a percentage; one decimal near the ends, so 99.6 % never reads as 100 %."""
-    return f"{100 * v:.1f} %" if 0 < v < 0.01 or 0.99 < v < 1 else f"{100 * v:.0f} %"
+    if 0.99 < v < 1:
+        return f"{math.floor(1000 * v) / 10:.1f} %"
+    return f"{math.ceil(1000 * v) / 10:.1f} %" if 0 < v < 0.01 else f"{100 * v:.0f} %"
 
 
 def _thumb(project: Project, sha: str) -> bytes | None:

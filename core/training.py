@@ -355,15 +355,26 @@ def train_finetuned(
     record = RunRecord(
         id=bundle.id, kind="finetuned", backbone_id=backbone_id, bundle_path=str(path), classes=classes,
         positive=positive, threshold=result.threshold, test_ids=test_ids, test_report=test_report.to_dict(),
-        headline=(f"Balanced accuracy {100 * acc.value:.1f} % on {test_report.n} held-out photos; best epoch "
-                  f"{result.best_epoch + 1 if result.best_epoch >= 0 else 'none (the starting point was best)'} "
-                  f"of {len(result.history)}, {result.stop_reason}."),
+        headline=f"Balanced accuracy {100 * acc.value:.1f} % on {test_report.n} held-out photos. " + _story(result),
         seconds=round(seconds, 1), created_at=time.time(),
         extra={"history": result.history, "best_epoch": result.best_epoch, "failures": len(result.failures),
                "device": str(result.device)},
     )
     _save_run(project, record, {"test_ids": np.asarray(test_ids), "test_proba": proba[keep]})
     return record
+
+
+def _story(result) -> str:
+    """How a fine-tuning run went, in one plain sentence."""
+    n = len(result.history)
+    rounds = f"{n} round{'' if n == 1 else 's'} (epochs)"
+    how = {"completed": f"Trained for all {rounds}",
+           "early_stopping": f"Stopped after {rounds}, once it no longer improved",
+           "time_budget": f"Stopped after {rounds} at the time limit",
+           "cancelled": f"Cancelled after {rounds}"}.get(result.stop_reason, f"Trained for {rounds}")
+    if result.best_epoch >= 0:
+        return f"{how}; the version kept is the one from round {result.best_epoch + 1}."
+    return f"{how}; no round beat its starting point (the quick model's classifier), so that is what is kept."
 
 
 def threshold_effect(project: Project, run: RunRecord, threshold: float) -> dict:

@@ -76,7 +76,8 @@ if summary["match"]:
     st.caption(f"The sheet has {m['rows_total']} rows: {m['rows_matched']} matched a photo, "
                f"{m['rows_unmatched']} did not (see Problems).")
 if summary["duplicate_files"]:
-    st.caption(f"{summary['duplicate_files']} files are exact copies of another file; each photo is used once "
+    dup = summary["duplicate_files"]
+    st.caption(f"{dup} file{' is an exact copy' if dup == 1 else 's are exact copies'} of another file; each photo is used once "
                "for training (see Problems).")
 
 names = project.class_names()

@@ -31,6 +31,10 @@ with st.expander("Change the wording or the catalog column"):
         report.save_choices(project, question=question, category=category)
         st.rerun()
 
+unnamed = [c for c in built.classes if len(c) <= 2 or c.isdigit()]
+if unnamed:
+    st.warning(f"Your classes are still called {', '.join(f'“{c}”' for c in unnamed)}. Give them names a manager "
+               "understands (e.g. 1 → “Person in photo”) on the **1 · Data** step, under *Name the classes*.")
 st.info(f"**The question:** {built.question}")
 st.markdown("\n".join(f"- {line}" for line in built.in_short))
 left, right = st.columns([1, 2])

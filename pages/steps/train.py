@@ -8,7 +8,7 @@ from pages.ui import results
 
 st.title("3 · Train & compare")
 st.caption("Two ways to learn your label, scored on the same photos the models never saw while learning.")
-ui.explain("frozen", "fine-tuning", "precision", "recall")
+ui.explain("frozen", "fine-tuning", "precision", "recall", "cross-validation")
 project = ui.require_project()
 progress = journey.progress(project)
 backbone = project.get_meta("backbone")

@@ -32,6 +32,8 @@ GLOSSARY = {
     "precision": "Of the photos the model tagged with a label, the share that really have it.",
     "recall": "Of the photos that really have a label, the share the model found.",
     "confidence": "How sure the model is of its answer, from 0 % to 100 %.",
+    "cross-validation": "Training several times, each time testing on a different part of the photos, so every "
+                        "photo is tested once by a model that never saw it.",
 }
 
 _PROJECT_KEY = "project_slug"

@@ -10,6 +10,8 @@ from core.workspace import Project
 from pages.ui import thumb_grid
 
 TITLES = {"frozen": "Quick model (frozen backbone)", "finetuned": "Fine-tuned network"}
+COLUMNS = {"precision": "Right when it says so (precision)", "recall": "Found (recall)",
+           "f1": "F1 (both in one number)", "support": "Photos"}
 
 
 def run_panel(project: Project, run: training.RunRecord, names: dict[str, str]) -> None:
@@ -23,8 +25,11 @@ def run_panel(project: Project, run: training.RunRecord, names: dict[str, str]) 
     for warning in report.get("warnings", []):
         st.warning(warning)
     rep = report["report"]
-    table = pd.DataFrame(rep["data"], index=rep["index"], columns=rep["columns"]).rename(index=names)
-    st.dataframe(table.style.format({c: "{:.0f}" if c == "support" else "{:.2f}" for c in table.columns}), width="stretch")
+    table = pd.DataFrame(rep["data"], index=rep["index"], columns=rep["columns"]).rename(
+        index={**names, "macro avg": "Average (each class counts the same)", "weighted avg": "Average (by photos)"},
+        columns=COLUMNS)
+    st.dataframe(table.style.format({c: "{:.0f}" if c == COLUMNS["support"] else "{:.0%}" for c in table.columns}),
+                 width="stretch")
     st.plotly_chart(charts.confusion_figure(report["confusion"], run.classes, names=names), width="stretch",
                     key=f"cm-{run.kind}")
     if run.positive:
