@@ -64,7 +64,9 @@ def test_frozen_bundle_round_trips(tmp_path, k):
     loaded, arrays = load_bundle(path)
     assert loaded == bundle
     restored = frozen_head_from_bundle(loaded, arrays)
-    np.testing.assert_array_equal(restored.predict_proba(X), head.predict_proba(X))
+    # Equal to the last bits: the restored coefficients are a new array, and BLAS may sum in another order.
+    np.testing.assert_allclose(restored.predict_proba(X), head.predict_proba(X), rtol=1e-12, atol=1e-15)
+    np.testing.assert_array_equal(restored.predict(X), head.predict(X))
     assert loaded.library_versions["numpy"] == np.__version__
     assert loaded.display_name(bundle.classes[-1]) == "Has a person"
 
