@@ -10,8 +10,7 @@ from core.workspace import Project
 from pages.ui import thumb_grid
 
 TITLES = {"frozen": "Quick model (frozen backbone)", "finetuned": "Fine-tuned network"}
-COLUMNS = {"precision": "Right when it says so (precision)", "recall": "Found (recall)",
-           "f1": "F1 (both in one number)", "support": "Photos"}
+COLUMNS = {"precision": "Precision", "recall": "Recall", "f1": "F1 (both in one)", "support": "Photos"}
 
 
 def run_panel(project: Project, run: training.RunRecord, names: dict[str, str]) -> None:
@@ -26,7 +25,7 @@ def run_panel(project: Project, run: training.RunRecord, names: dict[str, str]) 
         st.warning(warning)
     rep = report["report"]
     table = pd.DataFrame(rep["data"], index=rep["index"], columns=rep["columns"]).rename(
-        index={**names, "macro avg": "Average (each class counts the same)", "weighted avg": "Average (by photos)"},
+        index={**names, "macro avg": "Average (classes equal)", "weighted avg": "Average (by photos)"},
         columns=COLUMNS)
     st.dataframe(table.style.format({c: "{:.0f}" if c == COLUMNS["support"] else "{:.0%}" for c in table.columns}),
                  width="stretch")
