@@ -171,6 +171,10 @@ def test_tag_a_catalog_and_export_the_report_in_the_browser(server, page, tmp_pa
     assert broken == 0 and reader.evaluate("document.images.length") > 8
     assert [u for u in requests if not u.startswith(("file:", "data:"))] == []
     shot(reader, "report-file")
+    reader.emulate_media(media="print")  # Ctrl+P ▸ Save as PDF, as a manager would
+    pdf = reader.pdf(prefer_css_page_size=True, print_background=True)
+    pages = len(re.findall(rb"/Type\s*/Page[^s]", pdf))
+    assert 1 <= pages <= 4, f"the report prints on {pages} A4 pages"
     offline.close()
     page.reload()
     page.get_by_role("heading", name="6 · Report").wait_for()
