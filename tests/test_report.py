@@ -196,6 +196,18 @@ def test_report_of_a_three_class_project(home):
     assert_self_contained(page)
     assert page.count("really “") == 3
 
+    from streamlit.testing.v1 import AppTest
+
+    from tests.conftest import REPO
+
+    at = AppTest.from_file(str(REPO / "app.py"), default_timeout=120)
+    at.query_params["project"] = p.slug
+    at.run()
+    at.switch_page("pages/steps/report.py").run()
+    assert not at.exception, at.exception
+    assert "Which of these does the photo show" in at.info[0].value and not at.warning
+    assert any("No catalog has been tagged yet" in i.value for i in at.info)
+
 
 def test_report_page_draws_the_report_and_offers_the_file(demo):
     from streamlit.testing.v1 import AppTest

@@ -37,12 +37,11 @@ if unnamed:
                "understands (e.g. 1 → “Person in photo”) on the **1 · Data** step, under *Name the classes*.")
 st.info(f"**The question:** {built.question}")
 st.markdown("\n".join(f"- {line}" for line in built.in_short))
-left, right = st.columns([1, 2])
-left.download_button(
+st.download_button(
     "Download the report (HTML)", report.to_html(built), file_name=f"{project.slug}-report.html", mime="text/html",
     type="primary", icon=":material/download:", on_click=lambda: project.set_meta("reported", True))
-right.caption("One file with the photos and charts inside: it opens offline in any browser. "
-              "For a PDF, open it and print (Ctrl+P ▸ Save as PDF).")
+st.caption("One file with the photos and charts inside: it opens offline in any browser. "
+           "For a PDF, open it and print (Ctrl+P ▸ Save as PDF).")
 
 st.header("What it learned from")
 st.write(f"{sum(built.classes.values()):,} photos labelled by hand. {built.held_out} of them were set aside before "

@@ -154,6 +154,7 @@ def test_tag_a_catalog_and_export_the_report_in_the_browser(server, page, tmp_pa
     page.get_by_role("heading", name="What was not checked").wait_for(timeout=120_000)
     assert page.locator('[data-testid="stException"]').count() == 0
     page.get_by_text(f"{len(names)} rows").first.wait_for()
+    assert page.get_by_text("Your classes are still called").count() == 1  # the sheet said 1 / 0
     shot(page, "report")
     with page.expect_download() as download:
         press(page, "Download the report (HTML)")
