@@ -11,8 +11,8 @@ st.markdown(
     "photo?”* — from a few dozen examples you have already labelled.  \n"
     "It reuses a network that has seen millions of photos, so training takes seconds, "
     "and shows you honestly how often it is right.  \n"
-    "Then it tags your whole catalog export and gives it back as a spreadsheet, with the "
-    "doubtful photos flagged for a quick look."
+    "Then it tags your whole catalog export, gives it back as a spreadsheet with the doubtful "
+    "photos flagged for a quick look, and writes a one-page report for management."
 )
 
 project = ui.current_project()
