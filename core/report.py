@@ -77,6 +77,13 @@ class CatalogResult:
     def finished(self) -> bool:
         return self.done >= self.rows
 
+    @property
+    def summary(self) -> str:
+        """One sentence on the run: rows, progress, review, model."""
+        status = "" if self.finished else f" (tagging in progress: {self.done:,} of {self.rows:,} rows)"
+        return (f"{self.name}: {self.rows:,} rows{status}. {self.needs_review:,} flagged for a second look, "
+                f"{self.answered:,} answered by hand. Tagged with the {self.model[:1].lower()}{self.model[1:]}.")
+
 
 @dataclass
 class Report:
@@ -499,9 +506,7 @@ def to_html(report: Report) -> str:
     if cat is None:
         out.append("<p>No catalog has been tagged yet.</p>")
     else:
-        status = "" if cat.finished else f" (tagging in progress: {cat.done:,} of {cat.rows:,} rows)"
-        out.append(f"<p><b>{_e(cat.name)}</b>: {cat.rows:,} rows{_e(status)}. {cat.needs_review:,} flagged for a "
-                   f"second look, {cat.answered:,} answered by hand.</p>" + _bars(cat.counts))
+        out.append(f"<p>{_e(cat.summary)}</p>" + _bars(cat.counts))
         if cat.by_category is not None and not cat.by_category.empty:
             out.append(f"<h3>By {_e(cat.category_column)}</h3>" + _stacked(cat.by_category))
         for name, photos in cat.examples.items():

@@ -25,3 +25,22 @@ def product_photos() -> Path:
     if not (folder / "labels.csv").is_file():
         pytest.skip(f"shared photos not found at {folder} (a fresh clone has no ../shared)")
     return folder
+
+
+def sample_photo_set(folder: Path, sources: dict[str, list], per_class: int = 12) -> str:
+    """Varied crops of scikit-image's sample photos (real pixels), one class per list of
+    arrays, saved as JPEGs in ``folder``; returns the matching ``file,label`` sheet."""
+    from PIL import Image, ImageOps
+
+    folder.mkdir(parents=True)
+    rows = ["file,label"]
+    for label, arrays in sources.items():
+        for i in range(per_class):
+            img = Image.fromarray(arrays[i % len(arrays)]).convert("RGB")
+            w, h = img.size
+            img = img.crop((i * 7 % 40, i * 5 % 30, w - (i * 3 % 35), h - (i * 11 % 25))).rotate((i % 5) - 2)
+            if i % 2:
+                img = ImageOps.mirror(img)
+            img.save(folder / f"{label}_{i:02d}.jpg", quality=88)
+            rows.append(f"{label}_{i:02d}.jpg,{label}")
+    return "\n".join(rows) + "\n"

@@ -9,26 +9,10 @@ from __future__ import annotations
 from html.parser import HTMLParser
 
 import pytest
-from PIL import Image, ImageOps
 
 from core import extraction, intake, journey, report, tagging, training, workspace
 from core.cli import main as cli
-
-
-def _photos(folder, sources: dict[str, list], per_class: int = 10) -> str:
-    """Varied crops of scikit-image's sample photos, one class per source list; returns a sheet."""
-    folder.mkdir(parents=True)
-    rows = ["file,label"]
-    for label, arrays in sources.items():
-        for i in range(per_class):
-            img = Image.fromarray(arrays[i % len(arrays)]).convert("RGB")
-            w, h = img.size
-            img = img.crop((i * 7 % 40, i * 5 % 30, w - (i * 3 % 35), h - (i * 11 % 25))).rotate((i % 5) - 2)
-            if i % 2:
-                img = ImageOps.mirror(img)
-            img.save(folder / f"{label}_{i:02d}.jpg", quality=88)
-            rows.append(f"{label}_{i:02d}.jpg,{label}")
-    return "\n".join(rows) + "\n"
+from tests.conftest import sample_photo_set
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +34,7 @@ def binary_photos(home):
     from skimage import data
 
     folder = home / "photos"
-    sheet = _photos(folder, {"person": [data.astronaut()], "no_person": [data.coffee(), data.chelsea(), data.rocket()]})
+    sheet = sample_photo_set(folder, {"person": [data.astronaut()], "no_person": [data.coffee(), data.chelsea(), data.rocket()]}, 10)
     (home / "labels.csv").write_text(sheet)
     return folder, home / "labels.csv"
 
@@ -134,7 +118,7 @@ def test_exported_html_is_self_contained_and_says_what_the_page_says(demo, tmp_p
     page = out.read_text()
     assert_self_contained(page)
     built = report.build_report(demo)
-    for text in [built.question, *built.in_short, *built.limits, "Menswear", "Accessories"]:
+    for text in [built.question, *built.in_short, *built.limits, built.catalog.summary, "Menswear", "Accessories"]:
         assert report._e(text) in page
     assert page.count("<img") >= 1 + 2 * report.EXAMPLES_PER_CLASS  # the logo, examples, catalog photos
     assert journey.progress(demo).done["report"]
@@ -179,7 +163,7 @@ def test_report_of_a_three_class_project(home):
     from skimage import data
 
     folder = home / "three"
-    sheet = _photos(folder, {"astronaut": [data.astronaut()], "coffee": [data.coffee()], "cat": [data.chelsea()]}, 8)
+    sheet = sample_photo_set(folder, {"astronaut": [data.astronaut()], "coffee": [data.coffee()], "cat": [data.chelsea()]}, 8)
     p = workspace.create_project("Three classes")
     intake.stage_folder(p, folder)
     intake.process_staged(p)

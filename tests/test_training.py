@@ -4,30 +4,20 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from PIL import Image, ImageOps
+from PIL import Image
 
 from core import extraction, finetune, intake, jobs, training, workspace
+from tests.conftest import sample_photo_set
 
 
 def _photos(folder):
-    """Two visually distinct classes made from scikit-image's sample photos."""
+    """Two visually distinct classes made from scikit-image's sample photos, and one broken file."""
     from skimage import data
 
-    folder.mkdir()
-    rows = ["file,label"]
-    sources = {"person": [data.astronaut()], "no_person": [data.coffee(), data.chelsea(), data.rocket()]}
-    for label, arrays in sources.items():
-        for i in range(12):
-            img = Image.fromarray(arrays[i % len(arrays)]).convert("RGB")
-            w, h = img.size
-            img = img.crop((i * 7 % 40, i * 5 % 30, w - (i * 3 % 35), h - (i * 11 % 25))).rotate((i % 5) - 2)
-            if i % 2:
-                img = ImageOps.mirror(img)
-            name = f"{label}_{i:02d}.jpg"
-            img.save(folder / name, quality=88)
-            rows.append(f"{name},{label}")
+    sheet = sample_photo_set(folder, {"person": [data.astronaut()],
+                                      "no_person": [data.coffee(), data.chelsea(), data.rocket()]})
     (folder / "bad.jpg").write_bytes(b"\xff\xd8\xff not a photo")
-    return "\n".join(rows) + "\n"
+    return sheet
 
 
 @pytest.fixture(scope="module")

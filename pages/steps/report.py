@@ -83,9 +83,7 @@ cat = built.catalog
 if cat is None:
     st.info("No catalog has been tagged yet. Tag one on the **5 · Tag catalog** step and it appears here.")
 else:
-    status = "" if cat.finished else f" (tagging in progress: {cat.done:,} of {cat.rows:,} rows)"
-    st.write(f"**{cat.name}**: {cat.rows:,} rows{status}. {cat.needs_review:,} flagged for a second look, "
-             f"{cat.answered:,} answered by hand. Tagged with the {cat.model[:1].lower()}{cat.model[1:]}.")
+    st.write(cat.summary)
     st.plotly_chart(charts.share_figure(cat.counts, horizontal=True), width="stretch", key="report-catalog")
     if cat.by_category is not None and not cat.by_category.empty:
         st.markdown(f"**By {cat.category_column}**")
