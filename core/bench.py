@@ -49,7 +49,7 @@ def _forward_limit(model, images, device, *, repeats: int) -> tuple[float, int, 
     """
     import torch
 
-    from core.features import _autocast, _sync
+    from core.features import autocast, synchronize
 
     best = (0.0, 1, "channels_last")
     n = images.shape[0]
@@ -59,15 +59,15 @@ def _forward_limit(model, images, device, *, repeats: int) -> tuple[float, int, 
                 break
             batches = [images[i:i + bs].to(device).contiguous(memory_format=fmt) for i in range(0, n - bs + 1, bs)]
             rates = []
-            with torch.inference_mode(), _autocast(device):
+            with torch.inference_mode(), autocast(device):
                 for x in batches[:2]:  # warm-up: kernels chosen for this shape
                     model(x)
                 for _ in range(repeats):
-                    _sync(device)
+                    synchronize(device)
                     started = time.perf_counter()
                     for x in batches:
                         model(x)
-                    _sync(device)
+                    synchronize(device)
                     rates.append(len(batches) * bs / (time.perf_counter() - started))
             rate = statistics.median(rates)
             if rate > best[0]:
@@ -80,7 +80,7 @@ def _naive(model, transform, paths: list[Path], device) -> float:
     import torch
     from PIL import Image
 
-    from core.features import _sync
+    from core.features import synchronize
 
     started = time.perf_counter()
     with torch.inference_mode():
@@ -88,7 +88,7 @@ def _naive(model, transform, paths: list[Path], device) -> float:
             with Image.open(path) as img:
                 x = transform(img.convert("RGB")).unsqueeze(0).to(device)
             model(x)
-        _sync(device)
+        synchronize(device)
     return len(paths) / (time.perf_counter() - started)
 
 

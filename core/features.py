@@ -390,7 +390,8 @@ def _decode_jpegs(jpegs, device, prep) -> list:
 # --------------------------------------------------------------------------- forward
 
 
-def _autocast(device: torch.device):
+def autocast(device: torch.device):
+    """Half precision on CUDA (bfloat16 where supported), full precision elsewhere."""
     import torch
 
     if device.type == "cuda":
@@ -423,7 +424,7 @@ def _forward(model: nn.Module, x: torch.Tensor, device: torch.device, state: dic
     while start < len(x):
         step = state["batch"]
         try:
-            with torch.inference_mode(), _autocast(device):
+            with torch.inference_mode(), autocast(device):
                 part = x[start : start + step].to(
                     device, non_blocking=True, memory_format=torch.channels_last
                 )
@@ -452,7 +453,8 @@ def _cpu_threads(device: torch.device, *, workers: int = 0):
         torch.set_num_threads(before)
 
 
-def _sync(device: torch.device) -> None:
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work, so that a timer reads the real time."""
     import torch
 
     if device.type == "cuda":
@@ -521,7 +523,7 @@ def choose_batch_size(
         raise ValueError(f"Batch size candidates must be positive whole numbers: {candidates}.")
     best, best_per_image, worse_in_a_row = candidates[0], float("inf"), 0
     started = time.perf_counter()
-    with _cpu_threads(dev), torch.inference_mode(), _autocast(dev):
+    with _cpu_threads(dev), torch.inference_mode(), autocast(dev):
         warm = torch.randn(candidates[0], 3, input_size, input_size, device=dev)
         for _ in range(2):  # first calls pay one-off costs (kernel selection, allocator)
             model(warm.to(memory_format=torch.channels_last))
@@ -532,14 +534,14 @@ def choose_batch_size(
                 )
                 for _ in range(2):  # warm-up for this shape: kernels, allocator, caches
                     model(x)
-                _sync(dev)
+                synchronize(dev)
                 calls = max(1, math.ceil(min_images / bs))
                 times = []
                 for _ in range(repeats):
                     t = time.perf_counter()
                     for _ in range(calls):
                         model(x)
-                    _sync(dev)
+                    synchronize(dev)
                     times.append((time.perf_counter() - t) / calls)
             except (RuntimeError, torch.OutOfMemoryError) as exc:
                 if not _is_oom(exc):
@@ -585,14 +587,14 @@ def measure_speed(
     bs = max(1, min(bs, n_images))
     size = backbone.input_size
     x = torch.randn(bs, 3, size, size, device=dev).to(memory_format=torch.channels_last)
-    with _cpu_threads(dev), torch.inference_mode(), _autocast(dev):
+    with _cpu_threads(dev), torch.inference_mode(), autocast(dev):
         model(x)
-        _sync(dev)
+        synchronize(dev)
         done, started = 0, time.perf_counter()
         while done < n_images:
             model(x)
             done += bs
-        _sync(dev)
+        synchronize(dev)
         speed = done / (time.perf_counter() - started)
     _json_remember("speeds.json", memo_key, round(speed, 2))
     return speed
