@@ -136,8 +136,13 @@ def _method(project: Project, run: training.RunRecord, names: dict[str, str], us
     per_class.index = [names.get(c, c) for c in per_class.index]
     acc = rep["balanced_accuracy"]
     n = int(rep["n"])
+    if run.positive is not None:
+        pos = names.get(run.positive, run.positive)
+        fairly = f"photos with and without “{pos}” counting equally"
+    else:
+        fairly = "every class counting equally"
     sentence = (f"On {n} labelled photos it never saw while learning, it gave the right answer "
-                f"{percent(acc['value'])} of the time, each answer counting equally.")
+                f"{percent(acc['value'])} of the time ({fairly}).")
     detail = ""
     if run.positive is not None:
         pos = names.get(run.positive, run.positive)
@@ -274,8 +279,8 @@ def build_report(project: Project, *, question: str | None = None, category: str
         f"{backbone}, a network pretrained on millions of everyday photos.",
         used.sentence,
     ]
-    if verdict:
-        in_short.append(f"Two ways of learning were compared on the same photos. {verdict}")
+    if comparison is not None:
+        in_short.append(_plain_verdict(comparison))
     if catalog is not None:
         top = ", ".join(f"{n:,} “{tag}”" for tag, n in catalog.counts.items())
         in_short.append(f"It tagged {catalog.done:,} of the {catalog.rows:,} rows of {catalog.name}: {top}.")
@@ -288,6 +293,18 @@ def build_report(project: Project, *, question: str | None = None, category: str
     )
     report.limits = _limits(project, report, main, runs, chosen)
     return report
+
+
+def _plain_verdict(comparison) -> str:
+    """The quick-vs-fine-tuned verdict for a manager: what was tried and what is used."""
+    tried = "A fine-tuned network, slower to train, was also tried on the same photos"
+    if comparison.better == "Fine-tuned network":
+        return (f"{tried}: it got {comparison.difference.value:.1f} points more photos right, "
+                "so it is the one to use.")
+    if comparison.better == "Quick model":
+        return f"{tried}: it did worse, so the quick model is the one to use."
+    return (f"{tried}: it was not measurably better, so the {comparison.recommended.lower()}, "
+            "quicker to train, is the one to use.")
 
 
 def _limits(project: Project, report: Report, main: training.RunRecord, runs: dict, chosen: dict | None) -> list[str]:
@@ -492,7 +509,7 @@ def to_html(report: Report) -> str:
         acc = m.accuracy
         used = " · <b>used for tagging</b>" if m.used_for_tagging else ""
         out.append(f"<div><h3>{_e(m.title)}</h3><p class='metric'>{percent(acc['value'])}</p>"
-                   f"<p class='muted'>right, each answer counting equally · 95 % range {percent(acc['low'])} – "
+                   f"<p class='muted'>right (each class counting equally) · 95 % range {percent(acc['low'])} – "
                    f"{percent(acc['high'])} · {m.n_test} held-out photos · trained {m.trained_on}{used}</p>"
                    f"<p>{_e(m.detail)}</p>{_per_class(m)}{_confusion(m)}</div>")
     out.append("</div>")

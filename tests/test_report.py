@@ -99,6 +99,8 @@ def test_report_of_a_finished_binary_project(demo):
     assert [m.kind for m in built.methods] == ["frozen", "finetuned"]
     assert sum(m.used_for_tagging for m in built.methods) == 1
     assert built.verdict and "Fine-tuned network" in built.verdict
+    plain = next(line for line in built.in_short if "was also tried" in line)  # the verdict for a manager
+    assert "points" not in plain or "more photos right" in plain
     frozen = built.methods[0]
     assert frozen.accuracy["low"] <= frozen.accuracy["value"] <= frozen.accuracy["high"]
     assert "Of every 100 photos that show “Person in photo”" in frozen.detail

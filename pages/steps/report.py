@@ -62,7 +62,7 @@ for col, method in zip(st.columns(len(built.methods)), built.methods):
         if method.used_for_tagging:
             st.badge("Used for tagging", icon=":material/check:", color="green")
         acc = method.accuracy
-        st.metric("Right, each answer counting equally", report.percent(acc["value"]),
+        st.metric("Right answers (each class counting equally)", report.percent(acc["value"]),
                   help="Balanced accuracy on photos the model never saw while learning.")
         st.caption(f"95 % range {report.percent(acc['low'])} – {report.percent(acc['high'])} on {method.n_test} "
                    f"held-out photos · trained {method.trained_on}")
