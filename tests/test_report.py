@@ -137,8 +137,15 @@ def test_analysts_answers_and_wording_reach_the_report(demo):
         assert built.catalog.answered == 1 and built.catalog.by_category is None
         assert built.catalog.counts["no_person"] == int((results["predicted_label"] == "no_person").sum()) + 1
         assert "Is a model wearing the product?" in report.to_html(built)
+        assert not any("changed since this model was trained" in limit for limit in built.limits)
+        tagging.add_reviews_to_training(demo, folder)  # the answer relabels that photo...
+        built = report.build_report(demo)
+        assert built.classes == {"Person in photo": 10, "no_person": 10}  # ...which the model learned as it was
+        assert "now 9 “Person in photo”, 11 “no_person”; then 10 “Person in photo”, 10 “no_person”" in built.limits[0]
     finally:
         tagging.set_override(folder, row, None)
+        for sha in demo.dataset().query("label_source == 'manual'")["sha"]:
+            demo.clear_override(sha)
         report.save_choices(demo, question="", category="category")
 
 
