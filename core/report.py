@@ -248,7 +248,7 @@ def build_report(project: Project, *, question: str | None = None, category: str
     order = sorted(main.classes, key=lambda c: c != main.positive)  # the tag itself first, as everywhere
     data = project.training_set()
     now = data["label"].value_counts()
-    then = _trained_on(main)  # what the model really learned from, not what is labelled today
+    then = training.trained_counts(main)  # what the model really learned from, not what is labelled today
     counts = then if then is not None else {c: int(now.get(c, 0)) for c in order}
     classes = {names.get(c, c): int(counts.get(c, 0)) for c in order}
     examples = {}
@@ -294,29 +294,10 @@ def build_report(project: Project, *, question: str | None = None, category: str
         examples=examples, methods=methods, verdict=verdict, mistakes=mistakes, catalog=catalog,
     )
     report.limits = _limits(project, report, main, runs, chosen)
-    if then is not None and any(int(now.get(c, 0)) != then.get(c, 0) for c in set(now.index) | set(then)):
-        def per_class(counts) -> str:
-            return ", ".join(f"{int(counts.get(c, 0)):,} “{names.get(c, c)}”" for c in order)
-
-        report.limits.insert(0, f"The labels have changed since this model was trained (now {per_class(now)}; "
-                                f"then {per_class(then)}): train again on the Train & compare step so that the "
-                                "model and this report include the changes.")
+    changed = training.labels_changed(project, main)
+    if changed:
+        report.limits.insert(0, changed)
     return report
-
-
-def _trained_on(run: training.RunRecord) -> dict[str, int] | None:
-    """Photos per class the run used: its training manifest plus its held-out photos."""
-    from core import bundles
-
-    try:
-        manifest = bundles.load_bundle(run.bundle_path)[0].training_manifest.get("per_class", {})
-        rep = run.test_report["report"]
-        support = dict(zip(rep["index"], (row[rep["columns"].index("support")] for row in rep["data"])))
-    except (bundles.BundleError, OSError, KeyError, ValueError):
-        return None
-    if not manifest:
-        return None
-    return {c: int(manifest.get(c, 0)) + int(support.get(c, 0)) for c in run.classes}
 
 
 def _plain_verdict(comparison) -> str:

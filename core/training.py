@@ -430,6 +430,39 @@ def what_is_learned(backbone_id: str, kind: str, n_classes: int) -> str:
             "last layers, then everything, with smaller changes for the earlier layers.")
 
 
+def trained_counts(run: RunRecord) -> dict[str, int] | None:
+    """Photos per class a run used (its training manifest plus its held-out photos); None if unknown."""
+    from core import bundles
+
+    try:
+        manifest = bundles.load_bundle(run.bundle_path)[0].training_manifest.get("per_class", {})
+        rep = run.test_report["report"]
+        support = dict(zip(rep["index"], (row[rep["columns"].index("support")] for row in rep["data"])))
+    except (bundles.BundleError, OSError, KeyError, ValueError):
+        return None
+    if not manifest:
+        return None
+    return {c: int(manifest.get(c, 0)) + int(support.get(c, 0)) for c in run.classes}
+
+
+def labels_changed(project: Project, run: RunRecord) -> str | None:
+    """A plain sentence when the labelled photos differ from those the run learned from, else None."""
+    then = trained_counts(run)
+    if then is None:
+        return None
+    now = project.training_set()["label"].value_counts()
+    classes = sorted(set(then) | set(now.index), key=lambda c: (c != run.positive, c))
+    if all(int(now.get(c, 0)) == then.get(c, 0) for c in classes):
+        return None
+    names = project.class_names()
+
+    def per_class(counts) -> str:
+        return ", ".join(f"{int(counts.get(c, 0)):,} “{names.get(c, c)}”" for c in classes)
+
+    return (f"The labels have changed since this model was trained (now {per_class(now)}; then "
+            f"{per_class(then)}): train again on the Train & compare step so that the model includes the changes.")
+
+
 def class_order(project: Project) -> list[str]:
     """The classes in the order every chart and table shows them: the tag itself (positive class) first."""
     runs = latest_runs(project)

@@ -142,6 +142,17 @@ def test_analysts_answers_and_wording_reach_the_report(demo):
         built = report.build_report(demo)
         assert built.classes == {"Person in photo": 10, "no_person": 10}  # ...which the model learned as it was
         assert "now 9 “Person in photo”, 11 “no_person”; then 10 “Person in photo”, 10 “no_person”" in built.limits[0]
+
+        from streamlit.testing.v1 import AppTest
+
+        from tests.conftest import REPO
+
+        at = AppTest.from_file(str(REPO / "app.py"), default_timeout=120)
+        at.query_params["project"] = demo.slug
+        at.run()
+        at.switch_page("pages/steps/train.py").run()  # the Train page says so too
+        assert not at.exception, at.exception
+        assert any("The labels have changed since this model was trained" in w.value for w in at.warning)
     finally:
         tagging.set_override(folder, row, None)
         for sha in demo.dataset().query("label_source == 'manual'")["sha"]:

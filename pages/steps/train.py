@@ -45,6 +45,9 @@ if not runs:
     st.info("Press **Train the quick model** to see how well your label can be learned.")
     st.stop()
 
+changed = training.labels_changed(project, runs.get("frozen") or next(iter(runs.values())))
+if changed:
+    st.warning(changed, icon=":material/update:")
 comparison = training.compare(project, names=("Quick model", "Fine-tuned network"))
 if comparison is not None:
     (st.success if comparison.better else st.info)(f"**Verdict:** {comparison.verdict}")
