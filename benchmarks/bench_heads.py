@@ -67,8 +67,9 @@ def bench_heads(shapes, *, compare_threads: bool):
     from sklearn.base import clone
     from sklearn.metrics import balanced_accuracy_score
 
-    from core.evaluation import cross_validate_head, plan_split
+    from core.evaluation import cross_validate_head
     from core.heads import make_frozen_head
+    from core.splits import plan_split
 
     rows = []
     for n, k in shapes:

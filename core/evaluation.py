@@ -1,14 +1,13 @@
-"""Honest evaluation: one split plan for every method, reports with uncertainty,
-cross-validation of frozen heads, paired comparisons and label-issue ranking.
+"""Honest evaluation: reports with uncertainty, thresholds, cross-validation of frozen heads.
 
-The rules this module enforces:
+The rules this module enforces (the split itself is :mod:`core.splits`; comparing two
+methods and ranking label issues is :mod:`core.comparison`):
 
-* One :class:`SplitPlan` per project. Its held-out test photos are scored by every method
-  (frozen head, fine-tuned network) and used for nothing else: no threshold, no
-  regularisation and no early stopping ever looks at them.
-* Small data (under ``small_data_threshold`` photos) gets repeated stratified k-fold
-  cross-validation of the frozen head on the training part, with an interval that is
-  corrected for the overlap between folds (Nadeau & Bengio, 2003).
+* Every method is scored on the held-out test photos of the project's one split plan,
+  which nothing else ever looks at.
+* Small data (under the plan's ``small_data_threshold`` photos) gets repeated stratified
+  k-fold cross-validation of the frozen head on the training part, with an interval that
+  is corrected for the overlap between folds (Nadeau & Bengio, 2003).
 * Every headline number carries a 95 % bootstrap interval, and the text says when a
   test set is too small to be evidence.
 
@@ -20,7 +19,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,215 +27,22 @@ import numpy as np
 import pandas as pd
 from sklearn.base import clone
 from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score, roc_curve
-from sklearn.model_selection import RepeatedStratifiedKFold
 
 from core.heads import make_frozen_head, single_threaded_blas
-from core.problems import InputError
+from core.splits import SplitPlan
 
 __all__ = [
     "CVResult",
-    "Comparison",
     "Estimate",
     "EvalReport",
-    "SplitPlan",
-    "align_proba",
     "choose_threshold",
-    "compare_methods",
     "cross_validate_head",
     "evaluate_predictions",
-    "plan_split",
     "predict_labels",
-    "rank_label_issues",
 ]
 
-PLAN_VERSION = 1
 MIN_TEST_PHOTOS = 50  # below this a test set is "not evidence" (DESIGN.md)
 MAX_CURVE_POINTS = 1001  # ROC/PR curves are thinned to this many points for storage
-
-
-# --------------------------------------------------------------------------- split plan
-
-
-@dataclass
-class SplitPlan:
-    """Which photo plays which role, fixed once per project and shared by all methods.
-
-    ``train_ids`` + ``val_ids`` form the training part. A fine-tuned network trains on
-    ``train_ids`` and early-stops on ``val_ids``; the frozen head (which needs no early
-    stopping) trains on the whole training part. ``test_ids`` are only ever scored.
-    ``cv_folds[r][i]`` is the cross-validation fold of ``ids[i]`` in repeat ``r``
-    (``-1`` for test photos); it is empty when no cross-validation is planned.
-    """
-
-    ids: list[str]
-    train_ids: list[str]
-    val_ids: list[str]
-    test_ids: list[str]
-    cv_folds: list[list[int]]
-    n_splits: int
-    n_repeats: int
-    seed: int
-    test_size: float
-    val_size: float
-    small_data_threshold: int
-    version: int = PLAN_VERSION
-
-    @property
-    def training_ids(self) -> list[str]:
-        """The training part (train + validation), in ``ids`` order."""
-        test = set(self.test_ids)
-        return [i for i in self.ids if i not in test]
-
-    @property
-    def small_data(self) -> bool:
-        return len(self.ids) < self.small_data_threshold
-
-    def cv_splits(self) -> Iterator[tuple[int, int, np.ndarray, np.ndarray]]:
-        """``(repeat, fold, fit_positions, score_positions)`` with positions into ``ids``."""
-        for r, folds in enumerate(self.cv_folds):
-            f = np.asarray(folds)
-            for k in range(self.n_splits):
-                yield r, k, np.flatnonzero((f >= 0) & (f != k)), np.flatnonzero(f == k)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "version": self.version,
-            "seed": self.seed,
-            "test_size": self.test_size,
-            "val_size": self.val_size,
-            "small_data_threshold": self.small_data_threshold,
-            "n_splits": self.n_splits,
-            "n_repeats": self.n_repeats,
-            "ids": list(self.ids),
-            "train_ids": list(self.train_ids),
-            "val_ids": list(self.val_ids),
-            "test_ids": list(self.test_ids),
-            "cv_folds": [list(map(int, f)) for f in self.cv_folds],
-        }
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> SplitPlan:
-        """Rebuild and check a plan read from JSON; raises ``ValueError`` if it is inconsistent."""
-        if not isinstance(d, Mapping) or d.get("version") != PLAN_VERSION:
-            raise ValueError(f"Not a split plan of version {PLAN_VERSION}: {str(d)[:80]!r}.")
-        try:
-            plan = cls(
-                ids=[str(i) for i in d["ids"]],
-                train_ids=[str(i) for i in d["train_ids"]],
-                val_ids=[str(i) for i in d["val_ids"]],
-                test_ids=[str(i) for i in d["test_ids"]],
-                cv_folds=[[int(v) for v in f] for f in d["cv_folds"]],
-                n_splits=int(d["n_splits"]),
-                n_repeats=int(d["n_repeats"]),
-                seed=int(d["seed"]),
-                test_size=float(d["test_size"]),
-                val_size=float(d["val_size"]),
-                small_data_threshold=int(d["small_data_threshold"]),
-            )
-        except (KeyError, TypeError) as exc:
-            raise ValueError(f"The split plan is incomplete or malformed: {exc}.") from exc
-        parts = plan.train_ids + plan.val_ids + plan.test_ids
-        if len(set(plan.ids)) != len(plan.ids) or sorted(parts) != sorted(plan.ids):
-            raise ValueError("The split plan is inconsistent: train, validation and test do not partition its photos.")
-        if len(plan.cv_folds) != plan.n_repeats or any(len(f) != len(plan.ids) for f in plan.cv_folds):
-            raise ValueError("The split plan is inconsistent: its cross-validation folds do not match its photos.")
-        return plan
-
-
-def _allocate(counts: np.ndarray, fraction: float, *, keep: int) -> np.ndarray:
-    """Per-class sizes that sum to ``round(fraction * total)`` (largest remainder), each
-    at least 1 and leaving ``keep`` photos of every class behind where possible."""
-    total = int(round(fraction * counts.sum()))
-    ideal = fraction * counts
-    out = np.floor(ideal).astype(int)
-    for i in np.argsort(-(ideal - out), kind="stable")[: max(0, total - out.sum())]:
-        out[i] += 1
-    return np.clip(np.maximum(out, 1), 0, np.maximum(counts - keep, 0))
-
-
-def plan_split(
-    ids: Sequence[str],
-    y: Sequence[str],
-    *,
-    seed: int = 0,
-    test_size: float = 0.2,
-    val_size: float = 0.15,
-    small_data_threshold: int = 1000,
-    n_splits: int = 5,
-    n_repeats: int | None = None,
-) -> SplitPlan:
-    """Plan a stratified test set, a validation subset and cross-validation folds.
-
-    The plan depends only on the (id, label) pairs and the seed, not on row order.
-    ``n_repeats=None`` means 5 repeats of ``n_splits``-fold cross-validation for small
-    data and a single k-fold pass otherwise (enough for out-of-fold probabilities);
-    ``n_repeats=0`` plans no cross-validation. ``val_size`` is a fraction of the
-    training part.
-    """
-    ids = [str(i) for i in ids]
-    labels = np.asarray([str(v) for v in y])
-    if len(ids) != len(labels):
-        raise ValueError(f"Got {len(ids)} photo ids but {len(labels)} labels.")
-    if len(set(ids)) != len(ids):
-        raise ValueError("Photo ids must be unique; the same photo is listed twice.")
-    if not 0 < test_size < 1 or not 0 <= val_size < 1:
-        raise ValueError(f"test_size must be in (0, 1) and val_size in [0, 1), got {test_size}, {val_size}.")
-    if n_splits < 2:
-        raise ValueError(f"n_splits must be at least 2, got {n_splits}.")
-    classes, counts = np.unique(labels, return_counts=True)
-    if len(classes) < 2:
-        raise InputError("All photos have the same label. Label photos of at least two kinds to train a model.")
-    small = [f"'{c}' ({n})" for c, n in zip(classes, counts, strict=True) if n < 3]
-    if small:
-        raise InputError(
-            "Some labels have too few photos to train and test on: "
-            + ", ".join(small)
-            + ". Every label needs at least 3 photos (10 or more to get useful results)."
-        )
-
-    order = np.argsort(np.asarray(ids), kind="stable")  # row order must not matter
-    sorted_ids = np.asarray(ids)[order]
-    sorted_labels = labels[order]
-    rng = np.random.default_rng(seed)
-    by_class = [rng.permutation(sorted_ids[sorted_labels == c]) for c in classes]
-
-    n_test = _allocate(counts, test_size, keep=2)
-    rest = counts - n_test
-    n_val = _allocate(rest, val_size, keep=1) if val_size > 0 else np.zeros_like(rest)
-    test, val = set(), set()
-    for members, t, v in zip(by_class, n_test, n_val, strict=True):
-        test.update(members[:t].tolist())
-        val.update(members[t : t + v].tolist())
-
-    if n_repeats is None:
-        n_repeats = 5 if len(ids) < small_data_threshold else 1
-    cv_folds: list[list[int]] = []
-    k = n_splits
-    if n_repeats > 0:
-        is_train_sorted = np.array([i not in test for i in sorted_ids])
-        tr_ids, tr_labels = sorted_ids[is_train_sorted], sorted_labels[is_train_sorted]
-        k = int(max(2, min(n_splits, np.unique(tr_labels, return_counts=True)[1].min())))
-        pos = {i: p for p, i in enumerate(ids)}
-        tr_pos = np.array([pos[i] for i in tr_ids])
-        splitter = RepeatedStratifiedKFold(n_splits=k, n_repeats=n_repeats, random_state=seed)
-        folds = np.full((n_repeats, len(ids)), -1, dtype=int)
-        for j, (_, score_idx) in enumerate(splitter.split(tr_ids, tr_labels)):
-            folds[j // k, tr_pos[score_idx]] = j % k
-        cv_folds = folds.tolist()
-
-    return SplitPlan(
-        ids=ids,
-        train_ids=[i for i in ids if i not in test and i not in val],
-        val_ids=[i for i in ids if i in val],
-        test_ids=[i for i in ids if i in test],
-        cv_folds=cv_folds,
-        n_splits=k,
-        n_repeats=n_repeats,
-        seed=seed,
-        test_size=test_size,
-        val_size=val_size,
-        small_data_threshold=small_data_threshold,
-    )
 
 
 # --------------------------------------------------------------------------- reports
@@ -783,221 +589,3 @@ def cross_validate_head(
     )
 
 
-# --------------------------------------------------------------------------- comparison
-
-
-def align_proba(proba, ids: Sequence[str], *, to: Sequence[str]) -> np.ndarray:
-    """Reorder per-photo probabilities given for ``ids`` into the order of ``to``.
-
-    Use it before :func:`compare_methods` when two methods list the test photos in a
-    different order; a photo missing from either side is an error, not a silent drop.
-    """
-    p = np.asarray(proba)
-    pos = {str(i): r for r, i in enumerate(ids)}
-    missing = [i for i in to if str(i) not in pos]
-    if missing or len(ids) != len(p):
-        raise ValueError(f"Predictions are missing for {len(missing)} of the {len(to)} photos (e.g. {missing[:3]}).")
-    return p[[pos[str(i)] for i in to]]
-
-
-@dataclass
-class Comparison:
-    """A paired comparison of two methods on the same photos, with a plain-English verdict."""
-
-    names: tuple[str, str]
-    n: int
-    accuracy_a: float
-    accuracy_b: float
-    difference: Estimate  # accuracy of B minus A, in percentage points
-    only_a_right: int
-    only_b_right: int
-    p_value: float  # exact McNemar test
-    better: str | None  # the name of the measurably better method, else None
-    recommended: str
-    verdict: str
-    warnings: list[str] = field(default_factory=list)
-    cost_a_seconds: float | None = None
-    cost_b_seconds: float | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "names": list(self.names),
-            "n": self.n,
-            "accuracy_a": self.accuracy_a,
-            "accuracy_b": self.accuracy_b,
-            "difference": self.difference.to_dict(),
-            "only_a_right": self.only_a_right,
-            "only_b_right": self.only_b_right,
-            "p_value": self.p_value,
-            "better": self.better,
-            "recommended": self.recommended,
-            "verdict": self.verdict,
-            "warnings": list(self.warnings),
-            "cost_a_seconds": self.cost_a_seconds,
-            "cost_b_seconds": self.cost_b_seconds,
-        }
-
-
-def _pts(v: float) -> str:
-    return f"{v:+.1f}".replace("-", "\u2212")
-
-
-def _times(ratio: float) -> str:
-    return f"{ratio:.0f}\u00d7" if ratio >= 10 else f"{ratio:.1f}\u00d7"
-
-
-def compare_methods(
-    y_true: Sequence[str],
-    proba_a,
-    proba_b,
-    *,
-    classes: Sequence[str],
-    names: tuple[str, str] = ("Frozen", "Fine-tuned"),
-    positive: str | None = None,
-    threshold_a: float | None = None,
-    threshold_b: float | None = None,
-    cost_a_seconds: float | None = None,
-    cost_b_seconds: float | None = None,
-    n_boot: int = 2000,
-    seed: int = 0,
-    alpha: float = 0.05,
-) -> Comparison:
-    """Is method B (e.g. fine-tuning) measurably better than method A on the same photos?
-
-    Rows of both probability arrays must be the same photos in the same order (see
-    :func:`align_proba`). "Better" needs both the exact McNemar test (p < ``alpha``)
-    and the paired-bootstrap 95 % range of the accuracy difference to agree. When the
-    two are not measurably different, the cheaper one (``cost_*_seconds``, training
-    time), else A, is recommended.
-    """
-    from scipy.stats import binomtest
-
-    classes = [str(c) for c in classes]
-    y = np.asarray([str(v) for v in y_true])
-    a_ok = predict_labels(proba_a, classes=classes, positive=positive, threshold=threshold_a) == y
-    b_ok = predict_labels(proba_b, classes=classes, positive=positive, threshold=threshold_b) == y
-    if not (len(y) == len(a_ok) == len(b_ok)) or len(y) == 0:
-        raise ValueError(
-            f"Both methods need predictions for the same photos: {len(y)} labels, {len(a_ok)} and {len(b_ok)} predictions."
-        )
-    n = len(y)
-    only_a, only_b = int((a_ok & ~b_ok).sum()), int((~a_ok & b_ok).sum())
-    p_value = float(binomtest(only_b, only_a + only_b, 0.5).pvalue) if only_a + only_b else 1.0
-    diff = 100 * (only_b - only_a) / n
-    # Paired bootstrap over the three kinds of photo (only A right / same / only B right),
-    # with the Jeffreys posterior for their shares so that 0 disagreements on a few photos
-    # does not read as "no uncertainty" (see _bootstrap_scores).
-    rng = np.random.default_rng(seed)
-    shares = rng.dirichlet([only_a + 0.5, n - only_a - only_b + 0.5, only_b + 0.5], size=n_boot)
-    draws = rng.multinomial(n, shares)
-    lo, hi = np.percentile(100 * (draws[:, 2] - draws[:, 0]) / n, [2.5, 97.5])
-    name_a, name_b = names
-
-    better = None
-    if p_value < alpha and lo > 0:
-        better = name_b
-    elif p_value < alpha and hi < 0:
-        better = name_a
-    rng = f"95 % range {_pts(lo)} to {_pts(hi)}"
-    costs = cost_a_seconds is not None and cost_b_seconds is not None and min(cost_a_seconds, cost_b_seconds) > 0
-    if better == name_b:
-        verdict = f"{name_b} is better: {diff:.1f} points more photos right ({rng}). Use {name_b}."
-        if costs and cost_b_seconds > 1.2 * cost_a_seconds:
-            verdict += f" It took {_times(cost_b_seconds / cost_a_seconds)} longer to train."
-    elif better == name_a:
-        verdict = (
-            f"{name_a} is better: {-diff:.1f} points more photos right than {name_b} "
-            f"(95 % range {_pts(-hi)} to {_pts(-lo)}). Use {name_a}."
-        )
-    else:
-        verdict = f"{name_b} is not measurably better than {name_a} here ({_pts(diff)} points, {rng})."
-    if better is None:
-        recommended = name_a
-        if costs:
-            ratio = max(cost_a_seconds, cost_b_seconds) / min(cost_a_seconds, cost_b_seconds)
-            recommended = name_a if cost_a_seconds <= cost_b_seconds else name_b
-            verdict += (
-                f" {recommended} trained {_times(ratio)} faster: use it."
-                if ratio >= 1.2
-                else f" Both train about as fast: use {recommended}."
-            )
-        else:
-            verdict += f" Use {name_a}, the simpler one."
-    else:
-        recommended = better
-
-    warnings = []
-    if n < MIN_TEST_PHOTOS:
-        warnings.append(
-            f"A test set of {n} photos is not evidence: luck alone can move the difference "
-            f"by about \u00b1{(hi - lo) / 2:.0f} points. "
-            f"Label more photos (at least {MIN_TEST_PHOTOS} for testing, 100+ is better) before choosing."
-        )
-        verdict += " " + warnings[-1]
-    return Comparison(
-        names=(name_a, name_b),
-        n=n,
-        accuracy_a=float(a_ok.mean()),
-        accuracy_b=float(b_ok.mean()),
-        difference=Estimate(float(diff), float(lo), float(hi)),
-        only_a_right=only_a,
-        only_b_right=only_b,
-        p_value=p_value,
-        better=better,
-        recommended=recommended,
-        verdict=verdict,
-        warnings=warnings,
-        cost_a_seconds=cost_a_seconds,
-        cost_b_seconds=cost_b_seconds,
-    )
-
-
-# --------------------------------------------------------------------------- label issues
-
-
-def rank_label_issues(ids: Sequence[str], y: Sequence[str], oof_proba, *, classes: Sequence[str]) -> pd.DataFrame:
-    """Photos whose given label looks wrong, most suspicious first.
-
-    Needs out-of-fold probabilities (a model that saw a photo's label would just echo it).
-    Ranks by self-confidence, the probability of the given label; ``likely_issue`` marks
-    photos that confident learning (Northcutt et al., 2021) counts as mislabelled: some
-    other class reaches its per-class threshold (the mean probability of that class over
-    photos labelled with it). Rows without probabilities (NaN) are left out.
-    """
-    classes = [str(c) for c in classes]
-    ids = [str(i) for i in ids]
-    labels = np.asarray([str(v) for v in y])
-    p = np.asarray(oof_proba, dtype=np.float64)
-    if p.ndim != 2 or p.shape != (len(ids), len(classes)) or len(labels) != len(ids):
-        raise ValueError(
-            f"Expected {len(ids)} labels and probabilities of shape ({len(ids)}, {len(classes)}), got {len(labels)} and {p.shape}."
-        )
-    keep = np.all(np.isfinite(p), axis=1)
-    ids_k, labels_k, p = [i for i, k in zip(ids, keep, strict=True) if k], labels[keep], p[keep]
-    index = {c: i for i, c in enumerate(classes)}
-    unknown = sorted(set(labels_k.tolist()) - set(index))
-    if unknown:
-        raise ValueError(f"Labels {unknown} are not among the classes {classes}.")
-    given = np.array([index[v] for v in labels_k], dtype=int)
-    rows = np.arange(len(given))
-    self_conf = p[rows, given]
-
-    thresholds = np.array([p[given == j, j].mean() if np.any(given == j) else np.inf for j in range(len(classes))])
-    above = p >= thresholds
-    confident = np.where(above.any(axis=1), np.argmax(np.where(above, p, -1.0), axis=1), -1)
-    likely = (confident >= 0) & (confident != given)
-    suggested = np.argmax(p, axis=1)
-
-    df = pd.DataFrame(
-        {
-            "id": ids_k,
-            "given_label": labels_k,
-            "suggested_label": np.asarray(classes)[suggested],
-            "self_confidence": self_conf,
-            "suggested_confidence": p[rows, suggested],
-            "likely_issue": likely,
-        }
-    )
-    df = df.sort_values(["self_confidence", "id"], kind="stable").reset_index(drop=True)
-    df.insert(0, "rank", np.arange(1, len(df) + 1))
-    return df

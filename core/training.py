@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from core import evaluation
+from core import comparison, evaluation, splits
 from core.problems import InputError
 from core.workspace import Project, atomic_write_bytes, atomic_write_text
 
@@ -39,15 +39,15 @@ def _positive(classes: list[str], names: dict[str, str]) -> str | None:
     return classes[1]
 
 
-def split_plan(project: Project, ids: list[str], y: list[str], *, seed: int = 0) -> evaluation.SplitPlan:
+def split_plan(project: Project, ids: list[str], y: list[str], *, seed: int = 0) -> splits.SplitPlan:
     """The project's split plan, made once and reused while the labelled photos stay the same."""
     path = project.path("runs", "split_plan.json")
     signature = evaluation_signature(ids, y, seed)
     if path.is_file():
         stored = json.loads(path.read_text())
         if stored.get("signature") == signature:
-            return evaluation.SplitPlan.from_dict(stored["plan"])
-    plan = evaluation.plan_split(ids, y, seed=seed)
+            return splits.SplitPlan.from_dict(stored["plan"])
+    plan = splits.plan_split(ids, y, seed=seed)
     atomic_write_text(path, json.dumps({"signature": signature, "plan": plan.to_dict()}))
     return plan
 
@@ -204,7 +204,7 @@ def _confidence(proba: np.ndarray, predicted, classes: list[str]) -> np.ndarray:
     return proba[np.arange(len(proba)), [index[str(p)] for p in predicted]]
 
 
-def compare(project: Project, *, names: tuple[str, str] = ("Frozen", "Fine-tuned")) -> evaluation.Comparison | None:
+def compare(project: Project, *, names: tuple[str, str] = ("Frozen", "Fine-tuned")) -> comparison.Comparison | None:
     """Frozen vs fine-tuned on the same held-out photos, once both exist (``names`` word the verdict)."""
     runs = latest_runs(project)
     if "frozen" not in runs or "finetuned" not in runs:
@@ -213,9 +213,9 @@ def compare(project: Project, *, names: tuple[str, str] = ("Frozen", "Fine-tuned
     _, pa = load_run(project, a.id)
     _, pb = load_run(project, b.id)
     ids = [str(i) for i in pa["test_ids"]]
-    proba_b = evaluation.align_proba(pb["test_proba"], [str(i) for i in pb["test_ids"]], to=ids)
+    proba_b = comparison.align_proba(pb["test_proba"], [str(i) for i in pb["test_ids"]], to=ids)
     truth = project.dataset().set_index("sha")["label"]
-    return evaluation.compare_methods(
+    return comparison.compare_methods(
         [truth[i] for i in ids], pa["test_proba"], proba_b, classes=a.classes, positive=a.positive,
         threshold_a=a.threshold, threshold_b=b.threshold, cost_a_seconds=a.seconds, cost_b_seconds=b.seconds,
         names=names,
@@ -232,8 +232,8 @@ def label_issues(project: Project) -> pd.DataFrame:
     ids = [str(i) for i in arrays["ids"]]
     truth = project.dataset().set_index("sha")
     ids = [i for i in ids if i in truth.index]
-    proba = evaluation.align_proba(arrays["oof_proba"], [str(i) for i in arrays["ids"]], to=ids)
-    issues = evaluation.rank_label_issues(ids, [truth["label"][i] for i in ids], proba, classes=run.classes)
+    proba = comparison.align_proba(arrays["oof_proba"], [str(i) for i in arrays["ids"]], to=ids)
+    issues = comparison.rank_label_issues(ids, [truth["label"][i] for i in ids], proba, classes=run.classes)
     issues["name"] = [truth["name"][i] for i in issues["id"]]
     return issues
 

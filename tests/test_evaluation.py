@@ -9,20 +9,17 @@ import pytest
 from sklearn.datasets import make_classification
 from sklearn.metrics import accuracy_score, balanced_accuracy_score, f1_score
 
+from core.comparison import align_proba, compare_methods, rank_label_issues
 from core.evaluation import (
     EvalReport,
-    SplitPlan,
-    align_proba,
     choose_threshold,
-    compare_methods,
     cross_validate_head,
     evaluate_predictions,
-    plan_split,
     predict_labels,
-    rank_label_issues,
 )
 from core.heads import make_frozen_head
 from core.problems import InputError
+from core.splits import SplitPlan, plan_split
 
 NAMES = np.array(["no person", "person", "pet"])
 
@@ -270,7 +267,8 @@ def test_flipped_labels_rank_at_the_top(k):
 
 def test_a_perfect_score_on_few_photos_still_has_an_honest_range():
     """32 of 32 right does not prove 100 %: the interval must reach well below it."""
-    from core.evaluation import compare_methods, evaluate_predictions
+    from core.comparison import compare_methods
+    from core.evaluation import evaluate_predictions
 
     y = ["a"] * 16 + ["b"] * 16
     p = np.array([[1.0, 0.0]] * 16 + [[0.0, 1.0]] * 16)
