@@ -18,8 +18,9 @@ from dataclasses import dataclass
 from pathlib import Path, PurePath
 from typing import Literal
 
-from core.labels import Sheet, normalise_name, read_sheet
+from core.labels import normalise_name
 from core.problems import InputError
+from core.sheets import Sheet, read_sheet
 
 __all__ = [
     "COMBINE_RULES",

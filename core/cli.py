@@ -187,7 +187,7 @@ def cmd_tag(args: argparse.Namespace) -> int:
 
     from core import tagging
     from core.catalog import guess_columns
-    from core.labels import read_sheet
+    from core.sheets import read_sheet
 
     catalog = Path(args.catalog)
     if not catalog.is_file():

@@ -124,9 +124,9 @@ def build_demo(
     else:
         catalog_name, catalog_data, catalog_images = "catalog-export.csv", _catalog_of(images), catalog_images or images
     from core import catalog as catalog_module
-    from core import labels as labels_module
+    from core.sheets import read_sheet
 
-    sheet = labels_module.read_sheet(catalog_data, filename=catalog_name)
+    sheet = read_sheet(catalog_data, filename=catalog_name)
     _, columns = catalog_module.guess_columns(sheet)
     if not columns:
         raise InputError(f"{catalog_name}: no column of photo file names or links was found.")

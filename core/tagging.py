@@ -72,7 +72,7 @@ def read_original(path: Path) -> tuple[pd.DataFrame, dict]:
 
     Returns the frame and how to write it back (delimiter, encoding, format).
     """
-    from core.labels import read_sheet
+    from core.sheets import read_sheet
 
     data = path.read_bytes()
     sheet = read_sheet(data, filename=path.name)  # detects encoding, delimiter, header

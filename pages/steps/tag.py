@@ -7,7 +7,7 @@ from pathlib import Path
 import streamlit as st
 
 from core import catalog as catalog_module
-from core import charts, jobs, labels, report, tagging, training
+from core import charts, jobs, report, sheets, tagging, training
 from core.problems import InputError
 from pages import ui
 
@@ -30,7 +30,7 @@ with st.expander("New tagging run", expanded=not project.get_meta("tagging_run")
                               type=["zip"], key=ui.upload_key("catalog_zip"))
     if catalog is not None:
         try:
-            sheet = labels.read_sheet(catalog.getvalue(), filename=catalog.name)
+            sheet = sheets.read_sheet(catalog.getvalue(), filename=catalog.name)
         except InputError as exc:
             st.error(f"{catalog.name}: {exc}")
             st.stop()

@@ -1,0 +1,476 @@
+"""Reading the spreadsheets analysts bring: label sheets and catalog exports.
+
+A CSV saved by Excel (comma or semicolon, UTF-8 or a Windows encoding), a TSV, an .xlsx...
+:func:`read_sheet` reads any of them into one :class:`Sheet` with named columns and the
+sheet's own row numbers, and says in plain words why a file cannot be read at all
+(:class:`~core.problems.InputError`). What the columns mean is for :mod:`core.labels`
+(label sheets) and :mod:`core.catalog` (catalog exports) to decide.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import re
+import zipfile
+from collections import Counter
+from dataclasses import dataclass
+from datetime import date, datetime, time
+from pathlib import Path, PurePath
+
+import pandas as pd
+
+from core.problems import InputError
+
+__all__ = ["IMAGE_EXTENSIONS", "Sheet", "looks_like_image_ref", "read_sheet"]
+
+IMAGE_EXTENSIONS = frozenset(".jpg .jpeg .jpe .jfif .png .gif .webp .bmp .tif .tiff .heic .heif .avif".split())
+_DELIMITERS = ("\t", ";", ",", "|")  # order breaks exact ties only
+_SNIFF_CHARS = 64_000
+_SNIFF_ROWS = 200
+_NO_DELIMITER = "\x1f"  # ASCII unit separator: never found in a real sheet
+
+URL_RE = re.compile(r"^[a-z][a-z0-9+.-]*://", re.IGNORECASE)
+_EXT_PATTERN = "|".join(re.escape(e[1:]) for e in sorted(IMAGE_EXTENSIONS))
+QUERY_AFTER_EXT_RE = re.compile(rf"(\.(?:{_EXT_PATTERN}))[?#].*$", re.IGNORECASE)
+_IMAGE_REF_RE = re.compile(rf"\.(?:{_EXT_PATTERN})(?:[?#].*)?$", re.IGNORECASE)
+INTEGRAL_RE = re.compile(r"([+-]?\d+)\.0+")
+_NUMBER_RE = re.compile(r"[+-]?(\d+([.,]\d*)?|[.,]\d+)([eE][+-]?\d+)?")
+INVISIBLE_CHARS = "\ufeff\u200b\u200c\u200d\u2060"
+
+
+# --------------------------------------------------------------------------- reading
+
+
+@dataclass
+class Sheet:
+    """A label sheet read into strings, with what is needed to quote its rows back.
+
+    ``frame`` holds every cell as a stripped string ("" when empty) under the sheet's own
+    column names (or "Column A", "Column B"... when the sheet has no header row). Empty rows
+    are dropped but the index keeps their place: index label ``i`` is spreadsheet row
+    ``first_data_row + i``, so problems can name the row the analyst sees in Excel.
+    """
+
+    frame: pd.DataFrame
+    filename: str
+    encoding: str | None
+    delimiter: str | None
+    has_header: bool
+    first_data_row: int
+
+    def sheet_row(self, index: int) -> int:
+        """Spreadsheet row number (header = 1) of the frame row with index label ``index``."""
+        return self.first_data_row + int(index)
+
+
+def read_sheet(source: Path | bytes, *, filename: str) -> Sheet:
+    """Read a CSV/TSV (any common delimiter and encoding) or .xlsx/.xlsm label sheet.
+
+    ``filename`` is the name the analyst knows the file by; it picks the format together
+    with the file's first bytes and is quoted in every message. Raises :class:`InputError`
+    with a plain sentence when the file cannot be used as a sheet at all.
+    """
+    if isinstance(source, (str, PurePath)):
+        try:
+            data = Path(source).read_bytes()
+        except OSError as exc:
+            raise InputError(f"Could not open '{filename}': {exc.strerror or exc}.") from exc
+    elif isinstance(source, (bytes, bytearray, memoryview)):
+        data = bytes(source)
+    else:
+        raise TypeError(f"read_sheet expects a Path or bytes, got {type(source).__name__}")
+
+    suffix = PurePath(filename).suffix.casefold()
+    if not data.strip(b" \t\r\n\x00\xef\xbb\xbf\xff\xfe"):
+        raise InputError(
+            f"'{filename}' is empty. Save your label sheet with at least a column of photo "
+            "names and a column of labels, then upload it again."
+        )
+    if data.startswith(b"\xd0\xcf\x11\xe0\xa1\xb1\x1a\xe1"):
+        raise InputError(
+            f"'{filename}' is an old-style Excel file (.xls) or a password-protected workbook, "
+            "which cannot be read here. Open it in Excel, remove any password, and use "
+            "File > Save As > 'Excel Workbook (.xlsx)' or 'CSV UTF-8', then upload that file."
+        )
+    kind = _binary_kind(data)
+    if kind is not None:
+        raise InputError(
+            f"'{filename}' is {kind}, not a label sheet. Upload the spreadsheet that lists "
+            "each photo's file name and its label (CSV or Excel .xlsx)."
+        )
+    if data.startswith(b"PK\x03\x04"):
+        rows, numbers = _read_workbook(data, filename=filename)
+        return _build_sheet(rows, numbers, filename=filename, encoding=None, delimiter=None)
+
+    try:
+        text, encoding = _decode(data, filename=filename)
+    except InputError:
+        if suffix in {".xls", ".xlsb", ".xlsx", ".xlsm", ".ods", ".numbers"}:
+            raise InputError(
+                f"'{filename}' is a spreadsheet format that cannot be read here, or a damaged "
+                "file. Open it in Excel and use File > Save As > 'Excel Workbook (.xlsx)' or "
+                "'CSV UTF-8', then upload that file."
+            ) from None
+        raise
+    stripped = text.lstrip().casefold()
+    if stripped.startswith(("<!doctype html", "<html", "<table", "<?xml")):
+        raise InputError(
+            f"'{filename}' is a web page or XML file saved under a spreadsheet name, not a real "
+            "spreadsheet. Open it in Excel and use File > Save As > 'Excel Workbook (.xlsx)' or "
+            "'CSV UTF-8', then upload that file."
+        )
+    rows, numbers, delimiter = _parse_text(text, filename=filename)
+    return _build_sheet(rows, numbers, filename=filename, encoding=encoding, delimiter=delimiter)
+
+
+def _binary_kind(data: bytes) -> str | None:
+    """Name the kind of a file that is obviously not a sheet (a photo, a PDF...), else None."""
+    head = data[:16]
+    if head.startswith(b"\x89PNG\r\n\x1a\n"):
+        return "a photo (PNG image)"
+    if head.startswith(b"\xff\xd8\xff"):
+        return "a photo (JPEG image)"
+    if head.startswith((b"GIF87a", b"GIF89a")):
+        return "an image (GIF)"
+    if head.startswith(b"RIFF") and data[8:12] == b"WEBP":
+        return "a photo (WebP image)"
+    if head.startswith((b"II*\x00", b"MM\x00*")):
+        return "a photo (TIFF image)"
+    if data[4:8] == b"ftyp" and data[8:12] in {b"heic", b"heix", b"mif1", b"avif", b"heim"}:
+        return "a photo (HEIC/AVIF image)"
+    if head.startswith(b"BM") and len(data) > 26 and b"\x00" in data[:64]:
+        return "an image (BMP)"
+    if head.startswith(b"%PDF"):
+        return "a PDF document"
+    if head.startswith((b"\x1f\x8b", b"7z\xbc\xaf", b"Rar!")):
+        return "a compressed archive"
+    return None
+
+
+def _read_workbook(data: bytes, *, filename: str) -> tuple[list[list[str]], list[int]]:
+    """Cells of the first non-empty worksheet of an .xlsx/.xlsm, as strings, with row numbers."""
+    try:
+        names = set(zipfile.ZipFile(io.BytesIO(data)).namelist())
+    except (zipfile.BadZipFile, OSError) as exc:
+        raise InputError(
+            f"'{filename}' looks like an Excel workbook but is damaged or incomplete. Open it in "
+            "Excel and save it again (or save it as CSV), then upload it again."
+        ) from exc
+    if "xl/workbook.xml" not in names:
+        if "content.xml" in names:
+            what = "an OpenDocument (LibreOffice/Numbers) file"
+        elif "word/document.xml" in names:
+            what = "a Word document"
+        else:
+            what = "a zip archive"
+        raise InputError(
+            f"'{filename}' is {what}, not an Excel workbook. Save the label sheet as "
+            "'Excel Workbook (.xlsx)' or as CSV and upload that file instead."
+        )
+    import openpyxl  # deferred: only workbooks need it
+
+    try:
+        workbook = openpyxl.load_workbook(io.BytesIO(data), read_only=False, data_only=True)
+    except Exception as exc:  # openpyxl raises many types for broken files
+        raise InputError(
+            f"'{filename}' could not be opened as an Excel workbook ({type(exc).__name__}). Open "
+            "it in Excel and save it again as .xlsx or CSV, then upload it again."
+        ) from exc
+    try:
+        sheets = sorted(workbook.worksheets, key=lambda ws: ws.sheet_state != "visible")
+        for worksheet in sheets:
+            rows: list[list[str]] = []
+            numbers: list[int] = []
+            for number, values in enumerate(worksheet.iter_rows(values_only=True), start=1):
+                cells = [_excel_cell_text(v) for v in values]
+                if any(cells):
+                    rows.append(cells)
+                    numbers.append(number)
+            if rows:
+                return rows, numbers
+    finally:
+        workbook.close()
+    raise InputError(
+        f"Every worksheet in '{filename}' is empty. Put the photo names and labels in the first "
+        "worksheet and upload it again."
+    )
+
+
+def _excel_cell_text(value: object) -> str:
+    """Show an Excel cell the way Excel displays it: 1.0 as "1", TRUE, dates as ISO."""
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return "TRUE" if value else "FALSE"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        if value.is_integer() and abs(value) < 1e15:
+            return str(int(value))
+        return format(value, ".15g")
+    if isinstance(value, datetime):
+        if value.time() == time(0):
+            return value.date().isoformat()
+        return value.isoformat(sep=" ")
+    if isinstance(value, (date, time)):
+        return value.isoformat()
+    return _clean_cell(str(value))
+
+
+def _clean_cell(value: str) -> str:
+    return value.strip().strip(INVISIBLE_CHARS).strip()
+
+
+def _decode(data: bytes, *, filename: str) -> tuple[str, str]:
+    """Decode text bytes: BOMs first, then UTF-8, Windows-1252 and Latin-1; reject binary."""
+    boms = (
+        (b"\xff\xfe\x00\x00", "utf-32-le"),
+        (b"\x00\x00\xfe\xff", "utf-32-be"),
+        (b"\xef\xbb\xbf", "utf-8-sig"),
+        (b"\xff\xfe", "utf-16-le"),
+        (b"\xfe\xff", "utf-16-be"),
+    )
+    candidates: list[tuple[bytes, str]] = []
+    for bom, name in boms:
+        if data.startswith(bom):
+            candidates = [(data[len(bom) :], name)]
+            break
+    else:
+        guessed = _utf16_without_bom(data)
+        if guessed:
+            candidates.append((data, guessed))
+        candidates += [(data, "utf-8"), (data, "cp1252"), (data, "latin-1")]
+    for payload, name in candidates:
+        try:
+            text = payload.decode(name)
+        except UnicodeDecodeError:
+            continue
+        if _looks_binary(text):
+            break
+        return text, name
+    raise InputError(
+        f"'{filename}' does not look like a spreadsheet: its content is not readable text. "
+        "Upload the label sheet as CSV (comma or semicolon separated) or as an Excel .xlsx file."
+    )
+
+
+def _utf16_without_bom(data: bytes) -> str | None:
+    """Spot UTF-16 text saved without a BOM: mostly-ASCII text has a zero in every other byte."""
+    sample = data[:4000]
+    if len(sample) < 4:
+        return None
+    even, odd = sample[0::2], sample[1::2]
+    if odd.count(0) > 0.4 * len(odd) and even.count(0) < 0.05 * len(even):
+        return "utf-16-le"
+    if even.count(0) > 0.4 * len(even) and odd.count(0) < 0.05 * len(odd):
+        return "utf-16-be"
+    return None
+
+
+def _looks_binary(text: str) -> bool:
+    sample = text[:_SNIFF_CHARS]
+    if not sample:
+        return False
+    bad = sum(1 for ch in sample if (ch < " " and ch not in "\t\r\n\f\v") or "\x7f" <= ch <= "\x9f" or ch == "\ufffd")
+    return "\x00" in sample or bad > max(2, 0.005 * len(sample))
+
+
+def _parse_text(text: str, *, filename: str) -> tuple[list[list[str]], list[int], str | None]:
+    """Split delimited text into rows of cells; returns rows, their sheet row numbers, delimiter."""
+    delimiter = None
+    first_line, _, rest = text.partition("\n")
+    declared = re.fullmatch(r"\s*sep=(.)\s*", first_line.strip("\r" + INVISIBLE_CHARS))
+    if declared:  # Excel's "sep=;" line: Excel hides it, so rows are counted without it
+        delimiter, text = declared.group(1), rest
+    else:
+        delimiter = _detect_delimiter(text)
+    rows: list[list[str]] = []
+    numbers: list[int] = []
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter or _NO_DELIMITER)
+    try:
+        for number, record in enumerate(reader, start=1):
+            cells = [_clean_cell(c) for c in record]
+            if any(cells):
+                rows.append(cells)
+                numbers.append(number)
+    except csv.Error as exc:
+        # csv's field size limit is process-wide, so it is not raised here: a field that large
+        # is almost always a stray quote mark that swallowed the rest of the file.
+        if "field larger than field limit" in str(exc):
+            raise InputError(_unclosed_quote_message(reader.line_num, filename)) from exc
+        raise InputError(
+            f"'{filename}' could not be read as a table ({exc}). Open it in Excel and save it "
+            "again as 'CSV UTF-8' or as .xlsx, then upload it again."
+        ) from exc
+    _check_unclosed_quote(rows, numbers, delimiter, filename=filename)
+    return rows, numbers, delimiter
+
+
+def _check_unclosed_quote(rows: list[list[str]], numbers: list[int], delimiter: str | None, *, filename: str) -> None:
+    """Refuse a sheet where a stray quote mark swallowed the following rows into one cell.
+
+    Guessing where the quote should have closed could tie labels to the wrong photos, so
+    the analyst is asked to fix the row instead.
+    """
+    if delimiter is None:
+        return
+    for cells, number in zip(rows, numbers, strict=True):
+        for cell in cells:
+            if "\n" in cell and sum(delimiter in line for line in cell.splitlines()[1:]) >= 2:
+                raise InputError(_unclosed_quote_message(number, filename))
+
+
+def _unclosed_quote_message(row: int, filename: str) -> str:
+    return (
+        f"Row {row} of '{filename}' (or a row just above it) opens a quotation mark (\") that is never "
+        "closed, so the rows after it run together into one cell. Remove the stray quotation mark "
+        "(or open the file in Excel and save it again), then upload it again."
+    )
+
+
+def _detect_delimiter(text: str) -> str | None:
+    """Pick the delimiter that splits the first rows into the most consistent number of fields.
+
+    A row's trailing empty fields are also tried without counting them, because Excel writes
+    "a;b;;;" on some rows and "a;b" on others. Returns None for a one-column sheet.
+    """
+    sample = text[:_SNIFF_CHARS]
+    truncated = len(text) > len(sample)
+    if truncated and "\n" in sample:
+        sample = sample[: sample.rindex("\n")]
+    best: tuple[float, int, int] | None = None
+    chosen = None
+    for priority, delim in enumerate(reversed(_DELIMITERS)):
+        if delim not in sample:
+            continue
+        try:
+            records = [[c.strip() for c in r] for r in csv.reader(io.StringIO(sample, newline=""), delimiter=delim)]
+        except csv.Error:
+            continue
+        records = [r for r in records if r][:_SNIFF_ROWS]
+        filled = [r for r in records if any(r)]
+        for counts in (
+            [len(r) for r in records],
+            [max(i for i, c in enumerate(r) if c) + 1 for r in filled],
+        ):
+            if not counts:
+                continue
+            mode, hits = max(Counter(counts).items(), key=lambda kv: (kv[1], kv[0]))
+            if mode < 2:
+                continue
+            score = (hits / len(counts), mode, priority)
+            if best is None or score > best:
+                best, chosen = score, delim
+    return chosen
+
+
+def _build_sheet(
+    rows: list[list[str]],
+    numbers: list[int],
+    *,
+    filename: str,
+    encoding: str | None,
+    delimiter: str | None,
+) -> Sheet:
+    """Turn non-empty rows (with their sheet row numbers) into a :class:`Sheet`."""
+    if not rows:
+        raise InputError(
+            f"'{filename}' has no rows with content. Save your label sheet with a column of photo "
+            "names and a column of labels, then upload it again."
+        )
+    # A title line above the table ("Labels for March") is not the header: skip such lines.
+    skip = 0
+    while skip < min(5, len(rows) - 1):
+        filled = [c for c in rows[skip] if c]
+        below = sum(1 for c in rows[skip + 1] if c)
+        if len(filled) != 1 or not rows[skip][0] or below < 2 or looks_like_image_ref(filled[0]):
+            break
+        skip += 1
+    rows, numbers = rows[skip:], numbers[skip:]
+    width = max(len(r) for r in rows)
+    rows = [r + [""] * (width - len(r)) for r in rows]
+    has_header = not _row_looks_like_data(rows[0], rows[1:_SNIFF_ROWS])
+    if has_header:
+        header, body, body_numbers = rows[0], rows[1:], numbers[1:]
+        first_data_row = numbers[0] + 1
+    else:
+        header, body, body_numbers = [""] * width, rows, numbers
+        first_data_row = numbers[0]
+
+    keep = [i for i in range(width) if not _is_unnamed(header[i]) or any(r[i] for r in body)]
+    if not keep:
+        raise InputError(
+            f"'{filename}' has no usable columns. Put the photo names in one column and the "
+            "labels in another, then upload it again."
+        )
+    if has_header and not body:
+        raise InputError(
+            f"'{filename}' has column names ({', '.join(repr(header[i]) for i in keep)}) but no "
+            "rows below them. Add one row per photo, then upload it again."
+        )
+    names = _unique_names([header[i] if not _is_unnamed(header[i]) else f"Column {_column_letter(i)}" for i in keep])
+    frame = pd.DataFrame(
+        {name: [r[i] for r in body] for name, i in zip(names, keep, strict=True)},
+        index=pd.Index([n - first_data_row for n in body_numbers], dtype="int64"),
+        columns=names,
+    )
+    return Sheet(
+        frame=frame,
+        filename=filename,
+        encoding=encoding,
+        delimiter=delimiter,
+        has_header=has_header,
+        first_data_row=first_data_row,
+    )
+
+
+def _row_looks_like_data(first: list[str], below: list[list[str]]) -> bool:
+    """True when the first row is data, not column names (e.g. it starts "123.jpg")."""
+    cells = [(i, c) for i, c in enumerate(first) if c]
+    if not cells:
+        return False
+    if any(looks_like_image_ref(c) for _, c in cells):
+        return True
+    column_values = [{r[i].casefold() for r in below if i < len(r)} for i in range(len(first))]
+    return all(_is_number(c) or c.casefold() in column_values[i] for i, c in cells)
+
+
+def _is_unnamed(name: str) -> bool:
+    return not name or re.fullmatch(r"Unnamed: \d+(_level_\d+)?", name) is not None
+
+
+def _column_letter(index: int) -> str:
+    letters = ""
+    index += 1
+    while index:
+        index, rest = divmod(index - 1, 26)
+        letters = chr(ord("A") + rest) + letters
+    return letters
+
+
+def _unique_names(names: list[str]) -> list[str]:
+    seen: Counter[str] = Counter()
+    taken = set(names)
+    out = []
+    for name in names:
+        seen[name] += 1
+        if seen[name] == 1:
+            out.append(name)
+            continue
+        n = seen[name]
+        while f"{name} ({n})" in taken:
+            n += 1
+        out.append(f"{name} ({n})")
+        taken.add(out[-1])
+    return out
+
+
+def _is_number(value: str) -> bool:
+    return _NUMBER_RE.fullmatch(value) is not None
+
+
+def looks_like_image_ref(value: str) -> bool:
+    return bool(_IMAGE_REF_RE.search(value)) or bool(URL_RE.match(value))
+
+
