@@ -258,7 +258,7 @@ class Fetcher:
             _split(url, self.policy)
         except UrlRefused as exc:
             return FetchResult(url, error=str(exc))
-        cached = self._cached(url)
+        cached = self.cached(url)
         if cached is not None:
             return FetchResult(url, path=cached, from_cache=True)
         last = _FetchFailed("the download failed")
@@ -346,7 +346,8 @@ class Fetcher:
     def _key(self, url: str) -> str:
         return hashlib.sha256(url.strip().encode("utf-8")).hexdigest()
 
-    def _cached(self, url: str) -> Path | None:
+    def cached(self, url: str) -> Path | None:
+        """The file an earlier download of ``url`` left in the cache, else None (never the network)."""
         key = self._key(url)
         for path in (self.cache_dir / key[:2]).glob(f"{key}.*"):
             if not path.name.endswith(".tmp"):

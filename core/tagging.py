@@ -411,13 +411,18 @@ def set_override(folder: Path, row: int, label: str | None) -> None:
 
 
 def review_photos(folder: Path, items: Sequence[dict], project=None) -> dict[int, Path | None]:
-    """The first local photo of each review row, for thumbnails (links are not fetched again here)."""
+    """The first photo of each row that is on this computer, for thumbnails: a local file, or
+    the run's own download of a link (links are never fetched again here)."""
+    from core.fetch import Fetcher
+
     run = load_run(folder)
     resolver = _Resolver(run, folder, project_photo_files(project) if project is not None else None)
+    downloads = Fetcher(resolver._tmp)  # the cache the run downloaded its links into
     out: dict[int, Path | None] = {}
     for item in items:
-        local = [r for r in item["photos"] if not r.lower().startswith(("http://", "https://"))]
-        out[item["row"]] = resolver.files.get(resolver._norm(local[0])) if local else None
+        out[item["row"]] = next((path for ref in item["photos"] if (path := (
+            downloads.cached(ref) if ref.lower().startswith(("http://", "https://"))
+            else resolver.files.get(resolver._norm(ref)))) is not None), None)
     return out
 
 

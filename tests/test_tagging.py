@@ -14,7 +14,7 @@ import time
 import pytest
 from PIL import Image, ImageOps
 
-from core import cli
+from core import cli, tagging
 from tests.conftest import REPO
 
 
@@ -153,6 +153,12 @@ def test_photos_given_as_links_are_downloaded_and_failed_links_are_row_errors(se
     assert by_id["A"][2] == "person" and by_id["B"][2] == "no_person"
     assert "404" in by_id["C"][5]
     assert by_id["D"][2] == "" and "download failed" in by_id["D"][5]
+    # Thumbnails (review queue, report) come from the run's own downloads, without the server.
+    folder = out.with_name(out.name + ".run")
+    items = [{"row": i, "photos": [row[1]]} for i, row in enumerate(rows[1:])]
+    found = tagging.review_photos(folder, items)
+    assert found[0] is not None and found[0].read_bytes() == (setup["photos"] / "person_0.jpg").read_bytes()
+    assert found[2] is None and found[3] is None  # a 404 and a refused address left nothing
 
 
 def test_one_photo_per_row_exports_get_one_tag_per_product(setup, tmp_path):
