@@ -1,4 +1,4 @@
-"""Evaluation: split plans, reports with intervals, cross-validation, comparisons, label issues."""
+"""Evaluation: reports with intervals, thresholds, cross-validation of frozen heads."""
 
 from __future__ import annotations
 
@@ -6,10 +6,8 @@ import json
 
 import numpy as np
 import pytest
-from sklearn.datasets import make_classification
 from sklearn.metrics import accuracy_score, balanced_accuracy_score, f1_score
 
-from core.comparison import align_proba, compare_methods, rank_label_issues
 from core.evaluation import (
     EvalReport,
     choose_threshold,
@@ -18,99 +16,15 @@ from core.evaluation import (
     predict_labels,
 )
 from core.heads import make_frozen_head
-from core.problems import InputError
-from core.splits import SplitPlan, plan_split
-
-NAMES = np.array(["no person", "person", "pet"])
-
-
-def _data(n=200, k=2, seed=0, sep=1.5, weights=None):
-    X, y = make_classification(
-        n, 20, n_informative=6, n_classes=k, n_clusters_per_class=1, class_sep=sep, weights=weights, random_state=seed
-    )
-    return X.astype(np.float32), NAMES[y], [f"{seed}-{i:05d}" for i in range(n)]
-
-
-def _json(d):
-    return json.loads(json.dumps(d, allow_nan=False))
-
-
-def _noisy_proba(y, classes, *, accuracy, seed=0):
-    """Probabilities that pick the true class with the given accuracy."""
-    rng = np.random.default_rng(seed)
-    idx = np.searchsorted(classes, y)
-    wrong = rng.random(len(y)) >= accuracy
-    pick = np.where(wrong, (idx + rng.integers(1, len(classes), len(y))) % len(classes), idx)
-    p = np.full((len(y), len(classes)), 0.1 / max(1, len(classes) - 1))
-    p[np.arange(len(y)), pick] = 0.9
-    return p
-
-
-# --------------------------------------------------------------------------- split plans
-
-
-@pytest.mark.parametrize("k", [2, 3])
-def test_plan_is_stratified_disjoint_and_complete(k):
-    _, y, ids = _data(n=300, k=k, weights=[0.7, 0.3] if k == 2 else None)
-    plan = plan_split(ids, y, seed=3)
-    train, val, test = set(plan.train_ids), set(plan.val_ids), set(plan.test_ids)
-    assert not (train & val or train & test or val & test)
-    assert train | val | test == set(ids)
-    assert len(test) == 60
-    label = dict(zip(ids, y, strict=True))
-    for c in np.unique(y):
-        share_all = np.mean(y == c)
-        assert abs(np.mean([label[i] == c for i in test]) - share_all) < 0.03
-        assert abs(np.mean([label[i] == c for i in val]) - share_all) < 0.06
-    assert plan.small_data and plan.n_repeats == 5 and plan.n_splits == 5
-
-
-def test_plan_is_reproducible_order_free_and_json_round_trips():
-    _, y, ids = _data(n=150)
-    plan = plan_split(ids, y, seed=7)
-    assert plan_split(ids, y, seed=7) == plan
-    perm = np.random.default_rng(0).permutation(len(ids))
-    shuffled = plan_split([ids[i] for i in perm], y[perm], seed=7)
-    assert set(shuffled.test_ids) == set(plan.test_ids) and set(shuffled.val_ids) == set(plan.val_ids)
-    assert set(plan_split(ids, y, seed=8).test_ids) != set(plan.test_ids)
-    assert SplitPlan.from_dict(_json(plan.to_dict())) == plan
-    broken = plan.to_dict() | {"test_ids": plan.test_ids[:-1]}
-    with pytest.raises(ValueError, match="inconsistent"):
-        SplitPlan.from_dict(broken)
-
-
-def test_cv_folds_cover_each_training_photo_once_per_repeat():
-    _, y, ids = _data(n=120, k=3)
-    plan = plan_split(ids, y, n_repeats=2)
-    test = set(plan.test_ids)
-    splits = list(plan.cv_splits())
-    assert len(splits) == 2 * plan.n_splits
-    for r in range(2):
-        scored = np.concatenate([s for rr, _, _, s in splits if rr == r])
-        assert sorted(scored.tolist()) == sorted(i for i, pid in enumerate(ids) if pid not in test)
-    for _, _, fit, score in splits:
-        assert not set(fit) & set(score)
-        assert not {ids[i] for i in fit} & test
-
-
-def test_large_data_gets_one_pass_and_tiny_classes_are_refused():
-    _, y, ids = _data(n=200)
-    assert plan_split(ids, y, small_data_threshold=100).n_repeats == 1
-    assert plan_split(ids, y, n_repeats=0).cv_folds == []
-    y = y.copy()
-    y[:2] = "pet"
-    with pytest.raises(InputError, match="'pet' \\(2\\)"):
-        plan_split(ids, y)
-
-
-# --------------------------------------------------------------------------- reports
+from core.splits import plan_split
+from tests.evaluation_data import NAMES, features, json_round_trip, noisy_proba
 
 
 @pytest.mark.parametrize("k", [2, 3])
 def test_report_matches_sklearn_and_round_trips(k):
     classes = list(NAMES[:k])
     y = NAMES[np.random.default_rng(0).integers(0, k, 300)]
-    proba = _noisy_proba(y, classes, accuracy=0.8)
+    proba = noisy_proba(y, classes, accuracy=0.8)
     rep = evaluate_predictions(y, proba, classes=classes)
     pred = predict_labels(proba, classes=classes)
     assert rep.accuracy.value == pytest.approx(accuracy_score(y, pred))
@@ -118,7 +32,7 @@ def test_report_matches_sklearn_and_round_trips(k):
     assert rep.macro_f1.value == pytest.approx(f1_score(y, pred, average="macro"))
     assert rep.confusion.sum() == 300 and rep.confusion.shape == (k, k)
     assert list(rep.report.index[:k]) == classes and rep.report.loc[classes[0], "support"] == np.sum(y == classes[0])
-    back = EvalReport.from_dict(_json(rep.to_dict()))
+    back = EvalReport.from_dict(json_round_trip(rep.to_dict()))
     assert back.report.equals(rep.report) and np.array_equal(back.confusion, rep.confusion)
     assert back.accuracy == rep.accuracy
     if k == 2:
@@ -132,7 +46,7 @@ def test_bootstrap_interval_contains_estimate_and_shrinks_with_n():
     widths = []
     for n in (100, 2000):
         y = NAMES[np.random.default_rng(n).integers(0, 2, n)]
-        rep = evaluate_predictions(y, _noisy_proba(y, list(NAMES[:2]), accuracy=0.8, seed=n), classes=NAMES[:2])
+        rep = evaluate_predictions(y, noisy_proba(y, list(NAMES[:2]), accuracy=0.8, seed=n), classes=NAMES[:2])
         for est in (rep.accuracy, rep.balanced_accuracy, rep.macro_f1):
             assert est.low <= est.value <= est.high
         widths.append(rep.accuracy.high - rep.accuracy.low)
@@ -168,7 +82,7 @@ def test_choose_threshold():
 
 @pytest.mark.parametrize("k", [2, 3])
 def test_cross_validate_head(k):
-    X, y, ids = _data(n=150, k=k)
+    X, y, ids = features(n=150, k=k)
     plan = plan_split(ids, y, n_repeats=2)
     seen = []
     res = cross_validate_head(X, y, plan=plan, on_progress=lambda d, t: seen.append((d, t)))
@@ -186,7 +100,7 @@ def test_cross_validate_head(k):
 
 
 def test_cross_validate_head_follows_the_callers_row_order():
-    X, y, ids = _data(n=100)
+    X, y, ids = features(n=100)
     plan = plan_split(ids, y, n_repeats=1)
     head = lambda: make_frozen_head(C=0.1)  # noqa: E731
     res = cross_validate_head(X, y, plan=plan, make_head=head)
@@ -199,70 +113,6 @@ def test_cross_validate_head_follows_the_callers_row_order():
 
 # --------------------------------------------------------------------------- comparison
 
-
-def test_equal_methods_are_not_measurably_different_and_the_cheaper_wins():
-    y = NAMES[np.random.default_rng(0).integers(0, 2, 400)]
-    classes = list(NAMES[:2])
-    a = _noisy_proba(y, classes, accuracy=0.85, seed=1)
-    b = _noisy_proba(y, classes, accuracy=0.85, seed=2)
-    c = compare_methods(y, a, b, classes=classes, cost_a_seconds=3, cost_b_seconds=120)
-    assert c.better is None and c.recommended == "Frozen"
-    assert "Fine-tuned is not measurably better" in c.verdict and "40× faster: use it" in c.verdict
-    assert c.difference.low < 0 < c.difference.high and c.p_value > 0.05
-    assert not c.warnings
-    json.dumps(c.to_dict(), allow_nan=False)
-
-
-@pytest.mark.parametrize("k", [2, 3])
-def test_clearly_better_method_is_called_better(k):
-    classes = list(NAMES[:k])
-    y = NAMES[np.random.default_rng(0).integers(0, k, 400)]
-    a = _noisy_proba(y, classes, accuracy=0.75, seed=1)
-    b = _noisy_proba(y, classes, accuracy=0.95, seed=2)
-    c = compare_methods(y, a, b, classes=classes)
-    assert c.better == "Fine-tuned" and c.recommended == "Fine-tuned" and c.p_value < 0.001
-    assert c.verdict.startswith("Fine-tuned is better:") and "points more photos right" in c.verdict
-    assert c.difference.low > 10
-    rev = compare_methods(y, b, a, classes=classes, names=("Old", "New"))
-    assert rev.better == "Old" and rev.verdict.startswith("Old is better")
-
-
-def test_small_test_set_is_not_evidence():
-    y = NAMES[np.random.default_rng(0).integers(0, 2, 23)]
-    classes = list(NAMES[:2])
-    c = compare_methods(
-        y, _noisy_proba(y, classes, accuracy=0.7), _noisy_proba(y, classes, accuracy=0.9), classes=classes
-    )
-    assert "a test set of 23 photos is not evidence" in c.verdict.lower()
-
-
-def test_align_proba():
-    p = np.eye(3)
-    np.testing.assert_array_equal(align_proba(p, ["a", "b", "c"], to=["c", "a", "b"]), p[[2, 0, 1]])
-    with pytest.raises(ValueError, match="missing"):
-        align_proba(p, ["a", "b", "c"], to=["a", "d"])
-
-
-# --------------------------------------------------------------------------- label issues
-
-
-@pytest.mark.parametrize("k", [2, 3])
-def test_flipped_labels_rank_at_the_top(k):
-    X, y, ids = _data(n=300, k=k, sep=2.0, seed=4)
-    rng = np.random.default_rng(0)
-    flipped = rng.choice(300, 10, replace=False)
-    noisy = y.copy()
-    classes = sorted(set(y))
-    noisy[flipped] = [classes[(classes.index(v) + 1) % k] for v in y[flipped]]
-    res = cross_validate_head(X, noisy, plan=plan_split(ids, noisy, n_repeats=1))
-    issues = rank_label_issues(ids, noisy, res.oof_proba, classes=res.classes)
-    assert len(issues) == 300 and issues["rank"].tolist() == list(range(1, 301))
-    top = set(issues["id"].head(20))
-    assert len(top & {ids[i] for i in flipped}) >= 8
-    first = issues.iloc[0]
-    assert first["suggested_label"] != first["given_label"] and first["likely_issue"]
-    assert issues["self_confidence"].is_monotonic_increasing
-    assert issues["likely_issue"].sum() < 40  # flags the doubtful few, not everything
 
 
 def test_a_perfect_score_on_few_photos_still_has_an_honest_range():
