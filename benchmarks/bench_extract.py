@@ -11,6 +11,7 @@ they share the machine's ups and downs (figures are medians over short samples):
   (b) batch 64   extract_features(batch_size=64, num_workers=0)
   (c) chosen     extract_features with the measured batch size and the default workers
   (d) chosen+1w  as (c) with one decoding worker process (to check the default)
+  (e) --compare-batch N: as (c) with batch size N (e.g. an earlier choice)
 """
 
 from __future__ import annotations
@@ -86,6 +87,7 @@ def main() -> None:
     parser.add_argument("--device", default=None)
     parser.add_argument("--repeats", type=int, default=2, help="passes over each data set")
     parser.add_argument("--slice", type=int, default=96, help="photos per timed sample")
+    parser.add_argument("--compare-batch", type=int, help="also time this batch size (e.g. an earlier choice)")
     args = parser.parse_args()
 
     device = pick_device(args.device)
@@ -115,6 +117,9 @@ def main() -> None:
             f"(d) extract_features, batch {chosen}, 1 worker":
                 lambda p, i: library(i, args.backbone, device, chosen, 1),
         }
+        if args.compare_batch:
+            configs[f"(e) extract_features, batch {args.compare_batch}, {workers} workers"] = (
+                lambda p, i: library(i, args.backbone, device, args.compare_batch, workers))
         for title, paths in datasets.items():
             items = sha_items(paths)
             # Short interleaved samples: every configuration runs on the same slice of
