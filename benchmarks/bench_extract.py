@@ -12,6 +12,7 @@ they share the machine's ups and downs (figures are medians over short samples):
   (c) chosen     extract_features with the measured batch size and the default workers
   (d) chosen+1w  as (c) with one decoding worker process (to check the default)
   (e) --compare-batch N: as (c) with batch size N (e.g. an earlier choice)
+  (f) unfolded   as (c) with the network as published (BatchNorm not folded, core/fuse.py)
 """
 
 from __future__ import annotations
@@ -69,12 +70,12 @@ def naive(paths: list[Path], model, transform) -> float:
     return len(paths) / (time.perf_counter() - started)
 
 
-def library(items, backbone_id: str, device, batch_size, num_workers) -> float:
+def library(items, backbone_id: str, device, batch_size, num_workers, fold: bool = True) -> float:
     with tempfile.TemporaryDirectory() as tmp:
         started = time.perf_counter()
         result = ft.extract_features(
             items, backbone_id=backbone_id, store=ft.FeatureStore(Path(tmp)),
-            device=device, batch_size=batch_size, num_workers=num_workers,
+            device=device, batch_size=batch_size, num_workers=num_workers, fold=fold,
         )
         seconds = time.perf_counter() - started
     assert result.computed == len({sha for sha, _ in items}) and not result.failed, result
@@ -120,6 +121,8 @@ def main() -> None:
         if args.compare_batch:
             configs[f"(e) extract_features, batch {args.compare_batch}, {workers} workers"] = (
                 lambda p, i: library(i, args.backbone, device, args.compare_batch, workers))
+        configs["(f) as (c), BatchNorm not folded into the convolutions"] = (
+            lambda p, i: library(i, args.backbone, device, chosen, workers, fold=False))
         for title, paths in datasets.items():
             items = sha_items(paths)
             # Short interleaved samples: every configuration runs on the same slice of

@@ -516,8 +516,8 @@ def choose_batch_size(
     import torch
 
     dev = pick_device(device)
-    # "run-off": choices remembered by the sweep-only chooser are measured again once.
-    memo_key = f"{remember_as}|{_machine_key(dev)}|run-off" if remember_as else None
+    # Choices remembered by the sweep-only chooser, on networks not yet folded, are measured again once.
+    memo_key = f"{remember_as}|{_machine_key(dev)}|folded, run-off" if remember_as else None
     if memo_key:
         _, memo = _json_memo("batch_sizes.json")
         if memo_key in memo:
@@ -604,7 +604,11 @@ def measure_speed(
     _, memo = _json_memo("speeds.json")
     if memo_key in memo:
         return float(memo[memo_key])
+    from core.fuse import fold_batch_norms
+
     model = backbone.builder().eval().requires_grad_(False)
+    size = backbone.input_size
+    model, _ = fold_batch_norms(model, torch.randn(2, 3, size, size))  # as load_feature_extractor does
     model = model.to(dev, memory_format=torch.channels_last)
     bs = choose_batch_size(model, dev, input_size=backbone.input_size, remember_as=backbone.id)
     bs = max(1, min(bs, n_images))
@@ -661,6 +665,7 @@ def extract_features(
     num_workers: int | None = None,
     on_progress: Callable[[int, int], None] | None = None,
     should_cancel: Callable[[], bool] | None = None,
+    fold: bool = True,
 ) -> ExtractionResult:
     """Compute and store the features of every photo in ``items`` ((sha, path) pairs) that
     the store does not already hold for this backbone.
@@ -668,7 +673,8 @@ def extract_features(
     A photo that cannot be decoded is reported in ``failed`` with a plain reason and never
     stops the run. ``on_progress(done, total)`` is called at the start (photos already
     stored count as done) and after each batch; ``should_cancel()`` is checked between
-    batches, and everything finished before a cancel is kept. Raises
+    batches, and everything finished before a cancel is kept. ``fold=False`` runs the
+    network as published, without folding its BatchNorm layers (for benchmarks). Raises
     :class:`core.backbones.WeightsUnavailable` if the weights cannot be had.
     """
     import torch
@@ -696,7 +702,7 @@ def extract_features(
         return result
 
     backbone = _bb.get_backbone(backbone_id)
-    model, transform = _bb.load_feature_extractor(backbone_id, device=dev)
+    model, transform = _bb.load_feature_extractor(backbone_id, device=dev, fold=fold)
     if batch_size is None:
         batch_size = choose_batch_size(
             model, dev, input_size=backbone.input_size, remember_as=backbone.id
