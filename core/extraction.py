@@ -120,8 +120,5 @@ def load_training_features(project: Project, backbone_id: str) -> tuple[np.ndarr
 def known_speed(backbone_id: str, *, device: str | None = None, n_images: int = 32) -> float | None:
     """The speed measured earlier on this machine (photos/s), or None: never measures."""
     from core import features
-    from core.device import pick_device
 
-    memo_key = f"{backbone_id}|{features._machine_key(pick_device(device))}|n={n_images}"
-    _, memo = features._json_memo("speeds.json")
-    return float(memo[memo_key]) if memo_key in memo else None
+    return features.remembered_speed(backbone_id, device, n_images=n_images)

@@ -600,10 +600,9 @@ def measure_speed(
 
     backbone = _bb.get_backbone(backbone_id)
     dev = pick_device(device)
-    memo_key = f"{backbone.id}|{_machine_key(dev)}|n={n_images}"
-    _, memo = _json_memo("speeds.json")
-    if memo_key in memo:
-        return float(memo[memo_key])
+    known = remembered_speed(backbone.id, dev, n_images=n_images)
+    if known is not None:
+        return known
     from core.fuse import fold_batch_norms
 
     model = backbone.builder().eval().requires_grad_(False)
@@ -623,8 +622,20 @@ def measure_speed(
             done += bs
         synchronize(dev)
         speed = done / (time.perf_counter() - started)
-    _json_remember("speeds.json", memo_key, round(speed, 2))
+    _json_remember("speeds.json", _speed_key(backbone.id, dev, n_images), round(speed, 2))
     return speed
+
+
+def _speed_key(backbone_id: str, device: torch.device, n_images: int) -> str:
+    # "folded": speeds remembered before BatchNorm folding (slower) are measured again.
+    return f"{backbone_id}|{_machine_key(device)}|n={n_images}|folded"
+
+
+def remembered_speed(backbone_id: str, device: str | torch.device | None = None, *, n_images: int = 32) -> float | None:
+    """The speed :func:`measure_speed` found earlier on this machine (photos/s), or None: never measures."""
+    _, memo = _json_memo("speeds.json")
+    value = memo.get(_speed_key(backbone_id, pick_device(device), n_images))
+    return float(value) if value is not None else None
 
 
 # --------------------------------------------------------------------------- extraction

@@ -20,10 +20,13 @@ if not journey.progress(project).done["data"]:
 
 entries = backbones.list_backbones()
 device = st.session_state.get("device_choice", "auto")
+last = project.get_meta("features_ready") or {}
 rows = []
 for b in entries:
     status = backbones.weights_status(b)
     speed = extraction.known_speed(b.id, device=None if device == "auto" else device)
+    if not speed and last.get("backbone") == b.id and last.get("photos_per_s"):
+        speed = last["photos_per_s"]  # this project's last extraction, photo decoding included
     rows.append({
         "Network": b.name + ("  ★ recommended" if b.id == backbones.DEFAULT_BACKBONE_ID else ""),
         "Good for": b.good_for,
