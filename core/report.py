@@ -126,7 +126,7 @@ def _thumb(project: Project, sha: str) -> bytes | None:
         return None
 
 
-def _method(project: Project, run: training.RunRecord, names: dict[str, str], used: bool) -> MethodResult:
+def _method(run: training.RunRecord, names: dict[str, str], used: bool) -> MethodResult:
     rep = run.test_report
     table = pd.DataFrame(rep["report"]["data"], index=rep["report"]["index"], columns=rep["report"]["columns"])
     table = table.loc[[c for c in run.classes if c in table.index]]
@@ -136,16 +136,12 @@ def _method(project: Project, run: training.RunRecord, names: dict[str, str], us
     per_class.index = [names.get(c, c) for c in per_class.index]
     acc = rep["balanced_accuracy"]
     n = int(rep["n"])
-    if run.positive is not None:
-        pos = names.get(run.positive, run.positive)
-        fairly = f"photos with and without “{pos}” counting equally"
-    else:
-        fairly = "every class counting equally"
+    pos = names.get(run.positive, run.positive) if run.positive is not None else None
+    fairly = f"photos with and without “{pos}” counting equally" if pos else "every class counting equally"
     sentence = (f"On {n} labelled photos it never saw while learning, it gave the right answer "
                 f"{percent(acc['value'])} of the time ({fairly}).")
     detail = ""
     if run.positive is not None:
-        pos = names.get(run.positive, run.positive)
         found = table.loc[run.positive, "recall"]
         right = table.loc[run.positive, "precision"]
         detail = (f"Of every 100 photos that show “{pos}”, it finds about {100 * found:.0f}; when it says "
@@ -233,6 +229,7 @@ def build_report(project: Project, *, question: str | None = None, category: str
     default to what was saved with :func:`save_choices`, else to a guess.
     """
     from core import backbones
+    from core.predict import list_models
 
     runs = training.latest_runs(project)
     if not runs:
@@ -256,7 +253,7 @@ def build_report(project: Project, *, question: str | None = None, category: str
         chosen_rows = data[data["label"] == label].sort_values("sha").head(EXAMPLES_PER_CLASS)
         examples[names.get(label, label)] = [Photo(r.name, j) for r in chosen_rows.itertuples() if (j := _thumb(project, r.sha))]
 
-    methods = [_method(project, runs[k], names, runs[k].id == chosen_id) for k in ("frozen", "finetuned") if k in runs]
+    methods = [_method(runs[k], names, runs[k].id == chosen_id) for k in ("frozen", "finetuned") if k in runs]
     comparison = training.compare(project, names=("Quick model", "Fine-tuned network"))
     verdict = comparison.verdict if comparison is not None else None
 
@@ -268,8 +265,6 @@ def build_report(project: Project, *, question: str | None = None, category: str
         if jpeg:
             mistakes.append(Photo(f"labelled “{names.get(r.label, r.label)}”, the model said "
                                   f"“{names.get(r.predicted, r.predicted)}” ({percent(r.confidence)} sure)", jpeg))
-
-    from core.predict import list_models
 
     titles = {m["id"]: METHOD_TITLES.get(m["kind"], m["name"]) + (" (imported)" if m["source"] != "trained" else "")
               for m in list_models(project)}
