@@ -104,17 +104,21 @@ def extract_project(
     return summary
 
 
+def training_labels(project: Project, backbone_id: str) -> tuple[np.ndarray, list[str]]:
+    """Labels and photo ids of the training set that has features (no feature is read)."""
+    from core.features import feature_key
+
+    training = project.training_set()
+    training = training[training["sha"].isin(_store(project).has(feature_key(backbone_id)))]
+    return training["label"].to_numpy(), list(training["sha"])
+
+
 def load_training_features(project: Project, backbone_id: str) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """Features, labels and photo ids of the training set (photos without features are left out)."""
     from core.features import feature_key
 
-    key = feature_key(backbone_id)
-    store = _store(project)
-    training = project.training_set()
-    have = store.has(key)
-    training = training[training["sha"].isin(have)]
-    X = store.load(key, list(training["sha"]))
-    return X, training["label"].to_numpy(), list(training["sha"])
+    y, ids = training_labels(project, backbone_id)
+    return _store(project).load(feature_key(backbone_id), ids), y, ids
 
 
 def known_speed(backbone_id: str, *, device: str | None = None, n_images: int = 32) -> float | None:

@@ -609,9 +609,8 @@ def measure_speed(
     size = backbone.input_size
     model, _ = fold_batch_norms(model, torch.randn(2, 3, size, size))  # as load_feature_extractor does
     model = model.to(dev, memory_format=torch.channels_last)
-    bs = choose_batch_size(model, dev, input_size=backbone.input_size, remember_as=backbone.id)
+    bs = choose_batch_size(model, dev, input_size=size, remember_as=backbone.id)
     bs = max(1, min(bs, n_images))
-    size = backbone.input_size
     x = torch.randn(bs, 3, size, size, device=dev).to(memory_format=torch.channels_last)
     with _cpu_threads(dev), torch.inference_mode(), autocast(dev):
         model(x)

@@ -163,7 +163,8 @@ def train_frozen(
         classes=list(cv.classes), positive=cv.positive, threshold=cv.threshold,
         test_ids=list(cv.test_ids), test_report=cv.test_report.to_dict(), headline=cv.headline(),
         seconds=round(cv.fit_seconds, 3), created_at=time.time(),
-        extra={"cv": cv.to_dict(), "cv_seconds": round(seconds, 2)},
+        extra={"cv": cv.to_dict(), "cv_seconds": round(seconds, 2),
+               "labels_signature": evaluation_signature(ids, list(y), 0)},
     )
     _save_run(project, record, {
         "ids": np.asarray(cv.ids), "oof_proba": cv.oof_proba, "in_test": cv.in_test,
@@ -358,6 +359,7 @@ def train_finetuned(
         headline=f"Balanced accuracy {100 * acc.value:.1f} % on {test_report.n} held-out photos. " + _story(result),
         seconds=round(seconds, 1), created_at=time.time(),
         extra={"history": result.history, "best_epoch": result.best_epoch, "failures": len(result.failures),
+               "labels_signature": evaluation_signature(ids, list(y), 0),
                "device": str(result.device)},
     )
     _save_run(project, record, {"test_ids": np.asarray(test_ids), "test_proba": proba[keep]})
@@ -446,21 +448,36 @@ def trained_counts(run: RunRecord) -> dict[str, int] | None:
 
 
 def labels_changed(project: Project, run: RunRecord) -> str | None:
-    """A plain sentence when the labelled photos differ from those the run learned from, else None."""
+    """A plain sentence when the labelled photos differ from those the run learned from, else None.
+
+    Compares the same signature of (photo, label) pairs that decides when the split plan is
+    made again, so a relabelling that keeps every class's count is caught too.
+    """
+    from core import extraction
+
+    then_signature, seed = run.extra.get("labels_signature"), 0
+    if then_signature is None:  # a run from before runs kept it: the plan it was trained with
+        path = project.path("runs", "split_plan.json")
+        if not path.is_file():
+            return None
+        stored = json.loads(path.read_text())
+        then_signature, seed = stored.get("signature"), int(stored.get("plan", {}).get("seed", 0))
+    y, ids = extraction.training_labels(project, run.backbone_id)
+    if evaluation_signature(ids, list(y), seed) == then_signature:
+        return None
+    message = "The labels have changed since this model was trained"
     then = trained_counts(run)
-    if then is None:
-        return None
-    now = project.training_set()["label"].value_counts()
-    classes = sorted(set(then) | set(now.index), key=lambda c: (c != run.positive, c))
-    if all(int(now.get(c, 0)) == then.get(c, 0) for c in classes):
-        return None
-    names = project.class_names()
+    if then is not None:
+        now = pd.Series(y).value_counts()
+        classes = sorted(set(then) | set(now.index), key=lambda c: (c != run.positive, c))
+        names = project.class_names()
 
-    def per_class(counts) -> str:
-        return ", ".join(f"{int(counts.get(c, 0)):,} “{names.get(c, c)}”" for c in classes)
+        def per_class(counts) -> str:
+            return ", ".join(f"{int(counts.get(c, 0)):,} “{names.get(c, c)}”" for c in classes)
 
-    return (f"The labels have changed since this model was trained (now {per_class(now)}; then "
-            f"{per_class(then)}): train again on the Train & compare step so that the model includes the changes.")
+        if any(int(now.get(c, 0)) != then.get(c, 0) for c in classes):
+            message += f" (now {per_class(now)}; then {per_class(then)})"
+    return message + ": train again on the Train & compare step so that the model includes the changes."
 
 
 def class_order(project: Project) -> list[str]:

@@ -160,6 +160,23 @@ def test_analysts_answers_and_wording_reach_the_report(demo):
         report.save_choices(demo, question="", category="category")
 
 
+def test_a_relabelling_that_keeps_the_counts_is_still_a_change(demo):
+    frozen = training.latest_runs(demo)["frozen"]
+    assert training.labels_changed(demo, frozen) is None
+    data = demo.training_set()
+    person = data.loc[data["label"] == "person", "sha"].iloc[0]
+    other = data.loc[data["label"] == "no_person", "sha"].iloc[0]
+    demo.set_override(person, label="no_person")
+    demo.set_override(other, label="person")  # 10 and 10 before and after
+    try:
+        changed = training.labels_changed(demo, frozen)
+        assert changed.startswith("The labels have changed since this model was trained:")
+    finally:
+        demo.clear_override(person)
+        demo.clear_override(other)
+    assert training.labels_changed(demo, frozen) is None
+
+
 def test_report_without_a_tagged_catalog(home, binary_photos):
     folder, sheet = binary_photos
     p = workspace.create_project("No catalog yet")
