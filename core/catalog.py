@@ -24,6 +24,7 @@ from core.sheets import Sheet, read_sheet
 
 __all__ = [
     "COMBINE_RULES",
+    "split_columns",
     "Catalog",
     "ImageRef",
     "combine",
@@ -323,3 +324,35 @@ def resolve_local(
         if resolved is not None:
             return Path(resolved)
     return None
+
+
+# --------------------------------------------------------------------------- splitting the tags
+
+_CATEGORY_NAMES = re.compile(r"categ|type|department|collection|gender|segment|family|group|season|range|usage",
+                             re.IGNORECASE)
+
+
+def _category_like(frame, exclude: Sequence[str]) -> list[str]:
+    """Columns that look like a category (2-30 distinct values, not photo references), likeliest first."""
+    found = []
+    for name in frame.columns:
+        if name in exclude:
+            continue
+        values = frame[name].dropna().astype(str).str.strip()
+        values = values[values != ""]
+        distinct = values.nunique()
+        if (2 <= distinct <= 30 and distinct < max(3, len(values) // 2)
+                and not values.str.contains("/|\\.jpe?g", case=False).any()):
+            found.append(name)
+    return sorted(found, key=lambda c: not _CATEGORY_NAMES.search(c))
+
+
+def split_columns(frame, *, image_columns: Sequence[str], saved: str | None = None) -> tuple[list[str], str | None]:
+    """The columns a tagged catalog's counts can be split by (category-like ones first) and the
+    one to use: ``saved`` (the analyst's choice; "" for no split) when still a column, else the
+    likeliest category, else None. ``frame``'s column names must be strings."""
+    likely = _category_like(frame, image_columns)
+    columns = likely + [c for c in frame.columns if c not in likely and c not in image_columns]
+    if saved == "":
+        return columns, None
+    return columns, saved if saved in columns else (likely[0] if likely else None)

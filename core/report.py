@@ -13,7 +13,6 @@ import base64
 import html
 import json
 import math
-import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +20,7 @@ from pathlib import Path
 import pandas as pd
 
 from core import tagging, training
+from core.catalog import split_columns
 from core.problems import InputError
 from core.workspace import Project
 
@@ -28,9 +28,9 @@ PHOTO_SIZE = 160  # pixels on the longest side of every photo in the report
 EXAMPLES_PER_CLASS = 4
 MISTAKES_SHOWN = 6
 NOT_TAGGED = tagging.NOT_TAGGED
+PER_CLASS_COLUMNS = {"found": "Found (recall)", "right_when_said": "Right when it says so (precision)",
+                     "photos": "Held-out photos"}
 METHOD_TITLES = {"frozen": "Quick model (frozen backbone)", "finetuned": "Fine-tuned network"}
-_CATEGORY_NAMES = re.compile(r"categ|type|department|collection|gender|segment|family|group|season|range|usage",
-                             re.IGNORECASE)
 
 
 @dataclass(frozen=True)
@@ -154,21 +154,6 @@ def _method(run: training.RunRecord, names: dict[str, str], used: bool) -> Metho
     )
 
 
-def category_columns(frame: pd.DataFrame, *, exclude: list[str] = ()) -> list[str]:
-    """Columns that look like a category (2-30 distinct values), likeliest first."""
-    found = []
-    for column in frame.columns:
-        name = str(column)
-        if name in exclude:
-            continue
-        values = frame[column].dropna().astype(str).str.strip()
-        values = values[values != ""]
-        distinct = values.nunique()
-        if 2 <= distinct <= 30 and distinct < max(3, len(values) // 2) and not values.str.contains("/|\\.jpe?g", case=False).any():
-            found.append(name)
-    return sorted(found, key=lambda c: not _CATEGORY_NAMES.search(c))
-
-
 def _catalog(project: Project, names: dict[str, str], category: str | None,
              model_titles: dict[str, str], order: list[str]) -> CatalogResult | None:
     from core import images
@@ -185,15 +170,12 @@ def _catalog(project: Project, names: dict[str, str], category: str | None,
     if results.empty:
         return None
     fixed = tagging.overrides(folder)
-    final = tagging.final_labels(folder)
+    final = tagging.final_labels(results, fixed)
     counts = tagging.tag_counts(final, names=names, order=order)
     original, _ = tagging.read_original(folder / run["catalog"])
-    options = run.get("options", {})
     original.columns = [str(c) for c in original.columns]
-    images_in = list(options.get("image_columns", []))
-    guessed = category_columns(original, exclude=images_in)
-    columns = guessed + [c for c in original.columns if c not in guessed and c not in images_in]
-    column = category if category in columns else (None if category == "" or not guessed else guessed[0])
+    columns, column = split_columns(original, image_columns=run.get("options", {}).get("image_columns", []),
+                                    saved=category)
     by_category = None
     if column:
         by_category = tagging.share_by(original[column].astype(str), final, names=names, order=order)
@@ -235,7 +217,7 @@ def build_report(project: Project, *, question: str | None = None, category: str
     if not runs:
         raise InputError("The report needs a trained model: train one on the Train & compare step first.")
     names = project.class_names()
-    saved = project.get_meta("report", {}) or {}
+    saved = saved_choices(project)
     chosen = training.tagging_model(project)
     chosen_id = chosen["id"] if chosen else None
     main = next((r for r in runs.values() if r.id == chosen_id), None) or runs.get("frozen") or next(iter(runs.values()))
@@ -356,9 +338,14 @@ def _count(n: int, noun: str) -> str:
     return f"{n:,} {noun}" + ("" if n == 1 else "s")
 
 
+def saved_choices(project: Project) -> dict:
+    """The analyst's saved wording (``question``) and catalog column to split by (``category``)."""
+    return dict(project.get_meta("report", {}) or {})
+
+
 def save_choices(project: Project, *, question: str | None = None, category: str | None = None) -> None:
     """Remember the analyst's wording of the question and the catalog column to split by."""
-    saved = dict(project.get_meta("report", {}) or {})
+    saved = saved_choices(project)
     if question is not None:
         saved["question"] = question.strip()
     if category is not None:
@@ -476,8 +463,8 @@ def _per_class(method: MethodResult) -> str:
     rows = "".join(
         f"<tr><td>{_e(name)}</td><td>{percent(r.found)}</td><td>{percent(r.right_when_said)}</td><td>{int(r.photos)}</td></tr>"
         for name, r in method.per_class.iterrows())
-    return ("<table><tr><th>Class</th><th>Found (recall)</th><th>Right when it says so (precision)</th>"
-            f"<th>Held-out photos</th></tr>{rows}</table>")
+    heads = "".join(f"<th>{_e(title)}</th>" for title in PER_CLASS_COLUMNS.values())
+    return f"<table><tr><th>Class</th>{heads}</tr>{rows}</table>"
 
 
 def _logo() -> str:

@@ -21,7 +21,7 @@ import json
 import os
 import sqlite3
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -429,10 +429,11 @@ def review_photos(folder: Path, items: Sequence[dict], project=None) -> dict[int
 NOT_TAGGED = "could not be tagged"
 
 
-def final_labels(folder: Path) -> pd.Series:
-    """Each finished row's tag, the analyst's answers included ("" where there is no tag)."""
-    final = results_frame(folder)["predicted_label"].copy()
-    for row, label in overrides(folder).items():
+def final_labels(results: pd.DataFrame, answers: Mapping[int, str]) -> pd.Series:
+    """Each finished row's tag (``results_frame``) with the analyst's ``answers`` (``overrides``)
+    in place of the model's ("" where there is no tag)."""
+    final = results["predicted_label"].copy()
+    for row, label in answers.items():
         if row in final.index:
             final[row] = label
     return final

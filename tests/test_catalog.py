@@ -169,3 +169,21 @@ def test_resolve_local_stays_inside_allowed_root(tmp_path):
     assert resolve_local(_ref("up/secret.jpg"), allowed_roots=roots) is None
     assert resolve_local(_ref(str(tmp_path / "secret.jpg")), allowed_roots=roots) is None
     assert resolve_local(_ref("sub/a.jpg")) is None  # no roots configured
+
+
+def test_split_columns_offer_category_like_columns_first_and_keep_the_analysts_choice():
+    import pandas as pd
+
+    from core.catalog import split_columns
+
+    frame = pd.DataFrame({
+        "sku": [f"S{i}" for i in range(12)],
+        "image": [f"p{i}.jpg" for i in range(12)],
+        "colour": ["red", "blue"] * 6,
+        "product_type": ["shoe", "bag", "top"] * 4,
+    })
+    columns, chosen = split_columns(frame, image_columns=["image"])
+    assert columns == ["product_type", "colour", "sku"] and chosen == "product_type"
+    assert split_columns(frame, image_columns=["image"], saved="colour")[1] == "colour"
+    assert split_columns(frame, image_columns=["image"], saved="")[1] is None  # "no split" is a choice
+    assert split_columns(frame, image_columns=["image"], saved="gone")[1] == "product_type"

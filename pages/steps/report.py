@@ -67,8 +67,7 @@ for col, method in zip(st.columns(len(built.methods)), built.methods):
         st.caption(f"95 % range {report.percent(acc['low'])} – {report.percent(acc['high'])} on {method.n_test} "
                    f"held-out photos · trained {method.trained_on}")
         st.write(method.detail)
-        table = method.per_class.rename(columns={"found": "Found (recall)", "right_when_said": "Right when it says so "
-                                                 "(precision)", "photos": "Held-out photos"})
+        table = method.per_class.rename(columns=report.PER_CLASS_COLUMNS)
         st.dataframe(table.style.format({c: "{:.0%}" for c in table.columns[:2]}), width="stretch")
         st.plotly_chart(charts.confusion_figure(method.confusion, method.classes), width="stretch",
                         key=f"report-cm-{method.kind}")

@@ -68,18 +68,17 @@ if results.empty:
     st.stop()
 
 fixed = tagging.overrides(folder)
-final = tagging.final_labels(folder)
+final = tagging.final_labels(results, fixed)
 order = training.class_order(project)
 st.subheader(f"{run['catalog_name']}: {len(results)} of {run['rows']} rows done")
 st.plotly_chart(charts.share_figure(tagging.tag_counts(final, names=names, order=order), horizontal=True),
                 width="stretch", key="tag-share")
 original, _ = tagging.read_original(folder / run["catalog"])
 original.columns = [str(c) for c in original.columns]
-images_in = list(run["options"].get("image_columns", []))
-columns = report.category_columns(original, exclude=images_in)
-saved = (project.get_meta("report", {}) or {}).get("category")
-choices = ["", *columns, *[c for c in original.columns if c not in columns and c not in images_in]]
-default = saved if saved in choices else (columns[0] if columns else "")
+columns, default = catalog_module.split_columns(original, image_columns=run["options"].get("image_columns", []),
+                                                saved=report.saved_choices(project).get("category"))
+default = default or ""
+choices = ["", *columns]
 split = st.selectbox("Split by a column of the catalog (the report uses the same)", choices,
                      index=choices.index(default), format_func=lambda c: c or "(no split)", key=f"split-{run_id}")
 if split != default:
