@@ -179,22 +179,23 @@ def _catalog(project: Project, names: dict[str, str], category: str | None,
     by_category = None
     if column:
         by_category = tagging.share_by(original[column].astype(str), final, names=names, order=order)
-    examples: dict[str, list[Photo]] = {}
+    # The surest rows of each tag, their photos found in one pass.
     done = results.assign(final=final)
-    for label, group in done[done["final"] != ""].groupby("final"):
-        top = group.sort_values("confidence", ascending=False).head(3 * EXAMPLES_PER_CLASS)
-        items = [{"row": int(r), "photos": json.loads(top.loc[r, "photos"] or "[]")} for r in top.index]
-        photos = []
-        for row, path in tagging.review_photos(folder, items, project).items():
-            if path is None or len(photos) >= EXAMPLES_PER_CLASS:
-                continue
-            try:
-                jpeg = images.make_thumbnail(path, size=PHOTO_SIZE)
-            except Exception:  # an unreadable photo is simply not an example
-                continue
-            conf = group.loc[row, "confidence"]
-            photos.append(Photo(f"row {row + 2} · {percent(conf)} sure" if conf == conf else f"row {row + 2}", jpeg))
-        examples[names.get(label, label)] = photos
+    done = done[done["final"] != ""].sort_values("confidence", ascending=False, kind="stable")
+    top = done.groupby("final", sort=False).head(3 * EXAMPLES_PER_CLASS)
+    paths = tagging.review_photos(folder, [{"row": int(r), "photos": json.loads(p or "[]")}
+                                           for r, p in zip(top.index, top["photos"])], project)
+    tags = set(top["final"])
+    examples: dict[str, list[Photo]] = {names.get(t, t): [] for t in [*order, *sorted(tags - set(order))] if t in tags}
+    for row, label, conf in zip(top.index, top["final"], top["confidence"]):
+        photos = examples[names.get(label, label)]
+        if paths.get(int(row)) is None or len(photos) >= EXAMPLES_PER_CLASS:
+            continue
+        try:
+            jpeg = images.make_thumbnail(paths[int(row)], size=PHOTO_SIZE)
+        except Exception:  # an unreadable photo is simply not an example
+            continue
+        photos.append(Photo(f"row {row + 2} · {percent(conf)} sure" if conf == conf else f"row {row + 2}", jpeg))
     model_name = model_titles.get(run.get("model_id"), run.get("model_id", ""))
     return CatalogResult(
         name=run.get("catalog_name", "catalog"), rows=int(run["rows"]), done=len(results), counts=counts,

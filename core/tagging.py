@@ -390,9 +390,8 @@ def start_project_run(project, *, catalog_name: str, catalog_data: bytes, bundle
 
 def project_photo_files(project) -> dict[str, Path]:
     """Photos already in the project, by every name they were uploaded under."""
-    names = project.names()
-    images = project.images().set_index("sha")
-    return {row.name: project.image_path(row.sha, images.loc[row.sha, "ext"]) for row in names.itertuples()}
+    files = project.names().merge(project.images()[["sha", "ext"]], on="sha")
+    return {name: project.image_path(sha, ext) for name, sha, ext in zip(files["name"], files["sha"], files["ext"])}
 
 
 def overrides(folder: Path) -> dict[int, str]:
