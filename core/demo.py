@@ -59,6 +59,8 @@ def build_demo(
 ) -> DemoSummary:
     """Build the project ``name`` through every step; returns what was done and how long each step took."""
     from core import backbones, extraction, finetune, intake, tagging, training
+    from core.catalog import guess_columns
+    from core.sheets import read_sheet
 
     images, labels = Path(images), Path(labels)
     if not images.is_dir():
@@ -123,11 +125,7 @@ def build_demo(
         catalog_name, catalog_data = Path(catalog).name, Path(catalog).read_bytes()
     else:
         catalog_name, catalog_data, catalog_images = "catalog-export.csv", _catalog_of(images), catalog_images or images
-    from core import catalog as catalog_module
-    from core.sheets import read_sheet
-
-    sheet = read_sheet(catalog_data, filename=catalog_name)
-    _, columns = catalog_module.guess_columns(sheet)
+    _, columns = guess_columns(read_sheet(catalog_data, filename=catalog_name))
     if not columns:
         raise InputError(f"{catalog_name}: no column of photo file names or links was found.")
     run_id = tagging.start_project_run(
