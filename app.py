@@ -11,8 +11,9 @@ from pathlib import Path
 
 import streamlit as st
 
-from core import journey, workspace
-from core.problems import InputError
+from core.base.problems import InputError
+from core.present import journey
+from core.projects import workspace
 from pages import ui
 
 ASSETS = Path(__file__).parent / "assets"
@@ -26,7 +27,7 @@ st.set_page_config(
 
 @st.cache_resource(show_spinner=False)
 def _device_badge() -> str:
-    from core.device import describe_device, pick_device
+    from core.vision.device import describe_device, pick_device
 
     return describe_device(pick_device())
 
@@ -77,7 +78,7 @@ def _project_picker(project: workspace.Project | None) -> None:
 @st.cache_resource(show_spinner=False)
 def _warm_up_umap() -> threading.Thread:
     """UMAP's first fit in a process costs seconds of compilation: pay it once, in the background."""
-    from core.projection import warm_up_umap
+    from core.learning.projection import warm_up_umap
 
     thread = threading.Thread(target=warm_up_umap, name="umap-warm-up", daemon=True)
     thread.start()

@@ -6,7 +6,7 @@ astronaut upscaled; nothing is written into the repository), then times, in the 
 run and interleaved so that machine noise hits both alike:
 
 (a) ``Image.open`` + full decode + resize to 224 px (shorter side), as a notebook does;
-(b) ``core.images.load_for_model(size=224)`` + the same resize.
+(b) ``core.inputs.images.load_for_model(size=224)`` + the same resize.
 
 It prints the median and 90th-percentile milliseconds of each, the ratio (a)/(b) and the
 mean absolute pixel difference between the two 224 px results. Run from the project root:
@@ -30,7 +30,7 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from core import images  # noqa: E402
+from core.inputs import images  # noqa: E402
 
 FLAT_LAY = ROOT.parent / "shared" / "data" / "flat-lay"
 WIDTH, HEIGHT = 3000, 2000

@@ -31,9 +31,9 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from core import backbones as bb  # noqa: E402
-from core import features as ft  # noqa: E402
-from core.device import describe_device, pick_device  # noqa: E402
+from core.vision import backbones as bb  # noqa: E402
+from core.vision import features as ft  # noqa: E402
+from core.vision.device import describe_device, pick_device  # noqa: E402
 
 SHARED = ROOT.parent / "shared" / "data" / "product-photos"
 

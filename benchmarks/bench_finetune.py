@@ -1,7 +1,7 @@
 """Fine-tuning on the shared product photos: speed on this machine and accuracy against the
 frozen head on the same held-out photos.
 
-Split: stratified 70 / 15 / 15 (train / validation / test) with core.splits.plan_split.
+Split: stratified 70 / 15 / 15 (train / validation / test) with core.learning.splits.plan_split.
 The fine-tuned network trains on train, early-stops and chooses its threshold on
 validation, and starts from a frozen head fitted on train only (LP-FT). The frozen head it
 is compared with is the app's: fitted on train + validation, threshold from its
@@ -30,14 +30,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from core import backbones as bb  # noqa: E402
-from core import finetune as ft  # noqa: E402
-from core.comparison import compare_methods  # noqa: E402
-from core.device import describe_device, pick_device  # noqa: E402
-from core.evaluation import cross_validate_head, evaluate_predictions  # noqa: E402
-from core.heads import head_to_arrays, make_frozen_head  # noqa: E402
-from core.images import load_for_model  # noqa: E402
-from core.splits import plan_split  # noqa: E402
+from core.inputs.images import load_for_model  # noqa: E402
+from core.learning import finetune as ft  # noqa: E402
+from core.learning.comparison import compare_methods  # noqa: E402
+from core.learning.evaluation import cross_validate_head, evaluate_predictions  # noqa: E402
+from core.learning.heads import head_to_arrays, make_frozen_head  # noqa: E402
+from core.learning.splits import plan_split  # noqa: E402
+from core.vision import backbones as bb  # noqa: E402
+from core.vision.device import describe_device, pick_device  # noqa: E402
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "product-photos"
 FLAT_LAY = SHARED.parent / "flat-lay"  # garments on beds and rugs, no people: a domain-shift check

@@ -51,7 +51,7 @@ def timed(fn, *args, **kwargs):
 
 
 def bench_umap(sizes):
-    from core.projection import project_2d
+    from core.learning.projection import project_2d
 
     rows = []
     for i, n in enumerate(sizes):
@@ -67,9 +67,9 @@ def bench_heads(shapes, *, compare_threads: bool):
     from sklearn.base import clone
     from sklearn.metrics import balanced_accuracy_score
 
-    from core.evaluation import cross_validate_head
-    from core.heads import make_frozen_head
-    from core.splits import plan_split
+    from core.learning.evaluation import cross_validate_head
+    from core.learning.heads import make_frozen_head
+    from core.learning.splits import plan_split
 
     rows = []
     for n, k in shapes:

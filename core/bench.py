@@ -17,7 +17,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from core.images import looks_like_image_name
+from core.inputs.images import looks_like_image_name
 
 CANDIDATES = (1, 2, 4, 8, 16, 32, 64)
 
@@ -49,7 +49,7 @@ def _forward_limit(model, images, device, *, repeats: int) -> tuple[float, int, 
     """
     import torch
 
-    from core.features import autocast, synchronize
+    from core.vision.features import autocast, synchronize
 
     best = (0.0, 1, "channels_last")
     n = images.shape[0]
@@ -80,7 +80,7 @@ def _naive(model, transform, paths: list[Path], device) -> float:
     import torch
     from PIL import Image
 
-    from core.features import synchronize
+    from core.vision.features import synchronize
 
     started = time.perf_counter()
     with torch.inference_mode():
@@ -104,9 +104,9 @@ def bench_extract(
     """Measure extraction speed on a folder of photos; returns the JSON-able figures."""
     import torch
 
-    from core import backbones, features
-    from core.device import describe_device, pick_device
-    from core.images import load_for_model
+    from core.inputs.images import load_for_model
+    from core.vision import backbones, features
+    from core.vision.device import describe_device, pick_device
 
     backbone_id = backbone_id or backbones.DEFAULT_BACKBONE_ID
     paths = _image_files(Path(folder))

@@ -25,8 +25,8 @@ import json
 import sys
 from pathlib import Path
 
-from core import workspace
-from core.problems import InputError
+from core.base.problems import InputError
+from core.projects import workspace
 
 
 def _print(result: dict, as_json: bool) -> None:
@@ -54,7 +54,8 @@ def cmd_create(args: argparse.Namespace) -> int:
 
 
 def cmd_intake(args: argparse.Namespace) -> int:
-    from core import intake, labels
+    from core.inputs import labels
+    from core.projects import intake
 
     if args.labels:  # an unusable sheet stops everything before any photo is touched
         sheet_path = Path(args.labels)
@@ -120,7 +121,7 @@ def _progress_printer(label: str):
 
 
 def cmd_backbones(args: argparse.Namespace) -> int:
-    from core import backbones
+    from core.vision import backbones
 
     rows = []
     for b in backbones.list_backbones():
@@ -138,7 +139,7 @@ def cmd_backbones(args: argparse.Namespace) -> int:
 
 
 def cmd_weights_import(args: argparse.Namespace) -> int:
-    from core import backbones
+    from core.vision import backbones
 
     try:
         path = backbones.import_weights(args.backbone, Path(args.file))
@@ -149,7 +150,8 @@ def cmd_weights_import(args: argparse.Namespace) -> int:
 
 
 def cmd_extract(args: argparse.Namespace) -> int:
-    from core import backbones, extraction
+    from core.learning import extraction
+    from core.vision import backbones
 
     project = workspace.open_project(args.project)
     backbone_id = args.backbone or project.get_meta("backbone", backbones.DEFAULT_BACKBONE_ID)
@@ -185,9 +187,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
 def cmd_tag(args: argparse.Namespace) -> int:
     import shutil
 
-    from core import tagging
-    from core.catalog import guess_columns
-    from core.sheets import read_sheet
+    from core.inputs.catalog import guess_columns
+    from core.inputs.sheets import read_sheet
+    from core.tagging import run as tagging
 
     catalog = Path(args.catalog)
     if not catalog.is_file():
@@ -217,7 +219,7 @@ def cmd_tag(args: argparse.Namespace) -> int:
 
 
 def cmd_job_run(args: argparse.Namespace) -> int:
-    from core import jobs
+    from core.projects import jobs
 
     project = workspace.open_project(args.project)
     job = jobs.run(project, args.job)
@@ -234,7 +236,9 @@ def _find_project(name: str) -> workspace.Project | None:
 
 def _train_bundle(project: workspace.Project, args: argparse.Namespace, backbone_id: str, show):
     """Intake, features and training for ``cmd_train``; returns the run record."""
-    from core import backbones, extraction, finetune, intake, training
+    from core.learning import extraction, finetune, training
+    from core.projects import intake
+    from core.vision import backbones
 
     intake.stage_folder(project, Path(args.images))
     intake.process_staged(project, on_progress=show("Checking photos"))
@@ -286,7 +290,8 @@ def _metrics(record) -> dict:
 def cmd_train(args: argparse.Namespace) -> int:
     import time
 
-    from core import backbones, bundles
+    from core.learning import bundles
+    from core.vision import backbones
 
     started = time.time()
     if not Path(args.images).is_dir():
@@ -333,7 +338,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def _photos_in(folder: Path) -> list[tuple[str, Path]]:
     """(relative name, path) of every photo under ``folder``, sorted; hidden files skipped."""
-    from core.images import looks_like_image_name
+    from core.inputs.images import looks_like_image_name
 
     found = []
     for path in folder.rglob("*"):
@@ -348,7 +353,8 @@ def _photos_in(folder: Path) -> list[tuple[str, Path]]:
 def cmd_predict(args: argparse.Namespace) -> int:
     import math
 
-    from core import backbones, predict
+    from core.learning import predict
+    from core.vision import backbones
 
     folder = Path(args.images)
     if not folder.is_dir():
@@ -385,7 +391,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from core import report
+    from core.present import report
 
     project = _find_project(args.project)
     if project is None:

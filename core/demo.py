@@ -12,8 +12,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from core import workspace
-from core.problems import InputError
+from core.base.problems import InputError
+from core.projects import workspace
 
 Say = Callable[[str], None]
 
@@ -36,7 +36,7 @@ class DemoSummary:
 
 def _catalog_of(folder: Path) -> bytes:
     """A catalog export listing every photo of a folder, one product per row."""
-    from core.images import looks_like_image_name
+    from core.inputs.images import looks_like_image_name
 
     photos = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*")
                     if p.is_file() and looks_like_image_name(p.name))
@@ -58,9 +58,12 @@ def build_demo(
     say: Say = lambda message: None,
 ) -> DemoSummary:
     """Build the project ``name`` through every step; returns what was done and how long each step took."""
-    from core import backbones, extraction, finetune, intake, tagging, training
-    from core.catalog import guess_columns
-    from core.sheets import read_sheet
+    from core.inputs.catalog import guess_columns
+    from core.inputs.sheets import read_sheet
+    from core.learning import extraction, finetune, training
+    from core.projects import intake
+    from core.tagging import run as tagging
+    from core.vision import backbones
 
     images, labels = Path(images), Path(labels)
     if not images.is_dir():

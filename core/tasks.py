@@ -1,4 +1,4 @@
-"""The background jobs the app can start, registered with :mod:`core.jobs`.
+"""The background jobs the app can start, registered with :mod:`core.projects.jobs`.
 
 Each handler is a thin adapter: it reads its parameters, calls the module that does the
 work with progress and cancel callbacks, and returns a small JSON-able result.
@@ -6,8 +6,8 @@ work with progress and cancel callbacks, and returns a small JSON-able result.
 
 from __future__ import annotations
 
-from core import intake
-from core.jobs import JobContext, register
+from core.projects import intake
+from core.projects.jobs import JobContext, register
 
 
 @register("intake")
@@ -24,7 +24,7 @@ def run_intake(ctx: JobContext) -> dict:
 @register("extract")
 def run_extract(ctx: JobContext) -> dict:
     """Compute the features of every photo in the project with one backbone (cached)."""
-    from core import extraction
+    from core.learning import extraction
 
     return extraction.extract_project(
         ctx.project,
@@ -38,7 +38,7 @@ def run_extract(ctx: JobContext) -> dict:
 @register("speeds")
 def run_speeds(ctx: JobContext) -> dict:
     """Measure how fast every backbone runs on this computer (remembered afterwards)."""
-    from core import backbones, features
+    from core.vision import backbones, features
 
     entries = backbones.list_backbones()
     speeds = {}
@@ -53,7 +53,7 @@ def run_speeds(ctx: JobContext) -> dict:
 @register("train-frozen")
 def run_train_frozen(ctx: JobContext) -> dict:
     """Cross-validate and fit the frozen-backbone classifier."""
-    from core import training
+    from core.learning import training
 
     record = training.train_frozen(
         ctx.project, backbone_id=ctx.params.get("backbone"), seed=int(ctx.params.get("seed", 0)),
@@ -65,7 +65,7 @@ def run_train_frozen(ctx: JobContext) -> dict:
 @register("train-finetune")
 def run_train_finetune(ctx: JobContext) -> dict:
     """Fine-tune the backbone, scored on the same held-out photos as the frozen head."""
-    from core import training
+    from core.learning import training
 
     record = training.train_finetuned(
         ctx.project, backbone_id=ctx.params.get("backbone"), seed=int(ctx.params.get("seed", 0)),
@@ -80,7 +80,7 @@ def run_train_finetune(ctx: JobContext) -> dict:
 @register("tag")
 def run_tag(ctx: JobContext) -> dict:
     """Tag every row of a catalog (resumes a run that was interrupted)."""
-    from core import tagging
+    from core.tagging import run as tagging
 
     folder = tagging.project_run_folder(ctx.project, ctx.params["run"])
     summary = tagging.run_tagging(

@@ -10,8 +10,8 @@ import pytest
 import torch
 from PIL import Image
 
-from core import backbones as bb
-from core.device import describe_device, device_summary, pick_device
+from core.vision import backbones as bb
+from core.vision.device import describe_device, device_summary, pick_device
 
 ALL_IDS = [b.id for b in bb.list_backbones()]
 

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from sklearn.datasets import make_classification
 
-from core import bundles
-from core.bundles import (
+from core.learning import bundles
+from core.learning.bundles import (
     BundleError,
     ModelBundle,
     frozen_head_from_bundle,
@@ -21,8 +21,8 @@ from core.bundles import (
     save_bundle,
     training_manifest,
 )
-from core.evaluation import evaluate_predictions
-from core.heads import head_to_arrays, make_frozen_head
+from core.learning.evaluation import evaluate_predictions
+from core.learning.heads import head_to_arrays, make_frozen_head
 
 NAMES = np.array(["no person", "person", "pet"])
 

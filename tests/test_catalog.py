@@ -8,8 +8,8 @@ import os
 import pytest
 from openpyxl import Workbook
 
-from core.catalog import ImageRef, combine, image_refs, read_catalog, ref_kind, resolve_local
-from core.problems import InputError
+from core.base.problems import InputError
+from core.inputs.catalog import ImageRef, combine, image_refs, read_catalog, ref_kind, resolve_local
 
 SHOPIFY = (
     b"Handle,Title,Variant SKU,Image Src,Image Position,Image Alt Text\n"
@@ -174,7 +174,7 @@ def test_resolve_local_stays_inside_allowed_root(tmp_path):
 def test_split_columns_offer_category_like_columns_first_and_keep_the_analysts_choice():
     import pandas as pd
 
-    from core.catalog import split_columns
+    from core.inputs.catalog import split_columns
 
     frame = pd.DataFrame({
         "sku": [f"S{i}" for i in range(12)],

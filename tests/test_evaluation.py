@@ -8,15 +8,15 @@ import numpy as np
 import pytest
 from sklearn.metrics import accuracy_score, balanced_accuracy_score, f1_score
 
-from core.evaluation import (
+from core.learning.evaluation import (
     EvalReport,
     choose_threshold,
     cross_validate_head,
     evaluate_predictions,
     predict_labels,
 )
-from core.heads import make_frozen_head
-from core.splits import plan_split
+from core.learning.heads import make_frozen_head
+from core.learning.splits import plan_split
 from tests.evaluation_data import NAMES, features, json_round_trip, noisy_proba
 
 
@@ -117,8 +117,8 @@ def test_cross_validate_head_follows_the_callers_row_order():
 
 def test_a_perfect_score_on_few_photos_still_has_an_honest_range():
     """32 of 32 right does not prove 100 %: the interval must reach well below it."""
-    from core.comparison import compare_methods
-    from core.evaluation import evaluate_predictions
+    from core.learning.comparison import compare_methods
+    from core.learning.evaluation import evaluate_predictions
 
     y = ["a"] * 16 + ["b"] * 16
     p = np.array([[1.0, 0.0]] * 16 + [[0.0, 1.0]] * 16)

@@ -11,8 +11,8 @@ import pytest
 import torch
 from PIL import Image, ImageOps
 
-from core import backbones as bb
-from core import features as ft
+from core.vision import backbones as bb
+from core.vision import features as ft
 
 LITE0 = "efficientnet_lite0"
 

@@ -1,4 +1,4 @@
-"""core.fetch against a throw-away HTTP server on 127.0.0.1 (no internet needed)."""
+"""core.inputs.fetch against a throw-away HTTP server on 127.0.0.1 (no internet needed)."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 from PIL import Image
 
-from core import fetch as fetch_mod
-from core.fetch import Fetcher, FetchPolicy
+from core.inputs import fetch as fetch_mod
+from core.inputs.fetch import Fetcher, FetchPolicy
 
 
 def _image_bytes(fmt: str) -> bytes:

@@ -13,9 +13,9 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from core import backbones as bb
-from core import finetune as ft
-from core.heads import head_to_arrays, make_frozen_head
+from core.learning import finetune as ft
+from core.learning.heads import head_to_arrays, make_frozen_head
+from core.vision import backbones as bb
 
 LITE0 = "efficientnet_lite0"
 CLASSES = ["no_person", "person"]
@@ -69,7 +69,7 @@ def photos(tmp_path_factory) -> dict:
 def _features(model, paths) -> np.ndarray:
     """Frozen features exactly as the app computes them: the model's own extractor on the
     evaluation transform."""
-    from core.images import load_for_model
+    from core.inputs.images import load_for_model
 
     backbone = bb.get_backbone(LITE0)
     tf = bb.build_transform(backbone)

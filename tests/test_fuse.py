@@ -7,8 +7,8 @@ import torch
 from PIL import Image
 from torch import nn
 
-from core import backbones
-from core.fuse import fold_batch_norms
+from core.vision import backbones
+from core.vision.fuse import fold_batch_norms
 
 
 def _photos(n: int = 6) -> torch.Tensor:

@@ -9,7 +9,7 @@ from sklearn.datasets import make_classification
 from sklearn.model_selection import cross_val_predict
 from sklearn.pipeline import Pipeline
 
-from core.heads import AdaptiveStratifiedKFold, head_from_arrays, head_to_arrays, make_frozen_head
+from core.learning.heads import AdaptiveStratifiedKFold, head_from_arrays, head_to_arrays, make_frozen_head
 
 NAMES = np.array(["no person", "person", "pet"])
 

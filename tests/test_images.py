@@ -1,4 +1,4 @@
-"""core.images: every colour mode and failure an analyst's upload can bring, on real files."""
+"""core.inputs.images: every colour mode and failure an analyst's upload can bring, on real files."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFile
 
-from core import images
-from core.images import ImageError, ImageInfo, inspect_image, load_for_model, load_rgb, make_thumbnail
+from core.inputs import images
+from core.inputs.images import ImageError, ImageInfo, inspect_image, load_for_model, load_rgb, make_thumbnail
 
 RED, BLUE, WHITE = (255, 0, 0), (0, 0, 255), (255, 255, 255)
 

@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from core import jobs, workspace
+from core.projects import jobs, workspace
 
 
 @jobs.register("test-count")

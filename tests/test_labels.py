@@ -1,4 +1,4 @@
-"""Tests for core.labels: reading label sheets, guessing columns, matching rows to photos."""
+"""Tests for core.inputs.labels: reading label sheets, guessing columns, matching rows to photos."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ from pathlib import Path
 import openpyxl
 import pytest
 
-from core.labels import (
+from core.base.problems import InputError, Problem
+from core.inputs.labels import (
     MatchResult,
     Sheet,
     class_display_defaults,
@@ -19,7 +20,6 @@ from core.labels import (
     read_sheet,
     training_blockers,
 )
-from core.problems import InputError, Problem
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 PHOTOS = REPO_ROOT.parent / "shared" / "data" / "product-photos"

@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 from streamlit.testing.v1 import AppTest
 
-from core import jobs, workspace
+from core.projects import jobs, workspace
 from tests.conftest import REPO
 
 TIMEOUT = 60
@@ -96,7 +96,7 @@ def test_sidebar_lists_projects_and_shows_the_device(project):
 
 def test_last_project_reopens_in_a_new_session():
     workspace.create_project("Summer shoes")
-    from core.workspace import atomic_write_text, home
+    from core.projects.workspace import atomic_write_text, home
 
     atomic_write_text(home() / "last_project", "summer-shoes")
     at = _app().run()
@@ -142,7 +142,7 @@ def test_theme_charts_and_report_share_one_palette():
     """A class keeps its colour on every page, in the charts and in the exported report."""
     import tomllib
 
-    from core import charts
+    from core.present import charts
 
     theme = tomllib.loads((REPO / ".streamlit" / "config.toml").read_text())["theme"]
     assert theme["chartCategoricalColors"] == charts.PALETTE

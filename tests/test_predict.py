@@ -17,8 +17,10 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from core import bundles, cli, predict, training, workspace
-from core.problems import InputError
+from core import cli
+from core.base.problems import InputError
+from core.learning import bundles, predict, training
+from core.projects import workspace
 
 PER_CLASS = 10
 

@@ -9,7 +9,7 @@ from sklearn.metrics import silhouette_score
 from sklearn.model_selection import cross_val_score
 from sklearn.neighbors import KNeighborsClassifier
 
-from core.projection import project_2d, warm_up_umap
+from core.learning.projection import project_2d, warm_up_umap
 
 
 @pytest.fixture(scope="module")

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from core.problems import InputError
-from core.splits import SplitPlan, plan_split
+from core.base.problems import InputError
+from core.learning.splits import SplitPlan, plan_split
 from tests.evaluation_data import features, json_round_trip
 
 

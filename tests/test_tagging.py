@@ -14,7 +14,8 @@ import time
 import pytest
 from PIL import Image, ImageOps
 
-from core import cli, tagging
+from core import cli
+from core.tagging import run as tagging
 from tests.conftest import REPO
 
 
@@ -121,7 +122,7 @@ def test_kill_9_then_resume_equals_an_uninterrupted_run(setup, tmp_path):
 def test_share_by_a_category_column():
     import pandas as pd
 
-    from core.tagging import share_by
+    from core.tagging.run import share_by
 
     table = share_by(pd.Series(["shoes", "shoes", "tops", "tops", "tops"]),
                      pd.Series({0: "1", 1: "0", 2: "1", 3: "1"}), names={"1": "Person"})

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from core import extraction, finetune, intake, jobs, training, workspace
+from core.learning import extraction, finetune, training
+from core.projects import intake, jobs, workspace
 from tests.conftest import sample_photo_set
 
 
@@ -203,7 +204,7 @@ def test_tag_page_tags_a_catalog_of_project_photos(project):
 
 
 def test_reviewed_rows_go_back_into_the_training_labels(project):
-    from core import tagging
+    from core.tagging import run as tagging
 
     p, _ = project
     run_id = p.get_meta("tagging_run")

@@ -1,4 +1,4 @@
-"""core.uploads: real zips, clutter, hostile members and legacy name encodings."""
+"""core.inputs.uploads: real zips, clutter, hostile members and legacy name encodings."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from core import uploads
-from core.uploads import UploadedFile, is_zip, unpack_zip
+from core.inputs import uploads
+from core.inputs.uploads import UploadedFile, is_zip, unpack_zip
 
 JPEG_ISH = b"\xff\xd8\xff\xe0" + bytes(range(256)) * 4  # content does not matter here
 

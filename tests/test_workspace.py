@@ -7,8 +7,8 @@ import threading
 
 import pytest
 
-from core import workspace
-from core.problems import InputError, Problem
+from core.base.problems import InputError, Problem
+from core.projects import workspace
 
 
 def _file(tmp_path, name, data: bytes):

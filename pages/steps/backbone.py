@@ -6,7 +6,10 @@ from pathlib import Path
 import pandas as pd
 import streamlit as st
 
-from core import backbones, extraction, jobs, journey
+from core.learning import extraction
+from core.present import journey
+from core.projects import jobs
+from core.vision import backbones
 from pages import ui
 
 st.title("2 · Backbone")

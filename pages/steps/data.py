@@ -2,8 +2,9 @@
 
 import streamlit as st
 
-from core import intake, jobs, labels
-from core.problems import InputError
+from core.base.problems import InputError
+from core.inputs import labels
+from core.projects import intake, jobs
 from pages import ui
 
 PHOTO_TYPES = ["jpg", "jpeg", "jfif", "png", "webp", "gif", "bmp", "tif", "tiff", "zip"]

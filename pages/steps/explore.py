@@ -2,7 +2,8 @@
 
 import streamlit as st
 
-from core import charts, journey, training
+from core.learning import training
+from core.present import charts, journey
 from pages import ui
 
 st.title("4 · Explore")

@@ -2,7 +2,7 @@
 
 import streamlit as st
 
-from core import journey
+from core.present import journey
 from pages import ui
 
 st.title("Catalog Lens")

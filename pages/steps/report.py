@@ -2,7 +2,8 @@
 
 import streamlit as st
 
-from core import charts, report, training
+from core.learning import training
+from core.present import charts, report
 from pages import ui
 
 st.title("6 · Report")

@@ -6,9 +6,13 @@ from pathlib import Path
 
 import streamlit as st
 
-from core import catalog as catalog_module
-from core import charts, jobs, report, sheets, tagging, training
-from core.problems import InputError
+from core.base.problems import InputError
+from core.inputs import catalog as catalog_module
+from core.inputs import sheets
+from core.learning import training
+from core.present import charts, report
+from core.projects import jobs
+from core.tagging import run as tagging
 from pages import ui
 
 st.title("5 · Tag catalog")

@@ -2,7 +2,9 @@
 
 import streamlit as st
 
-from core import charts, extraction, jobs, journey, predict, training
+from core.learning import extraction, predict, training
+from core.present import charts, journey
+from core.projects import jobs
 from pages import ui
 from pages.ui import results
 

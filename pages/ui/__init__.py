@@ -9,8 +9,9 @@ import time
 
 import streamlit as st
 
-from core import jobs, journey, workspace
-from core.problems import InputError
+from core.base.problems import InputError
+from core.present import journey
+from core.projects import jobs, workspace
 
 STEP_TITLES = {
     "home": "Home",

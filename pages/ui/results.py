@@ -5,8 +5,9 @@ from __future__ import annotations
 import pandas as pd
 import streamlit as st
 
-from core import charts, training
-from core.workspace import Project
+from core.learning import training
+from core.present import charts
+from core.projects.workspace import Project
 from pages.ui import thumb_grid
 
 TITLES = {"frozen": "Quick model (frozen backbone)", "finetuned": "Fine-tuned network"}
@@ -70,7 +71,7 @@ def try_a_photo(project: Project, models: list[dict]) -> None:
     import tempfile
     from pathlib import Path
 
-    from core import predict
+    from core.learning import predict
 
     with st.expander("Try a photo"):
         upload = st.file_uploader("Any photo", type=["jpg", "jpeg", "png", "webp", "gif", "bmp", "tif", "tiff"],
@@ -99,8 +100,8 @@ def import_model(project: Project) -> None:
     import tempfile
     from pathlib import Path
 
-    from core import predict
-    from core.problems import InputError
+    from core.base.problems import InputError
+    from core.learning import predict
 
     with st.expander("Import a model"):
         st.caption("A model file downloaded from Catalog Lens (a .zip). It is checked before it is kept.")

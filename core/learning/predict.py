@@ -3,7 +3,7 @@
 :func:`predict_images` runs a model bundle (trained here or shared by a colleague) over
 any list of photos and gives one row per photo, in order, never dropping one: a photo
 that cannot be read gets a plain reason instead of a label. Labels go through
-:func:`core.evaluation.predict_labels` with the bundle's own positive class and
+:func:`core.learning.evaluation.predict_labels` with the bundle's own positive class and
 threshold, so a photo gets the same label here as in the app's reports.
 
 :func:`import_bundle` checks a shared bundle and keeps a copy in a project's ``models/``
@@ -24,9 +24,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from core import bundles
-from core.problems import InputError
-from core.workspace import Project, atomic_copy, sha256_file
+from core.base.problems import InputError
+from core.learning import bundles
+from core.projects.workspace import Project, atomic_copy, sha256_file
 
 __all__ = ["import_bundle", "list_models", "predict_images"]
 
@@ -39,7 +39,8 @@ IMPORTED_META = "imported_models"
 
 def _check_backbone(bundle: bundles.ModelBundle) -> None:
     """Refuse a bundle whose backbone or preprocessing this app does not reproduce."""
-    from core import backbones, training
+    from core.learning import training
+    from core.vision import backbones
 
     try:
         backbones.get_backbone(bundle.backbone_id)
@@ -61,7 +62,7 @@ def _check_backbone(bundle: bundles.ModelBundle) -> None:
 
 def _check_weights(bundle: bundles.ModelBundle) -> None:
     """A frozen head only means something on features of the exact weights it was trained on."""
-    from core import backbones
+    from core.vision import backbones
 
     backbones.ensure_weights(bundle.backbone_id)  # WeightsUnavailable says how to get them
     local = backbones.weights_hash(bundle.backbone_id)
@@ -87,7 +88,7 @@ def _frozen_proba(
     batch_size: int | None,
     on_progress: Progress | None,
 ) -> tuple[np.ndarray, dict[int, str]]:
-    from core import features
+    from core.vision import features
 
     _check_weights(bundle)
     head = bundles.frozen_head_from_bundle(bundle, arrays)
@@ -127,7 +128,7 @@ def _finetuned_proba(
     batch_size: int | None,
     on_progress: Progress | None,
 ) -> tuple[np.ndarray, dict[int, str]]:
-    from core import finetune
+    from core.learning import finetune
 
     state = bundles.load_network_state(bundle_path)
     try:
@@ -161,11 +162,11 @@ def predict_images(
     Columns: ``image``, ``predicted_label``, ``confidence`` (the probability of the
     predicted label), ``proba_<class>`` for every class, and ``error`` ("" or a plain
     reason why the photo could not be read; such a row has no label and NaN numbers).
-    Raises :class:`~core.bundles.BundleError` for a file that is not a usable model and
-    :class:`~core.problems.InputError` (a ``ValueError``) for a frozen model trained on
+    Raises :class:`~core.learning.bundles.BundleError` for a file that is not a usable model and
+    :class:`~core.base.problems.InputError` (a ``ValueError``) for a frozen model trained on
     other backbone weights than the local ones.
     """
-    from core import evaluation
+    from core.learning import evaluation
 
     bundle_path = Path(bundle_path)
     bundle, arrays = bundles.load_bundle(bundle_path)
@@ -245,7 +246,7 @@ def import_bundle(project: Project, path: str | os.PathLike) -> str:
 
     The copy lives in the project's ``models/`` folder and is listed by
     :func:`list_models`. Importing the same model again changes nothing. Raises
-    :class:`~core.problems.InputError` with a plain sentence when the file is not a
+    :class:`~core.base.problems.InputError` with a plain sentence when the file is not a
     usable model here (damaged, unsafe, an unknown network, or a frozen head made for
     other backbone weights than the local ones).
     """
@@ -253,14 +254,14 @@ def import_bundle(project: Project, path: str | os.PathLike) -> str:
     bundle, _ = bundles.load_bundle(path)  # BundleError: already a plain sentence
     _check_backbone(bundle)
     if bundle.kind == "frozen":
-        from core import backbones
+        from core.vision import backbones
 
         # Refuse a head for other weights now when the check is free; a backbone not yet
         # downloaded is checked when the model is first used (import never downloads).
         if backbones.weights_status(bundle.backbone_id).available:
             _check_weights(bundle)
     else:
-        from core import finetune
+        from core.learning import finetune
 
         # Build the network once now, so a model that does not fit is refused at import
         # rather than half-way through tagging a catalog.
@@ -318,7 +319,7 @@ def list_models(project: Project) -> list[dict]:
     from datetime import datetime, timezone
 
     out: list[dict] = []
-    from core import training
+    from core.learning import training
 
     runs = sorted(training.latest_runs(project).values(), key=lambda r: r.created_at, reverse=True)
     for run in runs:

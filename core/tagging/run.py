@@ -27,9 +27,9 @@ from pathlib import Path
 
 import pandas as pd
 
-from core import bundles
-from core.problems import InputError
-from core.workspace import atomic_write_bytes, atomic_write_text
+from core.base.problems import InputError
+from core.learning import bundles
+from core.projects.workspace import atomic_write_bytes, atomic_write_text
 
 IMAGE_ROOTS_ENV = "CATALOG_LENS_IMAGE_ROOTS"
 OUTPUT_COLUMNS = ("predicted_label", "confidence", "needs_review", "tag_error", "model_id")
@@ -72,7 +72,7 @@ def read_original(path: Path) -> tuple[pd.DataFrame, dict]:
 
     Returns the frame and how to write it back (delimiter, encoding, format).
     """
-    from core.sheets import read_sheet
+    from core.inputs.sheets import read_sheet
 
     data = path.read_bytes()
     sheet = read_sheet(data, filename=path.name)  # detects encoding, delimiter, header
@@ -153,13 +153,13 @@ class _Resolver:
     """Turns a photo reference (file name, relative path or URL) into a local file or a reason."""
 
     def __init__(self, run: dict, folder: Path, project_files: dict[str, Path] | None):
-        from core.labels import normalise_name
+        from core.inputs.labels import normalise_name
 
         self._norm = normalise_name
         self.files: dict[str, Path] = {}
         self._tmp = folder / "photos"
         if run.get("images_zip"):
-            from core.uploads import unpack_zip
+            from core.inputs.uploads import unpack_zip
 
             unpacked = folder / "photos-unpacked"
             if not (unpacked / ".done").exists():
@@ -192,13 +192,13 @@ class _Resolver:
                 continue
             path = self.files.get(self._norm(ref))
             if path is None and self.roots:
-                from core.catalog import ImageRef, ref_kind, resolve_local
+                from core.inputs.catalog import ImageRef, ref_kind, resolve_local
 
                 path = resolve_local(ImageRef(0, 0, "", 0, ref, ref_kind(ref)), allowed_roots=self.roots)
             out[ref] = (path, "" if path else f"no photo named {ref!r} was uploaded with the catalog")
         if urls:
             if self._fetcher is None:
-                from core.fetch import Fetcher
+                from core.inputs.fetch import Fetcher
 
                 self._fetcher = Fetcher(self._tmp)
             for result in self._fetcher.fetch_many(urls):
@@ -209,11 +209,11 @@ class _Resolver:
 def _combine(tags: list[tuple[str, float]], rule: str, positive: str | None) -> tuple[str, float]:
     """One tag and its confidence for a row or product with several photos.
 
-    The tag follows :func:`core.catalog.combine`; the confidence is that of the least sure
+    The tag follows :func:`core.inputs.catalog.combine`; the confidence is that of the least sure
     photo when every photo had to agree (no person under "any", a person under "all"),
     else of the surest photo carrying the tag.
     """
-    from core.catalog import combine
+    from core.inputs.catalog import combine
 
     label = combine([t for t, _ in tags], rule=rule, positive=positive or "")
     confs = [c for t, c in tags if t == label]
@@ -230,7 +230,7 @@ def run_tagging(
     should_cancel: Callable[[], bool] | None = None,
 ) -> TagSummary:
     """Tag every row not yet done; safe to call again after any interruption."""
-    from core.predict import predict_images
+    from core.learning.predict import predict_images
 
     run = load_run(folder)
     options = TagOptions(**run["options"])
@@ -412,7 +412,7 @@ def set_override(folder: Path, row: int, label: str | None) -> None:
 def review_photos(folder: Path, items: Sequence[dict], project=None) -> dict[int, Path | None]:
     """The first photo of each row that is on this computer, for thumbnails: a local file, or
     the run's own download of a link (links are never fetched again here)."""
-    from core.fetch import Fetcher
+    from core.inputs.fetch import Fetcher
 
     run = load_run(folder)
     resolver = _Resolver(run, folder, project_photo_files(project) if project is not None else None)
@@ -482,7 +482,7 @@ def add_reviews_to_training(project, folder: Path) -> int:
 
 def product_id_column(catalog_path: Path) -> str | None:
     """The product id column when the export lists one photo per row (several rows per product)."""
-    from core.catalog import read_catalog
+    from core.inputs.catalog import read_catalog
 
     try:
         found = read_catalog(catalog_path.read_bytes(), filename=catalog_path.name)

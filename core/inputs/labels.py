@@ -1,9 +1,9 @@
 """Label sheets: find their columns, tie their rows to photos, check they can train a model.
 
-The sheet itself is read by :func:`core.sheets.read_sheet`. This module guesses which
+The sheet itself is read by :func:`core.inputs.sheets.read_sheet`. This module guesses which
 column names the photo and which holds the label, matches the rows to the uploaded photos
 and says, row by row, what could not be used and why. Nothing here raises on a single bad
-row: rows become :class:`~core.problems.Problem` entries.
+row: rows become :class:`~core.base.problems.Problem` entries.
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from urllib.parse import unquote, urlsplit
 
-from core.problems import InputError, Problem
-from core.sheets import (  # Sheet and read_sheet are re-exported: a label sheet is read here
+from core.base.problems import InputError, Problem
+from core.inputs.sheets import (  # Sheet and read_sheet are re-exported: a label sheet is read here
     IMAGE_EXTENSIONS,
     INTEGRAL_RE,
     INVISIBLE_CHARS,

@@ -15,7 +15,7 @@ together. The recipe is the one that works on tens to thousands of photos:
   validation photos than where it started.
 
 Probabilities always have one column per class in sorted class order, as everywhere in
-:mod:`core.evaluation`. Torch is imported inside the functions so that importing this
+:mod:`core.learning.evaluation`. Torch is imported inside the functions so that importing this
 module (e.g. for :class:`FinetuneConfig`) stays cheap.
 """
 
@@ -35,8 +35,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from core import backbones as _bb
-from core.device import cpu_cores, pick_device
+from core.vision import backbones as _bb
+from core.vision.device import cpu_cores, pick_device
 
 if TYPE_CHECKING:
     import torch
@@ -189,7 +189,7 @@ class PhotoDataset:
         return len(self.items)
 
     def __getitem__(self, index: int):
-        from core.images import load_for_model
+        from core.inputs.images import load_for_model
 
         _, path, target = self.items[index]
         try:
@@ -199,7 +199,7 @@ class PhotoDataset:
 
 
 def _reason(exc: Exception) -> str:
-    from core.images import ImageError
+    from core.inputs.images import ImageError
 
     if isinstance(exc, ImageError):
         return str(exc)
@@ -369,7 +369,7 @@ def init_head_from_frozen(model: nn.Module, head_arrays: Mapping[str, np.ndarray
     """Give ``model.head`` the fitted frozen head's decision function, so training starts at
     the frozen model's predictions (linear probe, then fine-tune).
 
-    ``head_arrays`` come from :func:`core.heads.head_to_arrays` and ``classes`` are the
+    ``head_arrays`` come from :func:`core.learning.heads.head_to_arrays` and ``classes`` are the
     frozen head's classes in its own order; the network's rows follow sorted class order.
     The StandardScaler is folded into the Linear layer (``W' = W / scale``,
     ``b' = b - W' · mean``); a two-class logistic regression (one row ``z``) becomes the
@@ -726,7 +726,7 @@ def finetune(
     """Fine-tune the backbone's pretrained network on ``items_train`` ((photo id, path,
     label) triples), early-stopping on ``items_val``; return the best network.
 
-    With ``head_arrays`` (:func:`core.heads.head_to_arrays` of the frozen head, whose
+    With ``head_arrays`` (:func:`core.learning.heads.head_to_arrays` of the frozen head, whose
     classes are ``head_classes``, default the sorted ``classes``) training starts from the
     frozen model's predictions; fit that head without the validation photos, or the
     starting model's validation loss, a candidate for the best, is flattering.
@@ -740,7 +740,7 @@ def finetune(
     """
     import torch
 
-    from core.evaluation import choose_threshold
+    from core.learning.evaluation import choose_threshold
 
     started = time.perf_counter()
     config = config or FinetuneConfig()
@@ -945,7 +945,7 @@ def predict_proba(
 
 def state_dict_for_bundle(model: nn.Module) -> dict[str, torch.Tensor]:
     """The network's weights as contiguous CPU tensors that share no memory, ready for
-    ``safetensors.torch.save_file`` (and :func:`core.bundles.save_bundle`)."""
+    ``safetensors.torch.save_file`` (and :func:`core.learning.bundles.save_bundle`)."""
     return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in model.state_dict().items()}
 
 

@@ -26,7 +26,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from core.workspace import Project, home
+from core.projects.workspace import Project, home
 
 ACTIVE = ("queued", "running")
 FINISHED = ("done", "failed", "cancelled", "interrupted")
@@ -212,7 +212,7 @@ def _spawn(project: Project, job_id: str) -> None:
     log = project.path("logs", f"{job_id}.log")
     env = dict(os.environ)
     env["CATALOG_LENS_HOME"] = str(home())
-    repo_root = str(Path(__file__).resolve().parents[1])
+    repo_root = str(Path(__file__).resolve().parents[2])
     env["PYTHONPATH"] = repo_root + os.pathsep + env.get("PYTHONPATH", "")
     with open(log, "ab") as out:
         subprocess.Popen(

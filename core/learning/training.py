@@ -18,9 +18,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from core import comparison, evaluation, splits
-from core.problems import InputError
-from core.workspace import Project, atomic_write_bytes, atomic_write_text
+from core.base.problems import InputError
+from core.learning import comparison, evaluation, splits
+from core.projects.workspace import Project, atomic_write_bytes, atomic_write_text
 
 Progress = Callable[[int, int, str], None]
 
@@ -123,7 +123,8 @@ def train_frozen(
     on_progress: Progress | None = None,
 ) -> RunRecord:
     """Cross-validate and fit the frozen-backbone classifier on the cached features."""
-    from core import backbones, bundles, extraction, heads
+    from core.learning import bundles, extraction, heads
+    from core.vision import backbones
 
     report = on_progress or (lambda d, t, m: None)
     backbone_id = backbone_id or project.get_meta("backbone", backbones.DEFAULT_BACKBONE_ID)
@@ -176,7 +177,7 @@ def train_frozen(
 def _preprocessing_dict(backbone_id: str) -> dict:
     from dataclasses import asdict, is_dataclass
 
-    from core import backbones
+    from core.vision import backbones
 
     prep = backbones.get_backbone(backbone_id).preprocessing
     data = asdict(prep) if is_dataclass(prep) else dict(prep)
@@ -250,8 +251,8 @@ def feature_map(project: Project, *, method: str = "umap") -> pd.DataFrame:
     The map is computed once per set of photos and kept in the project (UMAP's first fit
     in a process costs several seconds).
     """
-    from core import projection
-    from core.features import FeatureStore, feature_key
+    from core.learning import projection
+    from core.vision.features import FeatureStore, feature_key
 
     backbone_id = project.get_meta("backbone")
     if not backbone_id:
@@ -306,7 +307,8 @@ def train_finetuned(
     probe), so fine-tuning starts where the quick model is. Returns None when cancelled
     before anything useful was learned.
     """
-    from core import backbones, bundles, extraction, finetune, heads
+    from core.learning import bundles, extraction, finetune, heads
+    from core.vision import backbones
 
     report = on_progress or (lambda d, t, m: None)
     backbone_id = backbone_id or project.get_meta("backbone", backbones.DEFAULT_BACKBONE_ID)
@@ -419,7 +421,7 @@ def chosen_threshold(project: Project, run: RunRecord) -> float | None:
 
 def what_is_learned(backbone_id: str, kind: str, n_classes: int) -> str:
     """One plain sentence on how many numbers a method learns and how many stay as pretrained."""
-    from core import backbones
+    from core.vision import backbones
 
     b = backbones.get_backbone(backbone_id)
     head = (b.feature_dim + 1) * (1 if n_classes == 2 else n_classes)
@@ -434,7 +436,7 @@ def what_is_learned(backbone_id: str, kind: str, n_classes: int) -> str:
 
 def trained_counts(run: RunRecord) -> dict[str, int] | None:
     """Photos per class a run used (its training manifest plus its held-out photos); None if unknown."""
-    from core import bundles
+    from core.learning import bundles
 
     try:
         manifest = bundles.load_bundle(run.bundle_path)[0].training_manifest.get("per_class", {})
@@ -453,7 +455,7 @@ def labels_changed(project: Project, run: RunRecord) -> str | None:
     Compares the same signature of (photo, label) pairs that decides when the split plan is
     made again, so a relabelling that keeps every class's count is caught too.
     """
-    from core import extraction
+    from core.learning import extraction
 
     then_signature, seed = run.extra.get("labels_signature"), 0
     if then_signature is None:  # a run from before runs kept it: the plan it was trained with
@@ -490,9 +492,9 @@ def class_order(project: Project) -> list[str]:
 
 
 def tagging_model(project: Project) -> dict | None:
-    """The model chosen for tagging (an entry of :func:`core.predict.list_models`): the
+    """The model chosen for tagging (an entry of :func:`core.learning.predict.list_models`): the
     analyst's choice, else the comparison's recommendation, else the latest trained one."""
-    from core.predict import list_models
+    from core.learning.predict import list_models
 
     models = list_models(project)
     if not models:

@@ -3,8 +3,8 @@
 A CSV saved by Excel (comma or semicolon, UTF-8 or a Windows encoding), a TSV, an .xlsx...
 :func:`read_sheet` reads any of them into one :class:`Sheet` with named columns and the
 sheet's own row numbers, and says in plain words why a file cannot be read at all
-(:class:`~core.problems.InputError`). What the columns mean is for :mod:`core.labels`
-(label sheets) and :mod:`core.catalog` (catalog exports) to decide.
+(:class:`~core.base.problems.InputError`). What the columns mean is for :mod:`core.inputs.labels`
+(label sheets) and :mod:`core.inputs.catalog` (catalog exports) to decide.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from pathlib import Path, PurePath
 
 import pandas as pd
 
-from core.problems import InputError
+from core.base.problems import InputError
 
 __all__ = ["IMAGE_EXTENSIONS", "Sheet", "looks_like_image_ref", "read_sheet"]
 

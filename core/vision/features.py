@@ -27,8 +27,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from core import backbones as _bb
-from core.device import cpu_cores, describe_device, pick_device
+from core.vision import backbones as _bb
+from core.vision.device import cpu_cores, describe_device, pick_device
 
 if TYPE_CHECKING:
     import torch
@@ -259,7 +259,7 @@ class _Photos:
 
 
 def _load(path, size: int):
-    from core.images import load_for_model
+    from core.inputs.images import load_for_model
 
     return load_for_model(path, size=size)
 
@@ -267,14 +267,14 @@ def _load(path, size: int):
 def _is_content_failure(exc: Exception) -> bool:
     """True when the bytes themselves are bad (so the same sha would fail again), not when
     the file was missing or locked this time."""
-    from core.images import ImageError
+    from core.inputs.images import ImageError
 
     transient = {"unreadable_file", "image_too_large"}  # the latter depends on a setting
     return isinstance(exc, ImageError) and getattr(exc, "kind", "") not in transient
 
 
 def _reason(exc: Exception) -> str:
-    from core.images import ImageError
+    from core.inputs.images import ImageError
 
     if isinstance(exc, ImageError):
         return str(exc)
@@ -291,7 +291,7 @@ def _raw_jpeg(path, min_side: int):
     import torch
     from PIL import Image
 
-    from core.images import MAX_PIXELS
+    from core.inputs.images import MAX_PIXELS
 
     with Image.open(path) as img:
         if img.format != "JPEG" or img.mode not in ("RGB", "L"):
@@ -603,7 +603,7 @@ def measure_speed(
     known = remembered_speed(backbone.id, dev, n_images=n_images)
     if known is not None:
         return known
-    from core.fuse import fold_batch_norms
+    from core.vision.fuse import fold_batch_norms
 
     model = backbone.builder().eval().requires_grad_(False)
     size = backbone.input_size
@@ -685,7 +685,7 @@ def extract_features(
     stored count as done) and after each batch; ``should_cancel()`` is checked between
     batches, and everything finished before a cancel is kept. ``fold=False`` runs the
     network as published, without folding its BatchNorm layers (for benchmarks). Raises
-    :class:`core.backbones.WeightsUnavailable` if the weights cannot be had.
+    :class:`core.vision.backbones.WeightsUnavailable` if the weights cannot be had.
     """
     import torch
 

@@ -32,7 +32,7 @@ from http import HTTPStatus
 from pathlib import Path
 from urllib.parse import quote, urljoin, urlsplit
 
-from core.images import ImageError, inspect_image
+from core.inputs.images import ImageError, inspect_image
 
 ALLOW_PRIVATE_ENV = "CATALOG_LENS_ALLOW_PRIVATE_URLS"
 _REDIRECTS = (301, 302, 303, 307, 308)

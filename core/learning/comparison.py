@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from core.evaluation import MIN_TEST_PHOTOS, Estimate, predict_labels
+from core.learning.evaluation import MIN_TEST_PHOTOS, Estimate, predict_labels
 
 __all__ = ["Comparison", "align_proba", "compare_methods", "rank_label_issues"]
 

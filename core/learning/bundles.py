@@ -32,7 +32,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from core.problems import InputError
+from core.base.problems import InputError
 
 __all__ = [
     "BUNDLE_JSON",
@@ -273,7 +273,7 @@ def save_bundle(
 ) -> Path:
     """Write the bundle as one zip, atomically; returns the file written.
 
-    ``arrays`` are the head's arrays (:func:`core.heads.head_to_arrays`), ``network`` a
+    ``arrays`` are the head's arrays (:func:`core.learning.heads.head_to_arrays`), ``network`` a
     fine-tuned model's ``state_dict``. If ``path`` is a folder the file is named after
     the bundle id. The bundle is validated first, so an invalid model is never written.
     """
@@ -285,7 +285,7 @@ def save_bundle(
         raise ValueError("A frozen model bundle has no network weights; its backbone is named by backbone_id.")
     head = _to_numpy(arrays)
     if bundle.kind == "frozen":
-        from core.heads import head_from_arrays
+        from core.learning.heads import head_from_arrays
 
         head_from_arrays(head, bundle.classes)  # refuses arrays that do not fit the classes
     from safetensors.numpy import save
@@ -481,7 +481,7 @@ def load_network_state(path: str | os.PathLike, *, device: str = "cpu") -> dict[
 
 def frozen_head_from_bundle(bundle: ModelBundle, arrays: Mapping[str, np.ndarray]):
     """The fitted scikit-learn head of a frozen-backbone bundle."""
-    from core.heads import head_from_arrays
+    from core.learning.heads import head_from_arrays
 
     if bundle.kind != "frozen":
         raise BundleError(f"This is a {bundle.kind} model, not a frozen-backbone one; it has no separate head.")

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from core.labels import MIN_PER_CLASS
-from core.workspace import Project
+from core.inputs.labels import MIN_PER_CLASS
+from core.projects.workspace import Project
 
 STEPS = ("data", "backbone", "train", "explore", "tag", "report")
 

@@ -4,7 +4,7 @@ One :class:`SplitPlan` per project. Its held-out test photos are scored by every
 (frozen head, fine-tuned network) and used for nothing else: no threshold, no
 regularisation and no early stopping ever looks at them. Small data (under
 ``small_data_threshold`` photos) also gets the repeated stratified k-fold folds that
-:func:`core.evaluation.cross_validate_head` uses on the training part.
+:func:`core.learning.evaluation.cross_validate_head` uses on the training part.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 from sklearn.model_selection import RepeatedStratifiedKFold
 
-from core.problems import InputError
+from core.base.problems import InputError
 
 __all__ = ["PLAN_VERSION", "SplitPlan", "plan_split"]
 

@@ -2,7 +2,7 @@
 
 Bulk tagging takes the catalog the analyst already has (a Shopify export, a Google Merchant
 feed, a PIM workbook...) and gives the same sheet back with tags added. This module reads
-such a sheet with :func:`core.labels.read_sheet` (so columns and row order are kept exactly),
+such a sheet with :func:`core.inputs.labels.read_sheet` (so columns and row order are kept exactly),
 guesses which column identifies a product and which hold its photos, streams every photo
 reference in row order, ties local references to files without leaving the allowed folders,
 and folds per-photo tags into one tag per product.
@@ -18,9 +18,9 @@ from dataclasses import dataclass
 from pathlib import Path, PurePath
 from typing import Literal
 
-from core.labels import normalise_name
-from core.problems import InputError
-from core.sheets import Sheet, read_sheet
+from core.base.problems import InputError
+from core.inputs.labels import normalise_name
+from core.inputs.sheets import Sheet, read_sheet
 
 __all__ = [
     "COMBINE_RULES",

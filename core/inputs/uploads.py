@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
-from core.problems import Problem, Severity
+from core.base.problems import Problem, Severity
 
 log = logging.getLogger(__name__)
 _ZIP_MAGIC = (b"PK\x03\x04", b"PK\x05\x06", b"PK\x07\x08")

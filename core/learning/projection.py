@@ -12,7 +12,7 @@ import warnings
 
 import numpy as np
 
-from core.heads import single_threaded_blas
+from core.learning.heads import single_threaded_blas
 
 __all__ = ["METHODS", "project_2d", "warm_up_umap"]
 

@@ -21,9 +21,9 @@ from typing import BinaryIO
 
 import pandas as pd
 
-from core import images, labels, uploads
-from core.problems import InputError, Problem
-from core.workspace import Project, atomic_write_bytes, sha256_file
+from core.base.problems import InputError, Problem
+from core.inputs import images, labels, uploads
+from core.projects.workspace import Project, atomic_write_bytes, sha256_file
 
 JUNK_NAMES = {".ds_store", "thumbs.db", "desktop.ini"}
 SHEET_SUFFIXES = {".csv", ".tsv", ".xlsx", ".xlsm"}

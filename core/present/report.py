@@ -19,10 +19,11 @@ from pathlib import Path
 
 import pandas as pd
 
-from core import tagging, training
-from core.catalog import split_columns
-from core.problems import InputError
-from core.workspace import Project
+from core.base.problems import InputError
+from core.inputs.catalog import split_columns
+from core.learning import training
+from core.projects.workspace import Project
+from core.tagging import run as tagging
 
 PHOTO_SIZE = 160  # pixels on the longest side of every photo in the report
 EXAMPLES_PER_CLASS = 4
@@ -156,7 +157,7 @@ def _method(run: training.RunRecord, names: dict[str, str], used: bool) -> Metho
 
 def _catalog(project: Project, names: dict[str, str], category: str | None,
              model_titles: dict[str, str], order: list[str]) -> CatalogResult | None:
-    from core import images
+    from core.inputs import images
 
     run_id = project.get_meta("tagging_run")
     if not run_id:
@@ -211,8 +212,8 @@ def build_report(project: Project, *, question: str | None = None, category: str
     ``question`` and ``category`` (a catalog column to split the tags by; "" for none)
     default to what was saved with :func:`save_choices`, else to a guess.
     """
-    from core import backbones
-    from core.predict import list_models
+    from core.learning.predict import list_models
+    from core.vision import backbones
 
     runs = training.latest_runs(project)
     if not runs:
@@ -418,7 +419,7 @@ def _photos(photos: list[Photo]) -> str:
 
 
 def _colour(i: int) -> str:
-    from core.charts import PALETTE
+    from core.present.charts import PALETTE
 
     return PALETTE[i % len(PALETTE)]
 
@@ -469,7 +470,7 @@ def _per_class(method: MethodResult) -> str:
 
 
 def _logo() -> str:
-    logo = Path(__file__).resolve().parents[1] / "assets" / "logo.png"
+    logo = Path(__file__).resolve().parents[2] / "assets" / "logo.png"
     if not logo.is_file():
         return ""
     return f'<img alt="Catalog Lens" src="data:image/png;base64,{base64.b64encode(logo.read_bytes()).decode()}">'
@@ -526,7 +527,7 @@ def to_html(report: Report) -> str:
 
 def write_html(project: Project, out: Path, **choices) -> Path:
     """Build the report and write it to ``out`` (used by the CLI); marks the step done."""
-    from core.workspace import atomic_write_text
+    from core.projects.workspace import atomic_write_text
 
     atomic_write_text(Path(out), to_html(build_report(project, **choices)))
     project.set_meta("reported", True)

@@ -1,7 +1,7 @@
 """Honest evaluation: reports with uncertainty, thresholds, cross-validation of frozen heads.
 
-The rules this module enforces (the split itself is :mod:`core.splits`; comparing two
-methods and ranking label issues is :mod:`core.comparison`):
+The rules this module enforces (the split itself is :mod:`core.learning.splits`; comparing two
+methods and ranking label issues is :mod:`core.learning.comparison`):
 
 * Every method is scored on the held-out test photos of the project's one split plan,
   which nothing else ever looks at.
@@ -28,8 +28,8 @@ import pandas as pd
 from sklearn.base import clone
 from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score, roc_curve
 
-from core.heads import make_frozen_head, single_threaded_blas
-from core.splits import SplitPlan
+from core.learning.heads import make_frozen_head, single_threaded_blas
+from core.learning.splits import SplitPlan
 
 __all__ = [
     "CVResult",
@@ -435,7 +435,7 @@ def _aligned_proba(model, X: np.ndarray, classes: Sequence[str]) -> np.ndarray:
 
 
 def _fit_predict(make_head, X_fit, y_fit, X_score, classes) -> tuple[Any, np.ndarray]:
-    with single_threaded_blas():  # any head, not only ours: see core.heads.single_threaded_blas
+    with single_threaded_blas():  # any head, not only ours: see core.learning.heads.single_threaded_blas
         model = clone(make_head()).fit(X_fit, y_fit)
         return model, _aligned_proba(model, X_score, classes)
 

@@ -1,6 +1,6 @@
 """Feature extraction for a whole project: which photos, which cache, what is ready.
 
-``core.features`` knows photos and arrays; this module knows projects. The Backbone page,
+``core.vision.features`` knows photos and arrays; this module knows projects. The Backbone page,
 the background job and the command line all go through it.
 """
 
@@ -11,8 +11,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from core.problems import Problem
-from core.workspace import Project
+from core.base.problems import Problem
+from core.projects.workspace import Project
 
 
 @dataclass(frozen=True)
@@ -29,7 +29,7 @@ class FeatureStatus:
 
 
 def _store(project: Project):
-    from core.features import FeatureStore
+    from core.vision.features import FeatureStore
 
     return FeatureStore(project.path("features"))
 
@@ -39,8 +39,8 @@ def status(project: Project, backbone_id: str) -> FeatureStatus:
 
     A backbone whose weights are not on this computer has none yet (``key`` is empty).
     """
-    from core.backbones import WeightsUnavailable
-    from core.features import feature_key
+    from core.vision.backbones import WeightsUnavailable
+    from core.vision.features import feature_key
 
     shas = set(project.dataset()["sha"])
     try:
@@ -62,7 +62,7 @@ def extract_project(
     should_cancel: Callable[[], bool] | None = None,
 ) -> dict:
     """Compute (or reuse) the features of every photo; returns a JSON-able summary."""
-    from core import backbones, features
+    from core.vision import backbones, features
 
     report = on_progress or (lambda done, total, message: None)
     report(0, 0, "Preparing the network")
@@ -106,7 +106,7 @@ def extract_project(
 
 def training_labels(project: Project, backbone_id: str) -> tuple[np.ndarray, list[str]]:
     """Labels and photo ids of the training set that has features (no feature is read)."""
-    from core.features import feature_key
+    from core.vision.features import feature_key
 
     training = project.training_set()
     training = training[training["sha"].isin(_store(project).has(feature_key(backbone_id)))]
@@ -115,7 +115,7 @@ def training_labels(project: Project, backbone_id: str) -> tuple[np.ndarray, lis
 
 def load_training_features(project: Project, backbone_id: str) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """Features, labels and photo ids of the training set (photos without features are left out)."""
-    from core.features import feature_key
+    from core.vision.features import feature_key
 
     y, ids = training_labels(project, backbone_id)
     return _store(project).load(feature_key(backbone_id), ids), y, ids
@@ -123,6 +123,6 @@ def load_training_features(project: Project, backbone_id: str) -> tuple[np.ndarr
 
 def known_speed(backbone_id: str, *, device: str | None = None, n_images: int = 32) -> float | None:
     """The speed measured earlier on this machine (photos/s), or None: never measures."""
-    from core import features
+    from core.vision import features
 
     return features.remembered_speed(backbone_id, device, n_images=n_images)

@@ -1,0 +1,1 @@
+"""Floor 0: errors and problems written for people."""

@@ -1,0 +1,1 @@
+"""Floor 5: what people see: charts, where the journey stands, the management report."""
