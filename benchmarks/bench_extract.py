@@ -33,7 +33,10 @@ from PIL import Image  # noqa: E402
 
 from core.vision import backbones as bb  # noqa: E402
 from core.vision import features as ft  # noqa: E402
-from core.vision.device import describe_device, pick_device  # noqa: E402
+from core.vision import networks as nw  # noqa: E402
+from core.vision import tuning  # noqa: E402
+from core.vision.device import default_workers, describe_device, pick_device  # noqa: E402
+from core.vision.store import FeatureStore  # noqa: E402
 
 SHARED = ROOT.parent / "shared" / "data" / "product-photos"
 
@@ -74,7 +77,7 @@ def library(items, backbone_id: str, device, batch_size, num_workers, fold: bool
     with tempfile.TemporaryDirectory() as tmp:
         started = time.perf_counter()
         result = ft.extract_features(
-            items, backbone_id=backbone_id, store=ft.FeatureStore(Path(tmp)),
+            items, backbone_id=backbone_id, store=FeatureStore(Path(tmp)),
             device=device, batch_size=batch_size, num_workers=num_workers, fold=fold,
         )
         seconds = time.perf_counter() - started
@@ -94,13 +97,13 @@ def main() -> None:
     device = pick_device(args.device)
     print(f"Device: {describe_device(device)}; torch {torch.__version__}; backbone {args.backbone}")
     backbone = bb.get_backbone(args.backbone)
-    model, transform = bb.load_feature_extractor(args.backbone, device=device)
-    plain = bb._to_features(backbone, bb._full_model_with_weights(backbone, None)).eval().to(device)
+    model, transform = nw.load_feature_extractor(args.backbone, device=device)
+    plain = bb.features_of(backbone, nw.load_pretrained(backbone)).eval().to(device)
 
     started = time.perf_counter()
-    chosen = ft.choose_batch_size(model, device, input_size=backbone.input_size)
+    chosen = tuning.choose_batch_size(model, device, input_size=backbone.input_size)
     print(f"Chosen batch size: {chosen} (measured in {time.perf_counter() - started:.1f} s)")
-    workers = ft.default_num_workers(device)
+    workers = default_workers(device)
 
     with tempfile.TemporaryDirectory() as tmp:
         datasets = {}

@@ -32,11 +32,14 @@ import torch  # noqa: E402
 
 from core.inputs.images import load_for_model  # noqa: E402
 from core.learning import finetune as ft  # noqa: E402
+from core.learning import finetune_config as fc  # noqa: E402
+from core.learning import finetune_loop as fl  # noqa: E402
 from core.learning.comparison import compare_methods  # noqa: E402
 from core.learning.evaluation import cross_validate_head, evaluate_predictions  # noqa: E402
 from core.learning.heads import head_to_arrays, make_frozen_head  # noqa: E402
 from core.learning.splits import plan_split  # noqa: E402
 from core.vision import backbones as bb  # noqa: E402
+from core.vision import networks as nw  # noqa: E402
 from core.vision.device import describe_device, pick_device  # noqa: E402
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "product-photos"
@@ -46,8 +49,8 @@ FLAT_LAY = SHARED.parent / "flat-lay"  # garments on beds and rugs, no people: a
 def frozen_features(paths: list[Path], backbone_id: str, device, batch_size: int = 16) -> tuple[np.ndarray, float]:
     """Features from the classifier model's own extractor on the evaluation transform."""
     backbone = bb.get_backbone(backbone_id)
-    model = bb.build_classifier_model(backbone_id, 2).eval().to(device, memory_format=torch.channels_last)
-    tf = bb.build_transform(backbone)
+    model = nw.build_classifier_model(backbone_id, 2).eval().to(device, memory_format=torch.channels_last)
+    tf = nw.build_transform(backbone)
     out, started = [], time.perf_counter()
     with torch.inference_mode():
         for i in range(0, len(paths), batch_size):
@@ -60,7 +63,7 @@ def frozen_features(paths: list[Path], backbone_id: str, device, batch_size: int
 def batch_sweep(backbone_id: str, device, sizes=(4, 8, 16, 32), steps: int = 5) -> None:
     """Training-step throughput (forward + backward + AdamW, everything trainable, BatchNorm
     on its pretrained statistics as by default) by batch size."""
-    model = bb.build_classifier_model(backbone_id, 2).to(device, memory_format=torch.channels_last).train()
+    model = nw.build_classifier_model(backbone_id, 2).to(device, memory_format=torch.channels_last).train()
     for module in model.modules():
         if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
             module.eval()
@@ -104,7 +107,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--backbone", default=bb.DEFAULT_BACKBONE_ID)
     parser.add_argument("--device", default=None)
-    parser.add_argument("--epochs", type=int, default=ft.FinetuneConfig().epochs)
+    parser.add_argument("--epochs", type=int, default=fc.FinetuneConfig().epochs)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch-size", type=int, default=None, help="default: by device")
     parser.add_argument("--train-bn-stats", action="store_true", help="update BatchNorm statistics while training")
@@ -144,7 +147,7 @@ def main() -> None:
     item = lambda i: (i, SHARED / i, label[i])  # noqa: E731
     train_items = [item(i) for i in plan.train_ids]
     val_items = [item(i) for i in plan.val_ids]
-    config = ft.FinetuneConfig(epochs=args.epochs, seed=args.seed, batch_size=args.batch_size,
+    config = fc.FinetuneConfig(epochs=args.epochs, seed=args.seed, batch_size=args.batch_size,
                                train_bn_stats=args.train_bn_stats)
     runs = {}
     result = ft.finetune(train_items, val_items, backbone_id=args.backbone, classes=classes, config=config,
@@ -184,9 +187,9 @@ def main() -> None:
     frozen_flat = flat_lay_errors(frozen_head.predict_proba(flat_X), cv.threshold) if flat else "-"
     show("frozen head (app)", frozen_proba, cv.threshold, frozen_s, frozen_flat)
     for name, res in runs.items():
-        proba = ft.predict_proba(res.model, [(i, SHARED / i) for i in plan.test_ids], backbone_id=args.backbone,
+        proba = fl.predict_proba(res.model, [(i, SHARED / i) for i in plan.test_ids], backbone_id=args.backbone,
                                  device=device)
-        flat_proba = ft.predict_proba(res.model, [(p.name, p) for p in flat], backbone_id=args.backbone,
+        flat_proba = fl.predict_proba(res.model, [(p.name, p) for p in flat], backbone_id=args.backbone,
                                       device=device) if flat else None
         show(name, proba, res.threshold, res.seconds, flat_lay_errors(flat_proba, res.threshold) if flat else "-")
         summary["methods"][name]["history"] = res.history

@@ -17,7 +17,11 @@ import tempfile
 import time
 from pathlib import Path
 
-from core.inputs.images import looks_like_image_name
+from core.inputs.images import load_for_model, looks_like_image_name
+from core.vision import backbones, features, networks
+from core.vision.device import autocast, describe_device, pick_device, synchronize
+from core.vision.store import FeatureStore
+from core.vision.tuning import choose_batch_size
 
 CANDIDATES = (1, 2, 4, 8, 16, 32, 64)
 
@@ -49,8 +53,6 @@ def _forward_limit(model, images, device, *, repeats: int) -> tuple[float, int, 
     """
     import torch
 
-    from core.vision.features import autocast, synchronize
-
     best = (0.0, 1, "channels_last")
     n = images.shape[0]
     for layout, fmt in (("channels_last", torch.channels_last), ("contiguous", torch.contiguous_format)):
@@ -80,8 +82,6 @@ def _naive(model, transform, paths: list[Path], device) -> float:
     import torch
     from PIL import Image
 
-    from core.vision.features import synchronize
-
     started = time.perf_counter()
     with torch.inference_mode():
         for path in paths:
@@ -104,16 +104,12 @@ def bench_extract(
     """Measure extraction speed on a folder of photos; returns the JSON-able figures."""
     import torch
 
-    from core.inputs.images import load_for_model
-    from core.vision import backbones, features
-    from core.vision.device import describe_device, pick_device
-
     backbone_id = backbone_id or backbones.DEFAULT_BACKBONE_ID
     paths = _image_files(Path(folder))
     if not paths:
         raise ValueError(f"No photos found in {folder}.")
     dev = pick_device(device)
-    model, transform = backbones.load_feature_extractor(backbone_id, device=dev)
+    model, transform = networks.load_feature_extractor(backbone_id, device=dev)
     size = backbones.get_backbone(backbone_id).input_size
 
     # Distinct ready tensors on the device: the forward pass alone.
@@ -125,11 +121,11 @@ def bench_extract(
     naive = _naive(model, transform, paths[:naive_limit], dev)
     # The pipeline's batch size is measured once per machine and remembered; do it now so
     # the timing below is the extraction itself.
-    features.choose_batch_size(model, dev, input_size=size, remember_as=backbone_id)
+    choose_batch_size(model, dev, input_size=size, remember_as=backbone_id)
 
     items = [(hashlib.sha256(p.read_bytes()).hexdigest(), p) for p in paths]
     with tempfile.TemporaryDirectory() as tmp:
-        store = features.FeatureStore(Path(tmp))
+        store = FeatureStore(Path(tmp))
         started = time.perf_counter()
         result = features.extract_features(items, backbone_id=backbone_id, store=store, device=dev)
         pipeline = result.computed / (time.perf_counter() - started)

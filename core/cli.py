@@ -25,8 +25,10 @@ import json
 import sys
 from pathlib import Path
 
+from core.base.files import atomic_copy
 from core.base.problems import InputError
 from core.projects import workspace
+from core.vision import weights
 
 
 def _print(result: dict, as_json: bool) -> None:
@@ -125,7 +127,7 @@ def cmd_backbones(args: argparse.Namespace) -> int:
 
     rows = []
     for b in backbones.list_backbones():
-        status = backbones.weights_status(b)
+        status = weights.weights_status(b)
         rows.append({"id": b.id, "name": b.name, "feature_dim": b.feature_dim,
                      "imagenet_top1": b.imagenet_top1, "available": status.available,
                      "download_mb": status.size_mb, "good_for": b.good_for})
@@ -139,10 +141,9 @@ def cmd_backbones(args: argparse.Namespace) -> int:
 
 
 def cmd_weights_import(args: argparse.Namespace) -> int:
-    from core.vision import backbones
 
     try:
-        path = backbones.import_weights(args.backbone, Path(args.file))
+        path = weights.import_weights(args.backbone, Path(args.file))
     except ValueError as exc:
         raise InputError(str(exc)) from exc
     _print({"backbone": args.backbone, "stored": str(path)}, args.json)
@@ -160,7 +161,7 @@ def cmd_extract(args: argparse.Namespace) -> int:
             project, backbone_id, device=args.device,
             on_progress=None if args.json else lambda d, t, m: _progress_printer(m)(d, t),
         )
-    except backbones.WeightsUnavailable as exc:
+    except weights.WeightsUnavailable as exc:
         raise InputError(str(exc)) from exc
     _print(summary, args.json)
     return 0
@@ -236,9 +237,8 @@ def _find_project(name: str) -> workspace.Project | None:
 
 def _train_bundle(project: workspace.Project, args: argparse.Namespace, backbone_id: str, show):
     """Intake, features and training for ``cmd_train``; returns the run record."""
-    from core.learning import extraction, finetune, training
+    from core.learning import extraction, finetune_config, training
     from core.projects import intake
-    from core.vision import backbones
 
     intake.stage_folder(project, Path(args.images))
     intake.process_staged(project, on_progress=show("Checking photos"))
@@ -262,11 +262,11 @@ def _train_bundle(project: workspace.Project, args: argparse.Namespace, backbone
     try:
         extraction.extract_project(project, backbone_id, device=args.device,
                                    on_progress=lambda d, t, m: show(m)(d, t))
-    except backbones.WeightsUnavailable as exc:
+    except weights.WeightsUnavailable as exc:
         raise InputError(str(exc)) from exc
     if args.method == "frozen":
         return training.train_frozen(project, backbone_id=backbone_id, on_progress=lambda d, t, m: show(m)(d, t))
-    config = finetune.FinetuneConfig(seed=0, **({"epochs": args.epochs} if args.epochs else {}))
+    config = finetune_config.FinetuneConfig(seed=0, **({"epochs": args.epochs} if args.epochs else {}))
     return training.train_finetuned(project, backbone_id=backbone_id, config=config, device=args.device,
                                     on_progress=lambda d, t, m: show(m)(d, t))
 
@@ -320,7 +320,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         record = _train_bundle(project, args, backbone_id, show)
         if out.is_dir():
             out = out / f"catalog-lens-model-{record.id}.zip"
-        workspace.atomic_copy(Path(record.bundle_path), out)
+        atomic_copy(Path(record.bundle_path), out)
         bundle, _ = bundles.load_bundle(out)
     finally:
         if throwaway:
@@ -354,7 +354,6 @@ def cmd_predict(args: argparse.Namespace) -> int:
     import math
 
     from core.learning import predict
-    from core.vision import backbones
 
     folder = Path(args.images)
     if not folder.is_dir():
@@ -367,7 +366,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
             Path(args.model), items, device=args.device,
             on_progress=None if args.json else _progress_printer("Tagging photos"),
         )
-    except backbones.WeightsUnavailable as exc:
+    except weights.WeightsUnavailable as exc:
         raise InputError(str(exc)) from exc
     rows = []
     for r in table.itertuples(index=False):

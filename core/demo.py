@@ -60,7 +60,7 @@ def build_demo(
     """Build the project ``name`` through every step; returns what was done and how long each step took."""
     from core.inputs.catalog import guess_columns
     from core.inputs.sheets import read_sheet
-    from core.learning import extraction, finetune, training
+    from core.learning import extraction, finetune_config, training
     from core.projects import intake
     from core.tagging import run as tagging
     from core.vision import backbones
@@ -110,7 +110,7 @@ def build_demo(
     summary.quick_model = training.train_frozen(project, backbone_id=backbone).headline
     lap("quick model")
     say("Fine-tuning the network (the longest step)…")
-    config = finetune.FinetuneConfig(epochs=epochs) if epochs else finetune.FinetuneConfig()
+    config = finetune_config.FinetuneConfig(epochs=epochs) if epochs else finetune_config.FinetuneConfig()
     tuned = training.train_finetuned(project, backbone_id=backbone, config=config)
     summary.fine_tuned = tuned.headline if tuned else ""
     comparison = training.compare(project, names=("Quick model", "Fine-tuned network"))

@@ -38,14 +38,14 @@ def run_extract(ctx: JobContext) -> dict:
 @register("speeds")
 def run_speeds(ctx: JobContext) -> dict:
     """Measure how fast every backbone runs on this computer (remembered afterwards)."""
-    from core.vision import backbones, features
+    from core.vision import backbones, tuning
 
     entries = backbones.list_backbones()
     speeds = {}
     for i, backbone in enumerate(entries):
         ctx.check_cancel()
         ctx.progress(i, len(entries), f"Timing {backbone.name}", force=True)
-        speeds[backbone.id] = round(features.measure_speed(backbone.id, device=ctx.params.get("device")), 1)
+        speeds[backbone.id] = round(tuning.measure_speed(backbone.id, device=ctx.params.get("device")), 1)
     ctx.progress(len(entries), len(entries), "Done", force=True)
     return speeds
 

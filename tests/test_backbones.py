@@ -11,6 +11,8 @@ import torch
 from PIL import Image
 
 from core.vision import backbones as bb
+from core.vision import networks as nw
+from core.vision import weights as wt
 from core.vision.device import describe_device, device_summary, pick_device
 
 ALL_IDS = [b.id for b in bb.list_backbones()]
@@ -34,7 +36,7 @@ def no_network(monkeypatch):
     def refuse(*args, **kwargs):
         raise urllib.error.URLError("Name or service not known")
 
-    monkeypatch.setattr(bb.urllib.request, "urlopen", refuse)
+    monkeypatch.setattr(wt.urllib.request, "urlopen", refuse)
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", refuse)
 
 
@@ -66,7 +68,7 @@ def test_default_is_lite0_first_and_the_only_offline_one():
     assert lite0.weights.source == "package" and not lite0.self_supervised
     p = lite0.preprocessing  # the facts checked in STACK.md
     assert (p.crop_size, p.interpolation, p.mean, p.std) == (224, "bicubic", (0.5,) * 3, (0.5,) * 3)
-    assert bb.weights_status(lite0).available
+    assert wt.weights_status(lite0).available
 
 
 def test_dinov2_is_self_supervised_from_timm():
@@ -92,7 +94,7 @@ def test_entry_matches_the_real_network(backbone_id):
     full = b.full_builder()
     if b.params_full is not None:
         assert _count(full) == b.params_full
-    features = bb._to_features(b, full).eval()
+    features = bb.features_of(b, full).eval()
     assert _count(features) == b.params_features
     with torch.inference_mode():
         out = features(torch.rand(1, 3, b.input_size, b.input_size))
@@ -110,7 +112,7 @@ def test_builder_gives_the_same_feature_extractor():
 @pytest.mark.parametrize("backbone_id", ["efficientnet_lite0", "resnet50", "dinov2_vits14"])
 def test_transform_follows_the_preprocessing(backbone_id):
     b = bb.get_backbone(backbone_id)
-    x = bb.build_transform(b)(Image.new("RGB", (640, 480), (255, 0, 0)))
+    x = nw.build_transform(b)(Image.new("RGB", (640, 480), (255, 0, 0)))
     assert x.shape == (3, b.input_size, b.input_size)
     expected_red = (1.0 - b.preprocessing.mean[0]) / b.preprocessing.std[0]
     assert x[0].mean().item() == pytest.approx(expected_red, abs=1e-3)
@@ -124,41 +126,41 @@ def test_preprocessing_key_is_stable_and_tells_preprocessings_apart():
 
 
 def test_classifier_model_seam():
-    model = bb.build_classifier_model("efficientnet_lite0", 3, pretrained=False)
+    model = nw.build_classifier_model("efficientnet_lite0", 3, pretrained=False)
     assert isinstance(model.head, torch.nn.Linear) and model.head.in_features == 1280
     model.eval()
     with torch.inference_mode():
         assert model(torch.rand(2, 3, 224, 224)).shape == (2, 3)
     with pytest.raises(ValueError, match="2 classes"):
-        bb.build_classifier_model("resnet18", 1, pretrained=False)
+        nw.build_classifier_model("resnet18", 1, pretrained=False)
 
 
 # --------------------------------------------------------------------------- weights
 
 
 def test_missing_torchvision_weights_say_download_in_plain_words():
-    status = bb.weights_status("resnet50")
+    status = wt.weights_status("resnet50")
     assert not status.available and status.path is None
     assert "download" in status.message and "98 MB" in status.message
     assert "resnet50-11ad3fa6.pth" in status.message
 
 
 def test_unreachable_download_is_a_plain_error_and_leaves_nothing():
-    with pytest.raises(bb.WeightsUnavailable) as err:
-        bb.load_feature_extractor("resnet50")
+    with pytest.raises(wt.WeightsUnavailable) as err:
+        nw.load_feature_extractor("resnet50")
     assert str(err.value) == (
         "ResNet-50 needs a one-time download of 98 MB from download.pytorch.org. This "
         "computer could not reach it. Ask IT to allow it, or import the weights file "
         "(resnet50-11ad3fa6.pth) under 'Import weights'."
     )
-    folder = bb._torchvision_cache_path(bb.get_backbone("resnet50")).parent
+    folder = wt._torchvision_cache_path(bb.get_backbone("resnet50")).parent
     assert not folder.exists() or not any(folder.iterdir())
-    assert bb.weights_status("efficientnet_lite0").available  # others stay usable
+    assert wt.weights_status("efficientnet_lite0").available  # others stay usable
 
 
 def test_unreachable_hub_is_a_plain_error():
-    with pytest.raises(bb.WeightsUnavailable, match="huggingface.co"):
-        bb.ensure_weights("dinov2_vits14")
+    with pytest.raises(wt.WeightsUnavailable, match="huggingface.co"):
+        wt.ensure_weights("dinov2_vits14")
 
 
 class _FakeResponse(io.BytesIO):
@@ -184,15 +186,15 @@ def test_download_reports_progress_into_torchvision_cache(monkeypatch):
 
     state = tvm.mobilenet_v3_large().state_dict()
     data = _saved(state)
-    monkeypatch.setattr(bb.urllib.request, "urlopen", lambda *a, **k: _FakeResponse(data))
+    monkeypatch.setattr(wt.urllib.request, "urlopen", lambda *a, **k: _FakeResponse(data))
     seen = []
-    path = bb.ensure_weights("mobilenet_v3_large", on_progress=lambda d, t: seen.append((d, t)))
+    path = wt.ensure_weights("mobilenet_v3_large", on_progress=lambda d, t: seen.append((d, t)))
     assert path.name == "mobilenet_v3_large-5c1a4163.pth" and path.parent.name == "checkpoints"
     assert seen[-1] == (len(data), len(data)) and len(seen) >= 2
     # torchvision's own loader finds the file where we put it (no second download)
     loaded = tvm.MobileNet_V3_Large_Weights.IMAGENET1K_V2.get_state_dict(progress=False)
     assert torch.equal(loaded["features.0.0.weight"], state["features.0.0.weight"])
-    assert bb.weights_status("mobilenet_v3_large").available
+    assert wt.weights_status("mobilenet_v3_large").available
 
 
 def test_import_accepts_the_right_network(tmp_path):
@@ -201,12 +203,12 @@ def test_import_accepts_the_right_network(tmp_path):
     source = tvm.resnet18()
     path = tmp_path / "resnet18-f37072fd.pth"
     torch.save(source.state_dict(), path)
-    target = bb.import_weights("resnet18", path)
-    assert target == bb._torchvision_cache_path(bb.get_backbone("resnet18"))
-    status = bb.weights_status("resnet18")
+    target = wt.import_weights("resnet18", path)
+    assert target == wt._torchvision_cache_path(bb.get_backbone("resnet18"))
+    status = wt.weights_status("resnet18")
     assert status.available and status.official is False  # random weights: not the published file
-    assert bb.weights_hash("resnet18") == hashlib.sha256(path.read_bytes()).hexdigest()
-    model, transform = bb.load_feature_extractor("resnet18")
+    assert wt.weights_hash("resnet18") == hashlib.sha256(path.read_bytes()).hexdigest()
+    model, transform = nw.load_feature_extractor("resnet18")
     x = torch.rand(1, 3, 224, 224)
     source.fc = torch.nn.Identity()
     with torch.inference_mode():
@@ -219,19 +221,19 @@ def test_import_rejects_another_network_with_a_clear_message(tmp_path):
     path = tmp_path / "efficientnet_b4_rwightman-23ab8bcd.pth"
     torch.save(tvm.efficientnet_b0().state_dict(), path)
     with pytest.raises(ValueError, match=r"different network: \d+ of \d+ tensors have other shapes"):
-        bb.import_weights("efficientnet_b4", path)
+        wt.import_weights("efficientnet_b4", path)
     torch.save(tvm.mobilenet_v3_large().state_dict(), path)
     with pytest.raises(ValueError, match="different network: none of the"):
-        bb.import_weights("resnet18", path)
-    assert not bb.weights_status("efficientnet_b4").available
+        wt.import_weights("resnet18", path)
+    assert not wt.weights_status("efficientnet_b4").available
     with pytest.raises(ValueError, match="comes with the app"):
-        bb.import_weights("efficientnet_lite0", path)
+        wt.import_weights("efficientnet_lite0", path)
     (tmp_path / "notes.txt").write_text("hello")
     with pytest.raises(ValueError, match="not a weights file"):
-        bb.import_weights("resnet18", tmp_path / "notes.txt")
+        wt.import_weights("resnet18", tmp_path / "notes.txt")
     (tmp_path / "fake.pth").write_text("<html>proxy login</html>")
     with pytest.raises(ValueError, match="opened safely"):
-        bb.import_weights("resnet18", tmp_path / "fake.pth")
+        wt.import_weights("resnet18", tmp_path / "fake.pth")
 
 
 def test_import_for_a_timm_hub_backbone_works_offline(tmp_path):
@@ -242,16 +244,16 @@ def test_import_for_a_timm_hub_backbone_works_offline(tmp_path):
     state = timm.create_model("vit_small_patch14_dinov2.lvd142m", pretrained=False).state_dict()
     path = tmp_path / "model.safetensors"
     save_file(state, str(path))
-    bb.import_weights("dinov2_vits14", path)
-    assert bb.weights_status("dinov2_vits14").available
-    model, _ = bb.load_feature_extractor("dinov2_vits14")
+    wt.import_weights("dinov2_vits14", path)
+    assert wt.weights_status("dinov2_vits14").available
+    model, _ = nw.load_feature_extractor("dinov2_vits14")
     with torch.inference_mode():
         assert model(torch.rand(1, 3, 224, 224)).shape == (1, 384)
 
 
 def test_lite0_weights_hash_matches_its_published_prefix():
-    assert bb.weights_hash("efficientnet_lite0").startswith("57934424")
-    assert bb.weights_status("efficientnet_lite0").official is True
+    assert wt.weights_hash("efficientnet_lite0").startswith("57934424")
+    assert wt.weights_status("efficientnet_lite0").official is True
 
 
 def test_lite0_real_weights_recognise_real_photos():
@@ -259,7 +261,7 @@ def test_lite0_real_weights_recognise_real_photos():
     give near-uniform output)."""
     from skimage import data
 
-    model, transform, categories = bb.load_imagenet_model("efficientnet_lite0")
+    model, transform, categories = nw.load_imagenet_model("efficientnet_lite0")
     photos = [Image.fromarray(data.chelsea()), Image.fromarray(data.coffee())]
     with torch.inference_mode():
         probs = model(torch.stack([transform(p) for p in photos])).softmax(-1)

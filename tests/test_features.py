@@ -11,8 +11,15 @@ import pytest
 import torch
 from PIL import Image, ImageOps
 
+from core.inputs.images import load_for_model
 from core.vision import backbones as bb
 from core.vision import features as ft
+from core.vision import networks as nw
+from core.vision import photos as ph
+from core.vision import tuning
+from core.vision import weights as wt
+from core.vision.device import infer_with_backoff
+from core.vision.store import FeatureStore
 
 LITE0 = "efficientnet_lite0"
 
@@ -57,7 +64,7 @@ def photos(tmp_path_factory) -> dict:
 
 @pytest.fixture(scope="module")
 def full_run(photos, tmp_path_factory):
-    store = ft.FeatureStore(tmp_path_factory.mktemp("features"))
+    store = FeatureStore(tmp_path_factory.mktemp("features"))
     progress = []
     result = ft.extract_features(
         photos["items"], backbone_id=LITE0, store=store, batch_size=2,
@@ -96,7 +103,7 @@ def test_second_run_computes_nothing_and_returns_the_same(photos, full_run):
 
 def test_features_are_deterministic(photos, full_run, tmp_path):
     store, first, _ = full_run
-    again = ft.FeatureStore(tmp_path)
+    again = FeatureStore(tmp_path)
     ft.extract_features(photos["items"], backbone_id=LITE0, store=again, batch_size=2)
     np.testing.assert_array_equal(
         again.load(first.key, photos["good"]), store.load(first.key, photos["good"])
@@ -105,7 +112,7 @@ def test_features_are_deterministic(photos, full_run, tmp_path):
 
 def test_worker_processes_give_the_same_features(photos, full_run, tmp_path):
     store, first, _ = full_run
-    other = ft.FeatureStore(tmp_path)
+    other = FeatureStore(tmp_path)
     result = ft.extract_features(
         photos["items"], backbone_id=LITE0, store=other, batch_size=3, num_workers=1
     )
@@ -117,7 +124,7 @@ def test_worker_processes_give_the_same_features(photos, full_run, tmp_path):
 
 def test_cancel_keeps_finished_chunks_and_resume_completes(photos, full_run, tmp_path):
     store, first, _ = full_run
-    partial = ft.FeatureStore(tmp_path)
+    partial = FeatureStore(tmp_path)
     batches_done = []
 
     def on_progress(done, total):
@@ -139,11 +146,11 @@ def test_cancel_keeps_finished_chunks_and_resume_completes(photos, full_run, tmp
     expected = partial.load(first.key, photos["good"])
     partial.compact(first.key)
     assert len(list((tmp_path / first.key).glob("chunk-*.npz"))) == 1
-    np.testing.assert_array_equal(ft.FeatureStore(tmp_path).load(first.key, photos["good"]), expected)
+    np.testing.assert_array_equal(FeatureStore(tmp_path).load(first.key, photos["good"]), expected)
 
 
 def test_store_loads_rows_in_the_order_asked(tmp_path):
-    store = ft.FeatureStore(tmp_path)
+    store = FeatureStore(tmp_path)
     rows = np.arange(12, dtype=np.float32).reshape(4, 3)
     store.add("k", ["a", "b"], rows[:2])
     store.add("k", ["c", "d"], rows[2:])
@@ -162,19 +169,19 @@ def test_store_loads_rows_in_the_order_asked(tmp_path):
 
 def test_batch_size_chooser_returns_a_candidate_and_remembers_it():
     model = bb.get_backbone(LITE0).builder().eval()
-    chosen = ft.choose_batch_size(
+    chosen = tuning.choose_batch_size(
         model, "cpu", candidates=(1, 2, 4), input_size=32, repeats=2, min_images=4,
         remember_as="test-lite0",
     )
     assert chosen in (1, 2, 4)
-    assert ft.choose_batch_size(model, "cpu", candidates=(8,), remember_as="test-lite0") == chosen
+    assert tuning.choose_batch_size(model, "cpu", candidates=(8,), remember_as="test-lite0") == chosen
 
 
 def test_measure_speed_is_positive_and_remembered():
     model = bb.get_backbone(LITE0).builder().eval()
-    ft.choose_batch_size(model, "cpu", candidates=(4,), repeats=1, remember_as=LITE0)
-    speed = ft.measure_speed(LITE0, device="cpu", n_images=8)
-    assert speed > 0 and ft.measure_speed(LITE0, device="cpu", n_images=8) == pytest.approx(speed, rel=0.01)
+    tuning.choose_batch_size(model, "cpu", candidates=(4,), repeats=1, remember_as=LITE0)
+    speed = tuning.measure_speed(LITE0, device="cpu", n_images=8)
+    assert speed > 0 and tuning.measure_speed(LITE0, device="cpu", n_images=8) == pytest.approx(speed, rel=0.01)
 
 
 def test_missing_weights_stop_before_any_work(photos, tmp_path, monkeypatch):
@@ -184,9 +191,9 @@ def test_missing_weights_stop_before_any_work(photos, tmp_path, monkeypatch):
         raise urllib.error.URLError("offline")
 
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
-    monkeypatch.setattr(bb.urllib.request, "urlopen", refuse)
-    with pytest.raises(bb.WeightsUnavailable, match="Import weights"):
-        ft.extract_features(photos["items"], backbone_id="resnet18", store=ft.FeatureStore(tmp_path))
+    monkeypatch.setattr(wt.urllib.request, "urlopen", refuse)
+    with pytest.raises(wt.WeightsUnavailable, match="Import weights"):
+        ft.extract_features(photos["items"], backbone_id="resnet18", store=FeatureStore(tmp_path))
 
 
 # --------------------------------------------------------------------------- GPU decode path, run on the CPU
@@ -200,7 +207,7 @@ def test_orientation_matches_pil(orientation):
     exif[0x0112] = orientation
     image.info["exif"] = exif.tobytes()
     expected = np.asarray(ImageOps.exif_transpose(image))
-    got = ft._orient(torch.from_numpy(array).permute(2, 0, 1), orientation).permute(1, 2, 0)
+    got = ph.orient(torch.from_numpy(array).permute(2, 0, 1), orientation).permute(1, 2, 0)
     np.testing.assert_array_equal(got.numpy(), expected)
 
 
@@ -215,20 +222,20 @@ def test_tensor_decode_path_matches_the_pil_path(photos, tmp_path):
     exif[0x0112] = 6
     image.save(rotated, quality=95, exif=exif.tobytes())
     backbone = bb.get_backbone(LITE0)
-    model, transform = bb.load_feature_extractor(LITE0)
+    model, transform = nw.load_feature_extractor(LITE0)
     prep = backbone.preprocessing
     for path in [photos["folder"] / "chelsea.jpg", rotated]:
-        raw = ft._raw_jpeg(path, 1)
+        raw = ph.raw_jpeg(path, 1)
         assert raw is not None
-        via_tensor = ft._decode_jpegs([raw], torch.device("cpu"), prep)[0]
-        via_pil = transform(ft._load(path, prep.resize_size))
+        via_tensor = ph.decode_jpegs([raw], torch.device("cpu"), prep)[0]
+        via_pil = transform(load_for_model(path, size=prep.resize_size))
         assert via_tensor.shape == via_pil.shape == (3, 224, 224)
         assert (via_tensor - via_pil).abs().mean().item() < 0.02
         with torch.inference_mode():
             a, b = model(torch.stack([via_tensor, via_pil]))
         assert torch.nn.functional.cosine_similarity(a, b, dim=0).item() > 0.99
-    assert ft._raw_jpeg(photos["folder"] / "coffee.png", 1) is None  # PNG: PIL path
-    assert ft._raw_jpeg(photos["folder"] / "chelsea.jpg", 10_000) is None  # small: PIL path
+    assert ph.raw_jpeg(photos["folder"] / "coffee.png", 1) is None  # PNG: PIL path
+    assert ph.raw_jpeg(photos["folder"] / "chelsea.jpg", 10_000) is None  # small: PIL path
 
 
 def test_out_of_memory_halves_the_batch_and_retries_the_same_rows():
@@ -240,6 +247,6 @@ def test_out_of_memory_halves_the_batch_and_retries_the_same_rows():
 
     x = torch.arange(5 * 3 * 2 * 2, dtype=torch.float32).reshape(5, 3, 2, 2)
     state = {"batch": 8}
-    out = ft._forward(Picky(), x, torch.device("cpu"), state)
+    out = infer_with_backoff(Picky(), x, torch.device("cpu"), state)
     assert state["batch"] == 2
     np.testing.assert_array_equal(out, x.flatten(1)[:, :4].numpy())

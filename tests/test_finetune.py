@@ -14,8 +14,11 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from core.learning import finetune as ft
+from core.learning import finetune_config as fc
+from core.learning import finetune_loop as fl
 from core.learning.heads import head_to_arrays, make_frozen_head
 from core.vision import backbones as bb
+from core.vision import networks as nw
 
 LITE0 = "efficientnet_lite0"
 CLASSES = ["no_person", "person"]
@@ -72,7 +75,7 @@ def _features(model, paths) -> np.ndarray:
     from core.inputs.images import load_for_model
 
     backbone = bb.get_backbone(LITE0)
-    tf = bb.build_transform(backbone)
+    tf = nw.build_transform(backbone)
     x = torch.stack([tf(load_for_model(p, size=backbone.preprocessing.resize_size)) for p in paths])
     model.eval()
     with torch.inference_mode():
@@ -82,7 +85,7 @@ def _features(model, paths) -> np.ndarray:
 @pytest.fixture(scope="module")
 def frozen(photos) -> dict:
     """A frozen head fitted on real Lite0 features of the training part."""
-    model = bb.build_classifier_model(LITE0, 2)
+    model = nw.build_classifier_model(LITE0, 2)
     model = model.to(memory_format=torch.channels_last)
     items = photos["train"] + photos["val"] + photos["more"]
     X = _features(model, [p for _, p, _ in items])
@@ -91,7 +94,7 @@ def frozen(photos) -> dict:
     return {"model": model, "items": items, "X": X, "y": y, "head": head, "arrays": head_to_arrays(head)}
 
 
-SMALL = ft.FinetuneConfig(epochs=2, batch_size=3, head_only_epochs=1, partial_epochs=1, warmup_epochs=0.5)
+SMALL = fc.FinetuneConfig(epochs=2, batch_size=3, head_only_epochs=1, partial_epochs=1, warmup_epochs=0.5)
 
 
 def _run(photos, frozen, tmp_path=None, **kwargs):
@@ -119,20 +122,20 @@ def test_head_from_frozen_reproduces_its_probabilities(photos, frozen, n_classes
     if n_classes == 3:  # astronaut / cat / other objects
         y = np.array([n.split("-")[0] if n.split("-")[0] in ("astronaut", "chelsea") else "object" for n, _, _ in items])
     head = make_frozen_head(C=0.1).fit(X, y)
-    model = bb.build_classifier_model(LITE0, n_classes)
+    model = nw.build_classifier_model(LITE0, n_classes)
     model.features.load_state_dict(frozen["model"].features.state_dict())
-    ft.init_head_from_frozen(model, head_to_arrays(head), head.classes_)
-    got = ft.predict_proba(model, [(n, p) for n, p, _ in items], backbone_id=LITE0)
+    fc.init_head_from_frozen(model, head_to_arrays(head), head.classes_)
+    got = fl.predict_proba(model, [(n, p) for n, p, _ in items], backbone_id=LITE0)
     want = head.predict_proba(X)
     assert got.shape == want.shape == (len(items), n_classes)
     np.testing.assert_allclose(got, want, atol=1e-4)
 
 
 def test_head_from_frozen_refuses_a_head_of_another_backbone(frozen):
-    model = bb.build_classifier_model(LITE0, 2, pretrained=False)
+    model = nw.build_classifier_model(LITE0, 2, pretrained=False)
     arrays = dict(frozen["arrays"], **{"scaler.mean": np.zeros(512), "scaler.scale": np.ones(512)})
     with pytest.raises(ValueError, match="another backbone"):
-        ft.init_head_from_frozen(model, arrays, CLASSES)
+        fc.init_head_from_frozen(model, arrays, CLASSES)
 
 
 # --------------------------------------------------------------------------- a whole run
@@ -165,7 +168,7 @@ def test_best_checkpoint_is_restored(run, photos):
     assert result.best_val_loss == min(candidates)
     expected = -1 if result.best_val_loss == candidates[0] else int(np.argmin(candidates[1:]))
     assert result.best_epoch == expected
-    proba = ft.predict_proba(result.model, [(n, p) for n, p, _ in photos["val"]], backbone_id=LITE0)
+    proba = fl.predict_proba(result.model, [(n, p) for n, p, _ in photos["val"]], backbone_id=LITE0)
     truth = [CLASSES.index(label) for _, _, label in photos["val"]]
     val_loss = -np.mean(np.log(proba[np.arange(len(truth)), truth]))
     assert val_loss == pytest.approx(result.best_val_loss, abs=1e-5)
@@ -189,19 +192,19 @@ def test_loader_worker_processes_repeat_themselves(photos, frozen):
     """Decoding and augmentation in a worker process: seeded there too, and the same
     probabilities as decoding in the main process (up to float rounding: the network then
     runs on one thread fewer)."""
-    config = ft.FinetuneConfig(epochs=1, batch_size=3, head_only_epochs=0, num_workers=1)
+    config = fc.FinetuneConfig(epochs=1, batch_size=3, head_only_epochs=0, num_workers=1)
     first, second = _run(photos, frozen, config=config), _run(photos, frozen, config=config)
     assert first.history[0]["train_loss"] == second.history[0]["train_loss"]
     items = [(n, p) for n, p, _ in photos["val"]]
     np.testing.assert_allclose(
-        ft.predict_proba(first.model, items, backbone_id=LITE0, num_workers=1),
-        ft.predict_proba(first.model, items, backbone_id=LITE0, num_workers=0), atol=1e-6,
+        fl.predict_proba(first.model, items, backbone_id=LITE0, num_workers=1),
+        fl.predict_proba(first.model, items, backbone_id=LITE0, num_workers=0), atol=1e-6,
     )
 
 
 def test_training_loss_decreases_on_a_separable_set(photos):
     """Everything trains from the start, from a random head: the loss must come down."""
-    config = ft.FinetuneConfig(epochs=4, batch_size=4, head_only_epochs=0, partial_epochs=0, warmup_epochs=0.5,
+    config = fc.FinetuneConfig(epochs=4, batch_size=4, head_only_epochs=0, partial_epochs=0, warmup_epochs=0.5,
                                lr_head=3e-3, patience=4)
     train = photos["train"] + photos["more"][:2]
     result = ft.finetune(train, photos["val"], backbone_id=LITE0, classes=CLASSES, config=config)
@@ -222,14 +225,14 @@ def test_cancel_after_the_first_batch_keeps_the_starting_model(photos, frozen):
     assert result.cancelled and result.stop_reason == "cancelled" and not result.stopped_early
     assert result.history == [] and result.best_epoch == -1
     # the batch that ran before the cancel is undone: the head is the frozen head's again
-    start = bb.build_classifier_model(LITE0, 2, pretrained=False)
-    ft.init_head_from_frozen(start, frozen["arrays"], frozen["head"].classes_)
+    start = nw.build_classifier_model(LITE0, 2, pretrained=False)
+    fc.init_head_from_frozen(start, frozen["arrays"], frozen["head"].classes_)
     assert torch.equal(result.model.head.weight, start.head.weight)
     assert not result.model.training
 
 
 def test_time_budget_stops_cleanly(photos, frozen):
-    result = _run(photos, frozen, config=ft.FinetuneConfig(epochs=5, batch_size=3, max_train_seconds=0.01))
+    result = _run(photos, frozen, config=fc.FinetuneConfig(epochs=5, batch_size=3, max_train_seconds=0.01))
     assert result.stop_reason == "time_budget" and not result.cancelled
     assert len(result.history) <= 1
 
@@ -243,7 +246,7 @@ def test_out_of_memory_halves_the_batch(photos, frozen, monkeypatch):
         return real(model, loader, *args, **kwargs)
 
     monkeypatch.setattr(ft, "train_one_epoch", tight_memory)
-    config = ft.FinetuneConfig(epochs=1, batch_size=5, head_only_epochs=1)
+    config = fc.FinetuneConfig(epochs=1, batch_size=5, head_only_epochs=1)
     result = _run(photos, frozen, config=config)
     assert result.batch_size == 2 and len(result.history) == 1
 
@@ -253,22 +256,22 @@ def test_out_of_memory_halves_the_batch(photos, frozen, monkeypatch):
 
 def test_safetensors_round_trip_gives_identical_predictions(run, photos, tmp_path):
     model = run["result"].model
-    state = ft.state_dict_for_bundle(model)
+    state = fl.state_dict_for_bundle(model)
     assert all(t.device.type == "cpu" and t.is_contiguous() for t in state.values())
     save_file(state, str(tmp_path / "network.safetensors"))
-    loaded = ft.load_finetuned(LITE0, CLASSES, load_file(str(tmp_path / "network.safetensors")))
+    loaded = fl.load_finetuned(LITE0, CLASSES, load_file(str(tmp_path / "network.safetensors")))
     items = [(n, p) for n, p, _ in photos["val"] + photos["more"]]
     np.testing.assert_array_equal(
-        ft.predict_proba(loaded, items, backbone_id=LITE0), ft.predict_proba(model, items, backbone_id=LITE0)
+        fl.predict_proba(loaded, items, backbone_id=LITE0), fl.predict_proba(model, items, backbone_id=LITE0)
     )
     with pytest.raises(ValueError, match="do not fit"):
-        ft.load_finetuned(LITE0, ["a", "b", "c"], state)
+        fl.load_finetuned(LITE0, ["a", "b", "c"], state)
 
 
 def test_predict_proba_keeps_every_row(run, photos):
     failed = []
     items = [("ok", photos["paths"]["coffee-1"]), ("bad", photos["folder"] / "cut-short.jpg")]
-    proba = ft.predict_proba(run["result"].model, items, backbone_id=LITE0,
+    proba = fl.predict_proba(run["result"].model, items, backbone_id=LITE0,
                              on_failure=lambda i, why: failed.append((i, why)))
     assert proba.shape == (2, 2) and np.isfinite(proba[0]).all() and np.isnan(proba[1]).all()
     assert [i for i, _ in failed] == ["bad"]
@@ -281,7 +284,7 @@ def test_train_transform_derives_from_the_backbone(photos):
     from torchvision.transforms import v2
 
     prep = bb.get_backbone(LITE0).preprocessing
-    tf = ft.build_train_transform(LITE0)
+    tf = fc.build_train_transform(LITE0)
     crop = next(t for t in tf.transforms if isinstance(t, v2.RandomResizedCrop))
     norm = next(t for t in tf.transforms if isinstance(t, v2.Normalize))
     assert tuple(crop.size) == (prep.crop_size, prep.crop_size) and crop.interpolation.value == prep.interpolation
@@ -293,21 +296,21 @@ def test_train_transform_derives_from_the_backbone(photos):
 
 
 def test_depth_groups_follow_the_network():
-    model = bb.build_classifier_model(LITE0, 2, pretrained=False)
-    groups = ft._depth_groups(model.features)
+    model = nw.build_classifier_model(LITE0, 2, pretrained=False)
+    groups = fc.depth_groups(model.features)
     names = [n for g in groups for n, _ in g]
     assert len(groups) >= 5 and names[0] == "model.conv_stem.weight" and "model.bn2.bias" in {n for n, _ in groups[-1]}
     assert sorted(names) == sorted(n for n, _ in model.features.named_parameters())
-    opt_groups = ft._param_groups(model, ft.FinetuneConfig())
+    opt_groups = fc.param_groups(model, fc.FinetuneConfig())
     lrs = [g["lr"] for g in opt_groups if g["name"] != "head"]
     assert lrs == sorted(lrs, reverse=True)  # earlier layers learn more slowly
 
 
 def test_bad_settings_and_inputs_are_plain_errors(photos):
     with pytest.raises(ValueError, match="epochs"):
-        ft.FinetuneConfig(epochs=0)
+        fc.FinetuneConfig(epochs=0)
     with pytest.raises(ValueError, match="layer_decay"):
-        ft.FinetuneConfig(layer_decay=1.5)
+        fc.FinetuneConfig(layer_decay=1.5)
     with pytest.raises(ValueError, match="not among the classes"):
         ft.finetune(photos["train"], [("x", photos["paths"]["coffee-1"], "cat")], backbone_id=LITE0, classes=CLASSES)
     with pytest.raises(ValueError, match="no validation photos"):
@@ -328,12 +331,12 @@ def test_linear_probe_start_on_product_photos(product_photos):
     other = [r for r in rows if r["label"] == "no_person"]
     as_items = lambda rs: [(r["file"], product_photos / r["file"], r["label"]) for r in rs]  # noqa: E731
     train, val = as_items(person[:10] + other[:10]), as_items(person[10:16] + other[10:16])
-    model = bb.build_classifier_model(LITE0, 2).to(memory_format=torch.channels_last)
+    model = nw.build_classifier_model(LITE0, 2).to(memory_format=torch.channels_last)
     X, Xv = _features(model, [p for _, p, _ in train]), _features(model, [p for _, p, _ in val])
     yv = [label for _, _, label in val]
     head = make_frozen_head(C=0.1).fit(X, [label for _, _, label in train])
     result = ft.finetune(train, val, backbone_id=LITE0, classes=CLASSES, head_arrays=head_to_arrays(head),
-                         config=ft.FinetuneConfig(epochs=1, batch_size=8))
+                         config=fc.FinetuneConfig(epochs=1, batch_size=8))
     assert result.start_val["val_acc"] == pytest.approx(np.mean(head.predict(Xv) == yv))
     assert result.start_val["val_loss"] == pytest.approx(log_loss(yv, head.predict_proba(Xv)), abs=1e-4)
     assert result.start_val["val_acc"] >= 0.75

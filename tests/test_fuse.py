@@ -8,20 +8,21 @@ from PIL import Image
 from torch import nn
 
 from core.vision import backbones
+from core.vision import networks as nw
 from core.vision.fuse import fold_batch_norms
 
 
 def _photos(n: int = 6) -> torch.Tensor:
     from skimage import data
 
-    transform = backbones.build_transform("efficientnet_lite0")
+    transform = nw.build_transform("efficientnet_lite0")
     arrays = [data.astronaut(), data.coffee(), data.chelsea(), data.rocket()]
     return torch.stack([transform(Image.fromarray(arrays[i % 4]).convert("RGB").rotate(7 * i)) for i in range(n)])
 
 
 def test_lite0_features_are_the_same_after_folding():
     backbone = backbones.get_backbone("efficientnet_lite0")
-    plain = backbones._to_features(backbone, backbones._full_model_with_weights(backbone, None)).eval()
+    plain = backbones.features_of(backbone, nw.load_pretrained(backbone)).eval()
     folded, n = fold_batch_norms(plain, torch.randn(2, 3, 224, 224))
     assert n == sum(isinstance(m, nn.BatchNorm2d) for m in plain.modules()) == 49
     assert not any(isinstance(m, nn.BatchNorm2d) for m in folded.modules())
@@ -33,7 +34,7 @@ def test_lite0_features_are_the_same_after_folding():
 
 
 def test_the_app_extractor_is_folded():
-    model, _ = backbones.load_feature_extractor("efficientnet_lite0", device="cpu")
+    model, _ = nw.load_feature_extractor("efficientnet_lite0", device="cpu")
     assert not any(isinstance(m, nn.BatchNorm2d) for m in model.modules())
 
 

@@ -96,9 +96,7 @@ def test_sidebar_lists_projects_and_shows_the_device(project):
 
 def test_last_project_reopens_in_a_new_session():
     workspace.create_project("Summer shoes")
-    from core.projects.workspace import atomic_write_text, home
-
-    atomic_write_text(home() / "last_project", "summer-shoes")
+    workspace.remember_last_project("summer-shoes")
     at = _app().run()
     assert any("Summer shoes" in s.value for s in at.subheader)
 

@@ -125,20 +125,6 @@ def test_concurrent_writers_do_not_lose_updates():
     assert con.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
 
 
-def test_atomic_write_leaves_old_content_on_failure(tmp_path, monkeypatch):
-    target = tmp_path / "f.json"
-    workspace.atomic_write_text(target, "old")
-
-    def boom(*args):
-        raise OSError("disk full")
-
-    monkeypatch.setattr(workspace.os, "replace", boom)
-    with pytest.raises(OSError):
-        workspace.atomic_write_text(target, "new")
-    assert target.read_text() == "old"
-    assert [p.name for p in tmp_path.iterdir()] == ["f.json"]  # no temp file left behind
-
-
 def test_cli_intake_of_the_shared_photos_as_a_zip(product_photos, tmp_path, capsys):
     """The issue's contract: 480 matched, 248 / 232 per class, the duplicate pair reported."""
     import json

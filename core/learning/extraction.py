@@ -13,6 +13,8 @@ import numpy as np
 
 from core.base.problems import Problem
 from core.projects.workspace import Project
+from core.vision import features, tuning, weights
+from core.vision.store import FeatureStore
 
 
 @dataclass(frozen=True)
@@ -28,9 +30,8 @@ class FeatureStatus:
         return self.photos > 0 and self.ready + self.failed >= self.photos
 
 
-def _store(project: Project):
-    from core.vision.features import FeatureStore
-
+def feature_store(project: Project) -> FeatureStore:
+    """The project's feature cache."""
     return FeatureStore(project.path("features"))
 
 
@@ -39,15 +40,12 @@ def status(project: Project, backbone_id: str) -> FeatureStatus:
 
     A backbone whose weights are not on this computer has none yet (``key`` is empty).
     """
-    from core.vision.backbones import WeightsUnavailable
-    from core.vision.features import feature_key
-
     shas = set(project.dataset()["sha"])
     try:
-        key = feature_key(backbone_id)
-    except WeightsUnavailable:
+        key = features.feature_key(backbone_id)
+    except weights.WeightsUnavailable:
         return FeatureStatus(backbone_id, "", len(shas), 0, 0)
-    store = _store(project)
+    store = feature_store(project)
     ready = len(shas & store.has(key))
     failed = len(shas & set(store.failures(key)))
     return FeatureStatus(backbone_id, key, len(shas), ready, failed)
@@ -62,18 +60,16 @@ def extract_project(
     should_cancel: Callable[[], bool] | None = None,
 ) -> dict:
     """Compute (or reuse) the features of every photo; returns a JSON-able summary."""
-    from core.vision import backbones, features
-
     report = on_progress or (lambda done, total, message: None)
     report(0, 0, "Preparing the network")
-    backbones.ensure_weights(
+    weights.ensure_weights(
         backbone_id,
         on_progress=lambda done, total: report(done >> 20, max(total >> 20, 1), "Downloading the network (MB)"),
     )
     dataset = project.dataset()
     names = dict(zip(dataset["sha"], dataset["name"]))
     items = [(sha, project.image_path(sha)) for sha in dataset["sha"]]
-    store = _store(project)
+    store = feature_store(project)
     result = features.extract_features(
         items,
         backbone_id=backbone_id,
@@ -106,23 +102,17 @@ def extract_project(
 
 def training_labels(project: Project, backbone_id: str) -> tuple[np.ndarray, list[str]]:
     """Labels and photo ids of the training set that has features (no feature is read)."""
-    from core.vision.features import feature_key
-
     training = project.training_set()
-    training = training[training["sha"].isin(_store(project).has(feature_key(backbone_id)))]
+    training = training[training["sha"].isin(feature_store(project).has(features.feature_key(backbone_id)))]
     return training["label"].to_numpy(), list(training["sha"])
 
 
 def load_training_features(project: Project, backbone_id: str) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """Features, labels and photo ids of the training set (photos without features are left out)."""
-    from core.vision.features import feature_key
-
     y, ids = training_labels(project, backbone_id)
-    return _store(project).load(feature_key(backbone_id), ids), y, ids
+    return feature_store(project).load(features.feature_key(backbone_id), ids), y, ids
 
 
 def known_speed(backbone_id: str, *, device: str | None = None, n_images: int = 32) -> float | None:
     """The speed measured earlier on this machine (photos/s), or None: never measures."""
-    from core.vision import features
-
-    return features.remembered_speed(backbone_id, device, n_images=n_images)
+    return tuning.remembered_speed(backbone_id, device, n_images=n_images)

@@ -24,9 +24,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from core.base.files import atomic_copy, sha256_file
 from core.base.problems import InputError
-from core.learning import bundles
-from core.projects.workspace import Project, atomic_copy, sha256_file
+from core.learning import bundles, finetune_loop
+from core.projects.workspace import Project
+from core.vision import backbones, features, weights
+from core.vision.store import FeatureStore
 
 __all__ = ["import_bundle", "list_models", "predict_images"]
 
@@ -40,7 +43,6 @@ IMPORTED_META = "imported_models"
 def _check_backbone(bundle: bundles.ModelBundle) -> None:
     """Refuse a bundle whose backbone or preprocessing this app does not reproduce."""
     from core.learning import training
-    from core.vision import backbones
 
     try:
         backbones.get_backbone(bundle.backbone_id)
@@ -62,10 +64,8 @@ def _check_backbone(bundle: bundles.ModelBundle) -> None:
 
 def _check_weights(bundle: bundles.ModelBundle) -> None:
     """A frozen head only means something on features of the exact weights it was trained on."""
-    from core.vision import backbones
-
-    backbones.ensure_weights(bundle.backbone_id)  # WeightsUnavailable says how to get them
-    local = backbones.weights_hash(bundle.backbone_id)
+    weights.ensure_weights(bundle.backbone_id)  # WeightsUnavailable says how to get them
+    local = weights.weights_hash(bundle.backbone_id)
     if local != bundle.weights_hash:
         name = backbones.get_backbone(bundle.backbone_id).name
         raise InputError(
@@ -88,8 +88,6 @@ def _frozen_proba(
     batch_size: int | None,
     on_progress: Progress | None,
 ) -> tuple[np.ndarray, dict[int, str]]:
-    from core.vision import features
-
     _check_weights(bundle)
     head = bundles.frozen_head_from_bundle(bundle, arrays)
     proba = np.full((len(paths), len(bundle.classes)), np.nan)
@@ -97,7 +95,7 @@ def _frozen_proba(
     # Positions as ids: two rows with the same photo stay two rows.
     items = [(str(i), p) for i, p in enumerate(paths)]
     with tempfile.TemporaryDirectory(prefix="catalog-lens-predict-") as tmp:
-        store = features.FeatureStore(Path(tmp))
+        store = FeatureStore(Path(tmp))
         result = features.extract_features(
             items, backbone_id=bundle.backbone_id, store=store, device=device,
             batch_size=batch_size, on_progress=on_progress,
@@ -128,16 +126,14 @@ def _finetuned_proba(
     batch_size: int | None,
     on_progress: Progress | None,
 ) -> tuple[np.ndarray, dict[int, str]]:
-    from core.learning import finetune
-
     state = bundles.load_network_state(bundle_path)
     try:
-        model = finetune.load_finetuned(bundle.backbone_id, bundle.classes, state)
+        model = finetune_loop.load_finetuned(bundle.backbone_id, bundle.classes, state)
     except ValueError as exc:
         raise bundles.BundleError(f"This model file is damaged: {exc}") from exc
     errors: dict[int, str] = {}
     items = [(str(i), p) for i, p in enumerate(paths)]
-    proba = finetune.predict_proba(
+    proba = finetune_loop.predict_proba(
         model, items, backbone_id=bundle.backbone_id, device=device, batch_size=batch_size,
         on_progress=on_progress, on_failure=lambda key, reason: errors.__setitem__(int(key), reason),
     )
@@ -254,19 +250,15 @@ def import_bundle(project: Project, path: str | os.PathLike) -> str:
     bundle, _ = bundles.load_bundle(path)  # BundleError: already a plain sentence
     _check_backbone(bundle)
     if bundle.kind == "frozen":
-        from core.vision import backbones
-
         # Refuse a head for other weights now when the check is free; a backbone not yet
         # downloaded is checked when the model is first used (import never downloads).
-        if backbones.weights_status(bundle.backbone_id).available:
+        if weights.weights_status(bundle.backbone_id).available:
             _check_weights(bundle)
     else:
-        from core.learning import finetune
-
-        # Build the network once now, so a model that does not fit is refused at import
+            # Build the network once now, so a model that does not fit is refused at import
         # rather than half-way through tagging a catalog.
         try:
-            finetune.load_finetuned(bundle.backbone_id, bundle.classes, bundles.load_network_state(path))
+            finetune_loop.load_finetuned(bundle.backbone_id, bundle.classes, bundles.load_network_state(path))
         except ValueError as exc:
             raise bundles.BundleError(f"This model file is damaged: {exc}") from exc
 

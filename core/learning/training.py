@@ -18,9 +18,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from core.base.files import atomic_write_bytes, atomic_write_text
 from core.base.problems import InputError
-from core.learning import comparison, evaluation, splits
-from core.projects.workspace import Project, atomic_write_bytes, atomic_write_text
+from core.learning import comparison, evaluation, finetune_config, finetune_loop, splits
+from core.projects.workspace import Project
+from core.vision import weights
+from core.vision.store import FeatureStore
 
 Progress = Callable[[int, int, str], None]
 
@@ -146,7 +149,7 @@ def train_frozen(
     bundle = bundles.ModelBundle(
         kind="frozen",
         backbone_id=backbone_id,
-        weights_hash=backbones.weights_hash(backbone_id),
+        weights_hash=weights.weights_hash(backbone_id),
         preprocessing=_preprocessing_dict(backbone_id),
         classes=list(cv.classes),
         class_display_names={c: names[c] for c in cv.classes if c in names},
@@ -252,7 +255,7 @@ def feature_map(project: Project, *, method: str = "umap") -> pd.DataFrame:
     in a process costs several seconds).
     """
     from core.learning import projection
-    from core.vision.features import FeatureStore, feature_key
+    from core.vision.features import feature_key
 
     backbone_id = project.get_meta("backbone")
     if not backbone_id:
@@ -327,7 +330,7 @@ def train_finetuned(
     started = time.time()
     result = finetune.finetune(
         items(plan.train_ids), items(plan.val_ids), backbone_id=backbone_id, classes=classes,
-        config=config or finetune.FinetuneConfig(seed=seed), head_arrays=heads.head_to_arrays(probe),
+        config=config or finetune_config.FinetuneConfig(seed=seed), head_arrays=heads.head_to_arrays(probe),
         head_classes=list(probe.classes_), positive=positive, device=device, on_epoch=on_epoch,
         on_progress=lambda done, total: report(done, total, "Fine-tuning"), should_cancel=should_cancel,
         checkpoint_dir=project.path("runs", "finetune-checkpoint"),
@@ -336,7 +339,7 @@ def train_finetuned(
         return None
     report(0, len(plan.test_ids), "Scoring the held-out photos")
     test_items = [(sha, project.image_path(sha)) for sha in plan.test_ids]
-    proba = finetune.predict_proba(result.model, test_items, backbone_id=backbone_id, device=device)
+    proba = finetune_loop.predict_proba(result.model, test_items, backbone_id=backbone_id, device=device)
     keep = ~np.isnan(proba).any(axis=1)
     test_ids = [sha for sha, ok in zip(plan.test_ids, keep) if ok]
     test_report = evaluation.evaluate_predictions(
@@ -344,7 +347,7 @@ def train_finetuned(
     )
     seconds = time.time() - started
     bundle = bundles.ModelBundle(
-        kind="finetuned", backbone_id=backbone_id, weights_hash=backbones.weights_hash(backbone_id),
+        kind="finetuned", backbone_id=backbone_id, weights_hash=weights.weights_hash(backbone_id),
         preprocessing=_preprocessing_dict(backbone_id), classes=classes,
         class_display_names={c: names[c] for c in classes if c in names}, positive=positive,
         threshold=result.threshold, metrics={"test": test_report.to_dict(), "history": result.history}, seed=seed,
@@ -353,7 +356,7 @@ def train_finetuned(
         name=f"{project.name} · fine-tuned {backbones.get_backbone(backbone_id).name}",
     )
     path = bundles.save_bundle(bundle, {}, project.path("models", f"{bundle.id}.zip"),
-                               network=finetune.state_dict_for_bundle(result.model))
+                               network=finetune_loop.state_dict_for_bundle(result.model))
     acc = test_report.balanced_accuracy
     record = RunRecord(
         id=bundle.id, kind="finetuned", backbone_id=backbone_id, bundle_path=str(path), classes=classes,

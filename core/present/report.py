@@ -527,7 +527,7 @@ def to_html(report: Report) -> str:
 
 def write_html(project: Project, out: Path, **choices) -> Path:
     """Build the report and write it to ``out`` (used by the CLI); marks the step done."""
-    from core.projects.workspace import atomic_write_text
+    from core.base.files import atomic_write_text
 
     atomic_write_text(Path(out), to_html(build_report(project, **choices)))
     project.set_meta("reported", True)

@@ -21,9 +21,10 @@ from typing import BinaryIO
 
 import pandas as pd
 
+from core.base.files import atomic_write_bytes, sha256_file
 from core.base.problems import InputError, Problem
 from core.inputs import images, labels, uploads
-from core.projects.workspace import Project, atomic_write_bytes, sha256_file
+from core.projects.workspace import Project
 
 JUNK_NAMES = {".ds_store", "thumbs.db", "desktop.ini"}
 SHEET_SUFFIXES = {".csv", ".tsv", ".xlsx", ".xlsm"}

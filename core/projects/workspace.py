@@ -21,13 +21,11 @@ written atomically (temporary file, fsync, rename).
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import re
 import shutil
 import sqlite3
-import tempfile
 import time
 import unicodedata
 from collections.abc import Iterable, Iterator, Mapping
@@ -36,7 +34,9 @@ from pathlib import Path
 
 import pandas as pd
 
+from core.base.files import atomic_copy, atomic_write_bytes, atomic_write_text, sha256_file
 from core.base.problems import InputError, Problem
+from core.inputs.images import make_thumbnail
 
 HOME_ENV = "CATALOG_LENS_HOME"
 _DEFAULT_HOME = Path(__file__).resolve().parents[2] / "workspace"
@@ -84,53 +84,6 @@ def projects_dir() -> Path:
     return path
 
 
-# --------------------------------------------------------------------------- files
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write a file so that readers see the old or the new content, never a mix."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode("utf-8"))
-
-
-def atomic_copy(src: Path, dest: Path) -> None:
-    """Copy ``src`` to ``dest`` atomically (temporary file in the same folder, then rename)."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as out, open(src, "rb") as inp:
-            shutil.copyfileobj(inp, out, length=1 << 20)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(tmp, dest)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 # ------------------------------------------------------------------------ projects
 
 
@@ -159,6 +112,22 @@ def list_projects() -> list[ProjectInfo]:
             except sqlite3.Error:
                 continue
     return sorted(infos, key=lambda info: info.created_at, reverse=True)
+
+
+def last_project() -> str | None:
+    """The slug of the project opened last (in any session), if it still exists."""
+    path = home() / "last_project"
+    slug = path.read_text().strip() if path.is_file() else ""
+    return slug if slug and (projects_dir() / slug / "project.db").is_file() else None
+
+
+def remember_last_project(slug: str | None) -> None:
+    """Open this project next time a session starts without one (None forgets)."""
+    path = home() / "last_project"
+    if slug:
+        atomic_write_text(path, slug)
+    else:
+        path.unlink(missing_ok=True)
 
 
 def create_project(name: str) -> Project:
@@ -344,8 +313,6 @@ class Project:
         thumb = self.root / "thumbs" / sha[:2] / f"{sha}-{size}.jpg"
         if thumb.is_file():
             return thumb.read_bytes()
-        from core.inputs.images import make_thumbnail  # images is a sibling low-level module
-
         data = make_thumbnail(self.image_path(sha), size=size)
         atomic_write_bytes(thumb, data)
         return data

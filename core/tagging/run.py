@@ -27,9 +27,9 @@ from pathlib import Path
 
 import pandas as pd
 
+from core.base.files import atomic_write_bytes, atomic_write_text
 from core.base.problems import InputError
 from core.learning import bundles
-from core.projects.workspace import atomic_write_bytes, atomic_write_text
 
 IMAGE_ROOTS_ENV = "CATALOG_LENS_IMAGE_ROOTS"
 OUTPUT_COLUMNS = ("predicted_label", "confidence", "needs_review", "tag_error", "model_id")

@@ -1,16 +1,25 @@
-"""Which processor does the work: a CUDA GPU, an Apple GPU (MPS) or the CPU.
+"""Which processor does the work and how: device choice, precision, memory, threads.
 
-The app imports this module at start-up to draw the device badge, so torch is imported
-inside the functions, not at module level.
+Everything that depends on the device lives here, once, for extraction, fine-tuning and
+prediction alike: picking CUDA / Apple MPS / CPU, mixed precision, out-of-memory
+detection and clean-up, timing barriers, how many decoding processes to start and how
+many threads the network gets. The app imports this module at start-up to draw the
+device badge, so torch is imported inside the functions, not at module level.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import random
+from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    import numpy as np
     import torch
+    from torch import nn
+
 
 _VALID = "'auto', 'cpu', 'cuda', 'cuda:N' (N = GPU number) or 'mps'"
 
@@ -112,3 +121,120 @@ def device_summary() -> dict:
         props = torch.cuda.get_device_properties(device)
         summary["gpu_memory_gb"] = round(props.total_memory / 2**30, 1)
     return summary
+
+
+# --------------------------------------------------------------------------- running on it
+
+
+def mixed_precision(device: torch.device, enabled: bool | None = None) -> torch.dtype | None:
+    """The mixed-precision type for ``device``: bfloat16 (float16 where the GPU lacks it) on
+    CUDA, None elsewhere (CPU autocast is slower than float32 on most laptops).
+    ``enabled=False`` turns it off."""
+    import torch
+
+    if device.type != "cuda" or enabled is False:
+        return None
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None | str = "auto"):
+    """Mixed precision on ``device`` (``dtype="auto"``: :func:`mixed_precision`), or nothing."""
+    import torch
+
+    if dtype == "auto":
+        dtype = mixed_precision(device)
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def is_oom(exc: BaseException) -> bool:
+    """True when ``exc`` says the device ran out of memory."""
+    import torch
+
+    return isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower()
+
+
+def empty_cache(device: torch.device) -> None:
+    """Give the memory of freed tensors back to the device (after running out of it)."""
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    elif device.type == "mps":
+        torch.mps.empty_cache()
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work, so that a timer reads the real time."""
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
+
+
+def default_workers(device: torch.device) -> int:
+    """Photo-decoding processes: none on a CPU with 2 cores or fewer (a worker takes a core
+    from the network: measured slower), else a few, leaving cores to the main process."""
+    cores = cpu_cores()
+    if device.type == "cpu":
+        return 0 if cores <= 2 else min(4, cores // 2)
+    return max(0, min(8, cores - 1))
+
+
+@contextlib.contextmanager
+def compute_settings(device: torch.device, *, workers: int = 0) -> Iterator[None]:
+    """While the network runs: on the CPU it gets every core the decoding workers leave
+    free; on CUDA cuDNN picks the fastest kernels (input sizes never change). Both are
+    restored afterwards."""
+    import torch
+
+    threads, bench = torch.get_num_threads(), torch.backends.cudnn.benchmark
+    if device.type == "cpu":
+        torch.set_num_threads(max(1, cpu_cores() - workers))
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+        torch.backends.cudnn.benchmark = bench
+
+
+def worker_init(_worker_id: int) -> None:
+    """Start of a decoding process: one thread (it must not fight the network for cores)
+    and numpy/random seeded from the loader's per-worker torch seed (reproducible
+    augmentation)."""
+    import numpy as np
+    import torch
+
+    torch.set_num_threads(1)
+    seed = torch.initial_seed() % 2**32
+    np.random.seed(seed)
+    random.seed(seed)
+
+
+def infer_with_backoff(model: nn.Module, x: torch.Tensor, device: torch.device, state: dict) -> np.ndarray:
+    """``model``'s output for batch ``x`` (float32 numpy), run in sub-batches of
+    ``state['batch']`` on ``device``. When the device runs out of memory the sub-batch is
+    halved (remembered in ``state``) and the same rows are tried again, down to one."""
+    import numpy as np
+    import torch
+
+    outputs, start = [], 0
+    while start < len(x):
+        step = state["batch"]
+        try:
+            with torch.inference_mode(), autocast(device):
+                part = x[start : start + step].to(device, non_blocking=True, memory_format=torch.channels_last)
+                out = model(part)
+            outputs.append(out.float().cpu().numpy())
+            start += step
+        except (RuntimeError, torch.OutOfMemoryError) as exc:
+            if not is_oom(exc) or step == 1:
+                raise
+            state["batch"] = max(1, step // 2)
+            empty_cache(device)
+    return np.concatenate(outputs) if outputs else np.empty((0, 0), np.float32)

@@ -9,7 +9,7 @@ import streamlit as st
 from core.learning import extraction
 from core.present import journey
 from core.projects import jobs
-from core.vision import backbones
+from core.vision import backbones, weights
 from pages import ui
 
 st.title("2 · Backbone")
@@ -26,7 +26,7 @@ device = st.session_state.get("device_choice", "auto")
 last = project.get_meta("features_ready") or {}
 rows = []
 for b in entries:
-    status = backbones.weights_status(b)
+    status = weights.weights_status(b)
     speed = extraction.known_speed(b.id, device=None if device == "auto" else device)
     if not speed and last.get("backbone") == b.id and last.get("photos_per_s"):
         speed = last["photos_per_s"]  # this project's last extraction, photo decoding included
@@ -52,7 +52,7 @@ ids = [b.id for b in entries]
 names = {b.id: b.name + (" (recommended)" if b.id == backbones.DEFAULT_BACKBONE_ID else "") for b in entries}
 current = project.get_meta("backbone", backbones.DEFAULT_BACKBONE_ID)
 chosen = st.selectbox("Network to use", ids, index=ids.index(current) if current in ids else 0, format_func=names.get)
-status = backbones.weights_status(chosen)
+status = weights.weights_status(chosen)
 if not status.available:
     st.warning(status.message)
     with st.expander("Import a weights file", expanded=True):
@@ -63,7 +63,7 @@ if not status.available:
                 path = Path(tmp) / upload.name
                 path.write_bytes(upload.getvalue())
                 try:
-                    backbones.import_weights(chosen, path)
+                    weights.import_weights(chosen, path)
                 except ValueError as exc:
                     st.error(f"{upload.name}: {exc}")
                 else:

@@ -50,16 +50,11 @@ def page(step: str):
     return st.session_state.get(_PAGES_KEY, {}).get(step)
 
 
-def _last_project_file():
-    return workspace.home() / "last_project"
-
-
 def current_project() -> workspace.Project | None:
     """The open project: this tab's choice, else the link (?project=), else the last one used."""
     slug = st.session_state.get(_PROJECT_KEY) or st.query_params.get("project")
     if not slug:
-        last = _last_project_file()
-        slug = last.read_text().strip() if last.is_file() else None
+        slug = workspace.last_project()
     if not slug:
         return None
     try:
@@ -77,11 +72,11 @@ def set_current_project(slug: str | None) -> None:
     if slug:
         st.session_state[_PROJECT_KEY] = slug
         st.query_params["project"] = slug
-        workspace.atomic_write_text(_last_project_file(), slug)
+        workspace.remember_last_project(slug)
     else:
         st.session_state.pop(_PROJECT_KEY, None)
         st.query_params.pop("project", None)
-        _last_project_file().unlink(missing_ok=True)
+        workspace.remember_last_project(None)
 
 
 def require_project() -> workspace.Project:

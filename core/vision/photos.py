@@ -1,0 +1,221 @@
+"""Photos into network input: the one dataset and loader for extraction, fine-tuning and prediction.
+
+A :class:`PhotoDataset` turns ``(photo id, path, target)`` items into tensors through a
+transform, in DataLoader worker processes when there are some. A photo that cannot be read
+becomes a plain reason, never an exception: one bad file must not stop a run. Large plain
+JPEGs can instead travel as raw bytes to be decoded on the GPU (nvJPEG) with
+:func:`decode_jpegs`, which applies the same EXIF orientation, pixel limit and
+preprocessing as the PIL path.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from core.inputs.images import ImageError, load_for_model, max_pixels
+from core.vision.device import worker_init
+
+if TYPE_CHECKING:
+    import torch
+
+    from core.vision.backbones import Preprocessing
+
+
+Item = tuple[str, "str | Path", int]  # (photo id, path, class index; -1 when unknown)
+
+# ImageError kinds that depend on this time or this setting, not on the bytes: a photo that
+# failed so may work next time, so it is not remembered as bad.
+_TRANSIENT = {"unreadable_file", "image_too_large"}
+
+
+def failure_reason(exc: Exception) -> str:
+    """A plain sentence saying why a photo could not be used."""
+    if isinstance(exc, ImageError):
+        return str(exc)
+    if isinstance(exc, FileNotFoundError):
+        return "The file could not be found."
+    if isinstance(exc, PermissionError):
+        return "The file could not be opened (no permission to read it)."
+    return f"The photo could not be prepared for the network ({type(exc).__name__}: {exc})."
+
+
+def is_permanent(exc: Exception) -> bool:
+    """True when the bytes themselves are bad (so the same content would fail again), not
+    when the file was missing or locked this time, or over a limit that can change."""
+    return isinstance(exc, ImageError) and getattr(exc, "kind", "") not in _TRANSIENT
+
+
+class PhotoDataset:
+    """Map-style dataset over ``(photo id, path, target)`` items for DataLoader workers.
+
+    A sample is ``(position, kind, value, target)``: kind ``"tensor"`` (value: the
+    transformed photo), ``"jpeg"`` (value: :func:`raw_jpeg`'s bytes and orientation, for
+    GPU decoding; only with ``raw_jpeg_min_side``) or ``"error"`` (value: ``(reason,
+    permanent)``).
+    """
+
+    def __init__(self, items: Sequence[Item], transform: Callable, *, load_size: int,
+                 raw_jpeg_min_side: int | None = None):
+        self.items = list(items)
+        self.transform = transform
+        self.load_size = load_size
+        self.raw_jpeg_min_side = raw_jpeg_min_side
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int):
+        _, path, target = self.items[index]
+        if self.raw_jpeg_min_side is not None:
+            try:
+                raw = raw_jpeg(path, self.raw_jpeg_min_side)
+            except Exception:  # noqa: BLE001 - the PIL path below says what is wrong with it
+                raw = None
+            if raw is not None:
+                return index, "jpeg", raw, target
+        try:
+            return index, "tensor", self.transform(load_for_model(path, size=self.load_size)), target
+        except Exception as exc:  # noqa: BLE001 - one bad photo must never stop the run
+            return index, "error", (failure_reason(exc), is_permanent(exc)), target
+
+
+def collate(samples) -> dict[str, Any]:
+    """One batch: ``index`` and ``x``/``y`` for the decoded photos (``x`` None when there are
+    none), ``jpeg_index``/``jpegs``/``jpeg_y`` for raw JPEGs, and ``failures`` as
+    ``(position, reason, permanent)``."""
+    import torch
+
+    out: dict[str, Any] = {"index": [], "x": None, "jpeg_index": [], "jpegs": [], "failures": []}
+    tensors, targets, jpeg_targets = [], [], []
+    for index, kind, value, target in samples:
+        if kind == "tensor":
+            out["index"].append(index)
+            tensors.append(value)
+            targets.append(target)
+        elif kind == "jpeg":
+            out["jpeg_index"].append(index)
+            out["jpegs"].append(value)
+            jpeg_targets.append(target)
+        else:
+            out["failures"].append((index, *value))
+    if tensors:
+        out["x"] = torch.stack(tensors)
+    out["y"] = torch.tensor(targets, dtype=torch.long)
+    out["jpeg_y"] = torch.tensor(jpeg_targets, dtype=torch.long)
+    return out
+
+
+def make_loader(
+    dataset: PhotoDataset,
+    *,
+    batch_size: int,
+    device: torch.device,
+    workers: int,
+    shuffle: bool = False,
+    seed: int = 0,
+    drop_last: bool = False,
+    persistent: bool = False,
+):
+    """A DataLoader over ``dataset`` with :func:`collate`: pinned memory for CUDA, decoding
+    workers with one thread each, a seeded generator for a reproducible shuffle."""
+    import torch
+
+    generator = torch.Generator()
+    generator.manual_seed(seed)
+    return torch.utils.data.DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=shuffle,
+        drop_last=drop_last,
+        num_workers=workers,
+        collate_fn=collate,
+        pin_memory=device.type == "cuda",
+        worker_init_fn=worker_init if workers else None,
+        generator=generator,
+        persistent_workers=persistent and workers > 0,
+        prefetch_factor=4 if workers else None,
+    )
+
+
+# --------------------------------------------------------------------------- the GPU JPEG path
+
+
+def raw_jpeg(path: str | Path, min_side: int):
+    """(bytes as a uint8 tensor, EXIF orientation) for a plain JPEG at least ``min_side``
+    pixels on its shorter side and within the pixel limit in force
+    (:func:`core.inputs.images.max_pixels`), else None: those are worth decoding on the GPU;
+    everything else takes the safe PIL path, which also says why a photo is refused."""
+    import torch
+    from PIL import Image
+
+    with Image.open(path) as img:
+        if img.format != "JPEG" or img.mode not in ("RGB", "L"):
+            return None
+        width, height = img.size
+        if min(width, height) < min_side or width * height > max_pixels():
+            return None
+        orientation = int(img.getexif().get(0x0112, 1) or 1)
+    data = Path(path).read_bytes()
+    return torch.frombuffer(bytearray(data), dtype=torch.uint8), orientation
+
+
+def orient(img: torch.Tensor, orientation: int) -> torch.Tensor:
+    """Apply an EXIF orientation (as PIL's ``exif_transpose``) to a (C, H, W) tensor."""
+    import torch
+
+    if orientation == 2:
+        return img.flip(-1)
+    if orientation == 3:
+        return img.flip(-1).flip(-2)
+    if orientation == 4:
+        return img.flip(-2)
+    if orientation == 5:
+        return img.transpose(-1, -2)
+    if orientation == 6:
+        return torch.rot90(img, k=-1, dims=(-2, -1))
+    if orientation == 7:
+        return img.transpose(-1, -2).flip(-1).flip(-2)
+    if orientation == 8:
+        return torch.rot90(img, k=1, dims=(-2, -1))
+    return img
+
+
+def tensor_transform(img: torch.Tensor, prep: Preprocessing) -> torch.Tensor:
+    """The backbone's preprocessing on a decoded uint8 (3, H, W) tensor, on its device."""
+    import torch
+    from torchvision.transforms import InterpolationMode
+    from torchvision.transforms.v2 import functional as F
+
+    mode = InterpolationMode(prep.interpolation)
+    size = [prep.crop_size, prep.crop_size] if prep.crop_mode == "squash" else [prep.resize_size]
+    x = F.resize(img.float(), size, interpolation=mode, antialias=True).clamp_(0, 255)
+    x = F.center_crop(x, [prep.crop_size, prep.crop_size]) / 255.0
+    mean = torch.tensor(prep.mean, device=x.device).view(3, 1, 1)
+    std = torch.tensor(prep.std, device=x.device).view(3, 1, 1)
+    return (x - mean) / std
+
+
+def decode_jpegs(jpegs, device: torch.device, prep: Preprocessing) -> list:
+    """Decode :func:`raw_jpeg` pairs on ``device`` (nvJPEG on CUDA) and preprocess them.
+    Returns one tensor per photo, or None where that photo needs the PIL path."""
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    datas = [data for data, _ in jpegs]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # torchvision.io → TorchCodec
+        try:
+            images = decode_jpeg(datas, mode=ImageReadMode.RGB, device=device)
+        except Exception:  # one bad file fails the whole batch: retry one by one
+            images = []
+            for data in datas:
+                try:
+                    images.append(decode_jpeg(data, mode=ImageReadMode.RGB, device=device))
+                except Exception:
+                    images.append(None)
+    return [
+        None if img is None else tensor_transform(orient(img, orientation), prep)
+        for img, (_, orientation) in zip(images, jpegs, strict=True)
+    ]

@@ -1,0 +1,35 @@
+"""core.vision.photos: the one photo dataset and loader, and the GPU JPEG path (run on the CPU)."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from PIL import Image
+
+from core.vision import photos as ph
+
+
+def test_gpu_jpeg_path_applies_the_pixel_limit_in_force(tmp_path, monkeypatch):
+    """CATALOG_LENS_MAX_PIXELS bounds the nvJPEG path as it bounds PIL's (it used the constant)."""
+    path = tmp_path / "big.jpg"
+    Image.fromarray(np.full((300, 400, 3), 128, np.uint8)).save(path)
+    assert ph.raw_jpeg(path, 16) is not None
+    monkeypatch.setenv("CATALOG_LENS_MAX_PIXELS", "100000")  # 120,000 px photo: over the limit
+    assert ph.raw_jpeg(path, 16) is None
+    # ...so the photo takes the PIL path, which refuses it with the plain reason
+    dataset = ph.PhotoDataset([("big", path, -1)], lambda img: img, load_size=16, raw_jpeg_min_side=16)
+    _, kind, (reason, permanent), _ = dataset[0]
+    assert kind == "error" and "too large" in reason and not permanent
+
+
+def test_one_batch_keeps_good_photos_raw_jpegs_and_failures_apart(tmp_path):
+    Image.fromarray(np.full((40, 60, 3), 200, np.uint8)).save(tmp_path / "a.png")
+    Image.fromarray(np.full((400, 600, 3), 90, np.uint8)).save(tmp_path / "b.jpg")
+    (tmp_path / "c.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really")
+    items = [("a", tmp_path / "a.png", 1), ("b", tmp_path / "b.jpg", 0), ("c", tmp_path / "c.jpg", 1)]
+    dataset = ph.PhotoDataset(items, lambda img: torch.zeros(3, 4, 4), load_size=32, raw_jpeg_min_side=100)
+    batch = ph.collate([dataset[i] for i in range(3)])
+    assert batch["index"] == [0] and batch["x"].shape == (1, 3, 4, 4) and batch["y"].tolist() == [1]
+    assert batch["jpeg_index"] == [1] and batch["jpeg_y"].tolist() == [0]
+    (index, reason, permanent), = batch["failures"]
+    assert index == 2 and permanent and reason
