@@ -25,10 +25,19 @@ import json
 import sys
 from pathlib import Path
 
+from core import bench, demo, tasks
 from core.base.files import atomic_copy
 from core.base.problems import InputError
-from core.projects import workspace
-from core.vision import weights
+from core.inputs import labels
+from core.inputs.catalog import guess_columns
+from core.inputs.images import looks_like_image_name
+from core.inputs.sheets import read_sheet
+from core.learning import bundles, extraction, finetune_config, predictor, training
+from core.present import report
+from core.projects import intake, workspace
+from core.projects.state import ProjectState
+from core.tagging import run as tagging
+from core.vision import backbones, weights
 
 
 def _print(result: dict, as_json: bool) -> None:
@@ -56,9 +65,6 @@ def cmd_create(args: argparse.Namespace) -> int:
 
 
 def cmd_intake(args: argparse.Namespace) -> int:
-    from core.inputs import labels
-    from core.projects import intake
-
     if args.labels:  # an unusable sheet stops everything before any photo is touched
         sheet_path = Path(args.labels)
         if not sheet_path.is_file():
@@ -123,8 +129,6 @@ def _progress_printer(label: str):
 
 
 def cmd_backbones(args: argparse.Namespace) -> int:
-    from core.vision import backbones
-
     rows = []
     for b in backbones.list_backbones():
         status = weights.weights_status(b)
@@ -141,7 +145,6 @@ def cmd_backbones(args: argparse.Namespace) -> int:
 
 
 def cmd_weights_import(args: argparse.Namespace) -> int:
-
     try:
         path = weights.import_weights(args.backbone, Path(args.file))
     except ValueError as exc:
@@ -151,11 +154,8 @@ def cmd_weights_import(args: argparse.Namespace) -> int:
 
 
 def cmd_extract(args: argparse.Namespace) -> int:
-    from core.learning import extraction
-    from core.vision import backbones
-
     project = workspace.open_project(args.project)
-    backbone_id = args.backbone or project.get_meta("backbone", backbones.DEFAULT_BACKBONE_ID)
+    backbone_id = args.backbone or ProjectState(project).backbone or backbones.DEFAULT_BACKBONE_ID
     try:
         summary = extraction.extract_project(
             project, backbone_id, device=args.device,
@@ -170,7 +170,6 @@ def cmd_extract(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     import tempfile
 
-    from core import bench
 
     folder = Path(args.images)
     if not folder.is_dir():
@@ -188,9 +187,6 @@ def cmd_bench(args: argparse.Namespace) -> int:
 def cmd_tag(args: argparse.Namespace) -> int:
     import shutil
 
-    from core.inputs.catalog import guess_columns
-    from core.inputs.sheets import read_sheet
-    from core.tagging import run as tagging
 
     catalog = Path(args.catalog)
     if not catalog.is_file():
@@ -220,10 +216,8 @@ def cmd_tag(args: argparse.Namespace) -> int:
 
 
 def cmd_job_run(args: argparse.Namespace) -> int:
-    from core.projects import jobs
-
     project = workspace.open_project(args.project)
-    job = jobs.run(project, args.job)
+    job = tasks.run(project, args.job)
     return 0 if job.status in ("done", "cancelled") else 1
 
 
@@ -237,8 +231,6 @@ def _find_project(name: str) -> workspace.Project | None:
 
 def _train_bundle(project: workspace.Project, args: argparse.Namespace, backbone_id: str, show):
     """Intake, features and training for ``cmd_train``; returns the run record."""
-    from core.learning import extraction, finetune_config, training
-    from core.projects import intake
 
     intake.stage_folder(project, Path(args.images))
     intake.process_staged(project, on_progress=show("Checking photos"))
@@ -290,8 +282,6 @@ def _metrics(record) -> dict:
 def cmd_train(args: argparse.Namespace) -> int:
     import time
 
-    from core.learning import bundles
-    from core.vision import backbones
 
     started = time.time()
     if not Path(args.images).is_dir():
@@ -338,7 +328,6 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def _photos_in(folder: Path) -> list[tuple[str, Path]]:
     """(relative name, path) of every photo under ``folder``, sorted; hidden files skipped."""
-    from core.inputs.images import looks_like_image_name
 
     found = []
     for path in folder.rglob("*"):
@@ -353,7 +342,6 @@ def _photos_in(folder: Path) -> list[tuple[str, Path]]:
 def cmd_predict(args: argparse.Namespace) -> int:
     import math
 
-    from core.learning import predict
 
     folder = Path(args.images)
     if not folder.is_dir():
@@ -362,7 +350,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     if not items:
         raise InputError(f"There are no photos in {folder} (looked for .jpg, .png, .webp, .tif and similar files).")
     try:
-        table = predict.predict_images(
+        table = predictor.predict_images(
             Path(args.model), items, device=args.device,
             on_progress=None if args.json else _progress_printer("Tagging photos"),
         )
@@ -390,8 +378,6 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from core.present import report
-
     project = _find_project(args.project)
     if project is None:
         raise InputError(f"No project named {args.project!r}. Projects: "
@@ -402,8 +388,6 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from core import demo
-
     names = {}
     for item in args.class_name or []:
         label, sep, display = item.partition("=")

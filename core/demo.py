@@ -13,7 +13,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from core.base.problems import InputError
-from core.projects import workspace
+from core.inputs.catalog import guess_columns
+from core.inputs.images import looks_like_image_name
+from core.inputs.sheets import read_sheet
+from core.learning import explore, extraction, finetune_config, models, runs, training
+from core.projects import intake, workspace
+from core.projects.state import ProjectState
+from core.tagging import run as tagging
+from core.vision import backbones
 
 Say = Callable[[str], None]
 
@@ -36,8 +43,6 @@ class DemoSummary:
 
 def _catalog_of(folder: Path) -> bytes:
     """A catalog export listing every photo of a folder, one product per row."""
-    from core.inputs.images import looks_like_image_name
-
     photos = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*")
                     if p.is_file() and looks_like_image_name(p.name))
     rows = "".join(f"DEMO-{i + 1:05d},{Path(name).stem},{name}\n" for i, name in enumerate(photos))
@@ -58,13 +63,6 @@ def build_demo(
     say: Say = lambda message: None,
 ) -> DemoSummary:
     """Build the project ``name`` through every step; returns what was done and how long each step took."""
-    from core.inputs.catalog import guess_columns
-    from core.inputs.sheets import read_sheet
-    from core.learning import extraction, finetune_config, training
-    from core.projects import intake
-    from core.tagging import run as tagging
-    from core.vision import backbones
-
     images, labels = Path(images), Path(labels)
     if not images.is_dir():
         raise InputError(f"{images} is not a folder of photos.")
@@ -101,7 +99,7 @@ def build_demo(
     lap("intake")
 
     backbone = backbone or backbones.DEFAULT_BACKBONE_ID
-    project.set_meta("backbone", backbone)
+    ProjectState(project).set_backbone(backbone)
     say(f"Describing every photo with {backbones.get_backbone(backbone).name}…")
     extraction.extract_project(project, backbone)
     lap("features")
@@ -118,12 +116,12 @@ def build_demo(
     lap("fine-tuned network")
 
     say("Drawing the map…")
-    training.feature_map(project)
-    project.set_meta("explored", True)
+    explore.feature_map(project)
+    ProjectState(project).mark_explored(runs.latest_runs(project)["frozen"].id)
     lap("map")
 
     say("Tagging the catalog…")
-    model = training.tagging_model(project)
+    model = models.tagging_model(project)
     if catalog is not None:
         catalog_name, catalog_data = Path(catalog).name, Path(catalog).read_bytes()
     else:
@@ -136,7 +134,6 @@ def build_demo(
         options=tagging.TagOptions(image_columns=columns), images_dir=catalog_images)
     folder = tagging.project_run_folder(project, run_id)
     tagged = tagging.run_tagging(folder, project_files=tagging.project_photo_files(project))
-    project.set_meta("tagged", True)
     summary.catalog_rows = tagged.rows
     lap("tagging")
     return summary

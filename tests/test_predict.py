@@ -19,7 +19,7 @@ from PIL import Image
 
 from core import cli
 from core.base.problems import InputError
-from core.learning import bundles, predict, training
+from core.learning import bundles, models, predictor, runs
 from core.projects import workspace
 
 PER_CLASS = 10
@@ -174,7 +174,7 @@ def test_predict_gives_one_answer_per_photo_in_name_order(trained, photos, capsy
     for r in rows:
         assert set(r) == {"image", "predicted_label", "confidence"}
         assert r["predicted_label"] in ("person", "no person") and 0.0 <= r["confidence"] <= 1.0
-    table = predict.predict_images(trained["bundle"], _photo_items(photos["images"]))
+    table = predictor.predict_images(trained["bundle"], _photo_items(photos["images"]))
     assert [r["predicted_label"] for r in rows] == table["predicted_label"].tolist()
     assert [r["confidence"] for r in rows] == table["confidence"].tolist()
     # Photos it trained on: the two kinds must come out right.
@@ -206,7 +206,7 @@ def test_predict_reports_an_unreadable_photo_and_tags_the_others(trained, photos
 def test_predict_images_keeps_every_row_in_order(trained, photos):
     items = _photo_items(photos["images"])[:3]
     items = [items[2], ("missing.jpg", photos["images"] / "missing.jpg"), items[0], items[2]]
-    table = predict.predict_images(trained["bundle"], items)
+    table = predictor.predict_images(trained["bundle"], items)
     assert table["image"].tolist() == [name for name, _ in items]
     assert list(table.columns) == ["image", "predicted_label", "confidence", "proba_no person", "proba_person", "error"]
     assert table["error"][1] and table["predicted_label"][1] == "" and np.isnan(table["confidence"][1])
@@ -214,7 +214,7 @@ def test_predict_images_keeps_every_row_in_order(trained, photos):
     pd.testing.assert_series_equal(table.iloc[0, 1:], table.iloc[3, 1:], check_names=False)
     proba = table[["proba_no person", "proba_person"]].to_numpy()[[0, 2, 3]]
     np.testing.assert_allclose(proba.sum(axis=1), 1.0)
-    assert predict.predict_images(trained["bundle"], []).empty
+    assert predictor.predict_images(trained["bundle"], []).empty
 
 
 # --------------------------------------------------------------------------- sharing models
@@ -222,30 +222,30 @@ def test_predict_images_keeps_every_row_in_order(trained, photos):
 
 def test_an_imported_model_predicts_exactly_like_the_original(in_home, trained, photos):
     shop_a = in_home
-    run = training.latest_runs(shop_a)["frozen"]
+    run = runs.latest_runs(shop_a)["frozen"]
     shop_b = workspace.create_project("Shop B")
-    model_id = predict.import_bundle(shop_b, trained["bundle"])
+    model_id = models.import_bundle(shop_b, trained["bundle"])
     assert model_id == run.id
-    assert predict.import_bundle(shop_b, trained["bundle"]) == model_id  # again: nothing new
-    listed = predict.list_models(shop_b)
+    assert models.import_bundle(shop_b, trained["bundle"]) == model_id  # again: nothing new
+    listed = models.list_models(shop_b)
     assert [(m["id"], m["source"], m["kind"]) for m in listed] == [(model_id, "imported", "frozen")]
     assert Path(listed[0]["path"]).parent == shop_b.root / "models"
     assert listed[0]["classes"] == run.classes and listed[0]["backbone"] == run.backbone_id
-    assert {m["source"] for m in predict.list_models(shop_a)} == {"trained"}
+    assert {m["source"] for m in models.list_models(shop_a)} == {"trained"}
 
     items = _photo_items(photos["images"])
-    in_b = predict.predict_images(listed[0]["path"], items)
-    in_a = predict.predict_images(run.bundle_path, items)
+    in_b = predictor.predict_images(listed[0]["path"], items)
+    in_a = predictor.predict_images(run.bundle_path, items)
     pd.testing.assert_frame_equal(in_b, in_a, check_exact=True)
 
     # ... and equal to what project A reports for its held-out photos.
-    reported = training.test_predictions(shop_a, run)
+    reported = runs.test_predictions(shop_a, run)
     by_sha = dict(zip(shop_a.dataset()["sha"], shop_a.dataset()["name"]))
-    held_out = predict.predict_images(
+    held_out = predictor.predict_images(
         listed[0]["path"], [(by_sha[sha], shop_a.image_path(sha)) for sha in reported["sha"]]
     )
     assert held_out["predicted_label"].tolist() == reported["predicted"].tolist()
-    _, arrays = training.load_run(shop_a, run.id)
+    _, arrays = runs.load_run(shop_a, run.id)
     np.testing.assert_allclose(held_out[[f"proba_{c}" for c in run.classes]].to_numpy(), arrays["test_proba"],
                                rtol=0, atol=1e-5)
 
@@ -255,11 +255,11 @@ def test_a_model_trained_with_other_weights_is_refused(trained, photos, tmp_path
     bundle.weights_hash = "0" * 64
     other = bundles.save_bundle(bundle, arrays, tmp_path / "other-weights.zip")
     with pytest.raises(ValueError, match="trained with other weights"):
-        predict.predict_images(other, _photo_items(photos["images"])[:2])
+        predictor.predict_images(other, _photo_items(photos["images"])[:2])
     project = workspace.create_project("Shop E")
     with pytest.raises(InputError, match="trained with other weights"):
-        predict.import_bundle(project, other)
-    assert predict.list_models(project) == [] and not any(project.path("models").iterdir())
+        models.import_bundle(project, other)
+    assert models.list_models(project) == [] and not any(project.path("models").iterdir())
     assert cli.main(["predict", "--model", str(other), "--images", str(photos["images"]), "--json"]) == 2
     err = capsys.readouterr().err
     assert "trained with other weights" in err and "Traceback" not in err
@@ -270,9 +270,9 @@ def test_a_file_that_is_not_a_model_is_refused(photos, tmp_path, capsys):
     fake = tmp_path / "model.zip"
     fake.write_text("these are my notes, not a model\n")
     with pytest.raises(bundles.BundleError, match="not a Catalog Lens model"):
-        predict.import_bundle(project, fake)
+        models.import_bundle(project, fake)
     assert isinstance(bundles.BundleError("x"), InputError)
-    assert predict.list_models(project) == [] and not any(project.path("models").iterdir())
+    assert models.list_models(project) == [] and not any(project.path("models").iterdir())
     photo = photos["images"] / "astro_01.jpg"
     assert cli.main(["predict", "--model", str(photo), "--images", str(photos["images"])]) == 2
     err = capsys.readouterr().err
@@ -289,20 +289,20 @@ def test_a_finetuned_model_round_trips(in_home, trained, photos, tmp_path):
     result = json.loads(stdout)
     assert result["method"] == "finetune" and 0.0 <= result["metrics"]["balanced_accuracy"] <= 1.0
     assert bundles.load_bundle(out)[0].kind == "finetuned"
-    assert {m["kind"] for m in predict.list_models(in_home)} == {"frozen", "finetuned"}
+    assert {m["kind"] for m in models.list_models(in_home)} == {"frozen", "finetuned"}
 
     # The held-out photos get the probabilities project A recorded for them.
-    run = training.latest_runs(in_home)["finetuned"]
-    _, arrays = training.load_run(in_home, run.id)
+    run = runs.latest_runs(in_home)["finetuned"]
+    _, arrays = runs.load_run(in_home, run.id)
     test_ids = [str(i) for i in arrays["test_ids"]]
-    held_out = predict.predict_images(out, [(sha, in_home.image_path(sha)) for sha in test_ids])
+    held_out = predictor.predict_images(out, [(sha, in_home.image_path(sha)) for sha in test_ids])
     np.testing.assert_allclose(held_out[[f"proba_{c}" for c in run.classes]].to_numpy(), arrays["test_proba"],
                                rtol=0, atol=1e-5)
 
     shop_d = workspace.create_project("Shop D")
-    model_id = predict.import_bundle(shop_d, out)
+    model_id = models.import_bundle(shop_d, out)
     items = _photo_items(photos["images"])[:6] + [("broken.jpg", tmp_path / "nothing-here.jpg")]
-    in_d = predict.predict_images(shop_d.path("models", f"{model_id}.zip"), items)
-    pd.testing.assert_frame_equal(in_d, predict.predict_images(out, items), check_exact=True)
+    in_d = predictor.predict_images(shop_d.path("models", f"{model_id}.zip"), items)
+    pd.testing.assert_frame_equal(in_d, predictor.predict_images(out, items), check_exact=True)
     assert in_d["error"].tolist()[:6] == [""] * 6 and in_d["error"].iloc[6]
     assert set(in_d["predicted_label"][:6]) <= {"person", "no person"}

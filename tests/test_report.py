@@ -11,9 +11,10 @@ from html.parser import HTMLParser
 import pytest
 
 from core.cli import main as cli
-from core.learning import extraction, training
+from core.learning import extraction, runs, training
 from core.present import journey, report
 from core.projects import intake, workspace
+from core.projects.state import ProjectState
 from core.tagging import run as tagging
 from tests.conftest import sample_photo_set
 
@@ -80,8 +81,8 @@ def assert_self_contained(page: str) -> None:
 def test_demo_builds_a_finished_project(demo):
     done = journey.progress(demo).done
     assert all(done[step] for step in ("data", "backbone", "train", "explore", "tag")) and not done["report"]
-    assert set(training.latest_runs(demo)) == {"frozen", "finetuned"}
-    folder = tagging.project_run_folder(demo, demo.get_meta("tagging_run"))
+    assert set(runs.latest_runs(demo)) == {"frozen", "finetuned"}
+    folder = tagging.project_run_folder(demo, ProjectState(demo).tagging_run)
     results = tagging.results_frame(folder)
     assert len(results) == 21 and (results["predicted_label"] == "").sum() == 1  # gone.jpg says why
     assert "gone.jpg" in results["tag_error"].iloc[-1]
@@ -130,11 +131,11 @@ def test_exported_html_is_self_contained_and_says_what_the_page_says(demo, tmp_p
 
 
 def test_analysts_answers_and_wording_reach_the_report(demo):
-    folder = tagging.project_run_folder(demo, demo.get_meta("tagging_run"))
+    folder = tagging.project_run_folder(demo, ProjectState(demo).tagging_run)
     results = tagging.results_frame(folder)
     row = int(results.index[results["predicted_label"] == "person"][0])
     tagging.set_override(folder, row, "no_person")
-    report.save_choices(demo, question="Is a model wearing the product?", category="")
+    ProjectState(demo).save_report_choices(question="Is a model wearing the product?", category="")
     try:
         built = report.build_report(demo)
         assert built.catalog.answered == 1 and built.catalog.by_category is None
@@ -160,24 +161,24 @@ def test_analysts_answers_and_wording_reach_the_report(demo):
         tagging.set_override(folder, row, None)
         for sha in demo.dataset().query("label_source == 'manual'")["sha"]:
             demo.clear_override(sha)
-        report.save_choices(demo, question="", category="category")
+        ProjectState(demo).save_report_choices(question="", category="category")
 
 
 def test_a_relabelling_that_keeps_the_counts_is_still_a_change(demo):
-    frozen = training.latest_runs(demo)["frozen"]
-    assert training.labels_changed(demo, frozen) is None
+    frozen = runs.latest_runs(demo)["frozen"]
+    assert runs.labels_changed(demo, frozen) is None
     data = demo.training_set()
     person = data.loc[data["label"] == "person", "sha"].iloc[0]
     other = data.loc[data["label"] == "no_person", "sha"].iloc[0]
     demo.set_override(person, label="no_person")
     demo.set_override(other, label="person")  # 10 and 10 before and after
     try:
-        changed = training.labels_changed(demo, frozen)
+        changed = runs.labels_changed(demo, frozen)
         assert changed.startswith("The labels have changed since this model was trained:")
     finally:
         demo.clear_override(person)
         demo.clear_override(other)
-    assert training.labels_changed(demo, frozen) is None
+    assert runs.labels_changed(demo, frozen) is None
 
 
 def test_report_without_a_tagged_catalog(home, binary_photos):
@@ -251,8 +252,8 @@ def test_report_page_draws_the_report_and_offers_the_file(demo):
     at.text_input(key=f"report-question-{demo.slug}").set_value("Is a model wearing it?").run()
     assert not at.exception, at.exception
     assert any("Is a model wearing it?" in i.value for i in at.info)
-    assert (demo.get_meta("report") or {}).get("question") == "Is a model wearing it?"
-    report.save_choices(demo, question="")
+    assert ProjectState(demo).report_choices.question == "Is a model wearing it?"
+    ProjectState(demo).save_report_choices(question="")
 
 
 def test_report_page_before_training_says_what_it_needs(home):

@@ -6,8 +6,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from core.learning import extraction, finetune, training
+from core import tasks
+from core.learning import explore, extraction, finetune, models, runs, training
 from core.projects import intake, jobs, workspace
+from core.projects.state import ProjectState
 from tests.conftest import sample_photo_set
 
 
@@ -59,15 +61,15 @@ def test_frozen_run_is_honest_and_recorded(project):
     p, _ = project
     run = training.train_frozen(p)
     _, y, ids = extraction.load_training_features(p, "efficientnet_lite0")
-    plan = training.split_plan(p, ids, list(y))
+    plan = runs.split_plan(p, ids, list(y))
     assert set(run.test_ids) == set(plan.test_ids)
     assert not set(run.test_ids) & set(plan.train_ids + plan.val_ids)  # never scored on training photos
     assert run.positive == "person"
     acc = run.test_report["balanced_accuracy"]
     assert acc["low"] <= acc["value"] <= acc["high"] and acc["low"] < 1.0  # a range even for a perfect score
     assert acc["value"] >= 0.8  # astronaut vs coffee/cat/rocket is easy for ImageNet features
-    assert training.latest_runs(p)["frozen"].id == run.id
-    preds = training.test_predictions(p, run)
+    assert runs.latest_runs(p)["frozen"].id == run.id
+    preds = runs.test_predictions(p, run)
     assert len(preds) == len(run.test_ids) and set(preds["predicted"]) <= {"person", "no_person"}
     effect = training.threshold_effect(p, run, 0.99)
     assert effect["n_positive"] + effect["n_negative"] == effect["n"]
@@ -78,42 +80,42 @@ def test_frozen_run_is_honest_and_recorded(project):
 def test_split_plan_is_reused_while_the_labels_stay_the_same(project):
     p, _ = project
     X, y, ids = extraction.load_training_features(p, "efficientnet_lite0")
-    first = training.split_plan(p, ids, list(y))
-    again = training.split_plan(p, list(reversed(ids)), list(reversed(list(y))))
+    first = runs.split_plan(p, ids, list(y))
+    again = runs.split_plan(p, list(reversed(ids)), list(reversed(list(y))))
     assert first.test_ids == again.test_ids
 
 
 def test_map_and_label_issues(project):
     p, _ = project
-    if "frozen" not in training.latest_runs(p):
+    if "frozen" not in runs.latest_runs(p):
         training.train_frozen(p)
-    points = training.feature_map(p, method="pca")
+    points = explore.feature_map(p, method="pca")
     assert len(points) == 24 and {"x", "y", "label", "predicted"} <= set(points.columns)
     assert np.isfinite(points[["x", "y"]].to_numpy()).all()
-    issues = training.label_issues(p)
+    issues = explore.label_issues(p)
     assert len(issues) == 24 and issues["self_confidence"].is_monotonic_increasing
 
 
 def test_finetune_run_is_compared_on_the_same_photos(project):
     p, _ = project
-    if "frozen" not in training.latest_runs(p):
+    if "frozen" not in runs.latest_runs(p):
         training.train_frozen(p)
     epochs = []
     run = training.train_finetuned(p, config=finetune.FinetuneConfig(epochs=1), on_epoch=epochs.append)
     assert run is not None and epochs and "val_loss" in epochs[0]
-    assert set(run.test_ids) == set(training.latest_runs(p)["frozen"].test_ids)
+    assert set(run.test_ids) == set(runs.latest_runs(p)["frozen"].test_ids)
     verdict = training.compare(p)
     assert verdict is not None and verdict.n == len(run.test_ids)
     assert "not evidence" in verdict.verdict  # 5 held-out photos cannot settle anything
-    assert training.tagging_model(p)["kind"] == "frozen"  # not better, and much cheaper
+    assert models.tagging_model(p)["kind"] == "frozen"  # not better, and much cheaper
 
 
 def test_training_as_a_background_job(project):
     p, _ = project
-    job = jobs.submit(p, "train-frozen", {"backbone": "efficientnet_lite0"})
+    job = tasks.submit(p, "train-frozen", {"backbone": "efficientnet_lite0"})
     done = jobs.wait(p, job.id, timeout=300)
     assert done.status == "done", done.error
-    assert done.result["run"] == training.latest_runs(p)["frozen"].id
+    assert done.result["run"] == runs.latest_runs(p)["frozen"].id
 
 
 def test_train_and_explore_pages_on_a_trained_project(project):
@@ -126,8 +128,8 @@ def test_train_and_explore_pages_on_a_trained_project(project):
     from tests.conftest import REPO
 
     p, _ = project
-    runs = training.latest_runs(p)
-    if "frozen" not in runs:
+    latest = runs.latest_runs(p)
+    if "frozen" not in latest:
         training.train_frozen(p)
     at = AppTest.from_file(str(REPO / "app.py"), default_timeout=120)
     at.query_params["project"] = p.slug
@@ -141,7 +143,7 @@ def test_train_and_explore_pages_on_a_trained_project(project):
     assert not at.exception, at.exception
     answers = [m.value for m in at.markdown if "% sure" in m.value]
     assert answers and "Person in photo" in answers[0]
-    bundle = training.latest_runs(p)["frozen"].bundle_path
+    bundle = runs.latest_runs(p)["frozen"].bundle_path
     with open(bundle, "rb") as fh:
         at.file_uploader(key="import_model").set_value([("model.zip", fh.read(), "application/zip")]).run()
     assert any("Imported model" in s.value for s in at.success)
@@ -181,7 +183,7 @@ def test_tag_page_tags_a_catalog_of_project_photos(project):
     from tests.conftest import REPO
 
     p, _ = project
-    if "frozen" not in training.latest_runs(p):
+    if "frozen" not in runs.latest_runs(p):
         training.train_frozen(p)
     names = sorted(p.names()["name"])
     catalog = "sku;title;picture\n" + "".join(f"S{i};Item {i};{n}\n" for i, n in enumerate(names)) + "S999;Gone;gone.jpg\n"
@@ -207,7 +209,7 @@ def test_reviewed_rows_go_back_into_the_training_labels(project):
     from core.tagging import run as tagging
 
     p, _ = project
-    run_id = p.get_meta("tagging_run")
+    run_id = ProjectState(p).tagging_run
     if not run_id:
         pytest.skip("needs the tag page test's run")
     folder = tagging.project_run_folder(p, run_id)
@@ -224,10 +226,10 @@ def test_the_map_follows_new_photos(project, tmp_path):
     from skimage import data
 
     p, _ = project
-    before = training.feature_map(p, method="pca")
+    before = explore.feature_map(p, method="pca")
     extra = tmp_path / "extra.jpg"
     Image.fromarray(data.astronaut()).convert("RGB").rotate(33).save(extra)
     p.add_image(extra, name="extra.jpg")
     extraction.extract_project(p, "efficientnet_lite0")
-    after = training.feature_map(p, method="pca")
+    after = explore.feature_map(p, method="pca")
     assert len(after) == len(before) + 1

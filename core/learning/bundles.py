@@ -14,13 +14,12 @@ and tensors only through safetensors, which cannot execute code.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
+import io
 import json
 import os
 import platform
 import re
-import tempfile
 import uuid
 import zipfile
 from collections.abc import Mapping, Sequence
@@ -28,11 +27,13 @@ from dataclasses import asdict, dataclass, field, fields
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path, PurePosixPath
-from typing import Any, Literal
+from typing import Any, BinaryIO, Literal
 
 import numpy as np
 
+from core.base.files import atomic_file
 from core.base.problems import InputError
+from core.learning.heads import head_from_arrays
 
 __all__ = [
     "BUNDLE_JSON",
@@ -48,6 +49,7 @@ __all__ = [
     "load_bundle",
     "load_network_state",
     "new_bundle_id",
+    "repack",
     "save_bundle",
     "training_manifest",
 ]
@@ -285,8 +287,6 @@ def save_bundle(
         raise ValueError("A frozen model bundle has no network weights; its backbone is named by backbone_id.")
     head = _to_numpy(arrays)
     if bundle.kind == "frozen":
-        from core.learning.heads import head_from_arrays
-
         head_from_arrays(head, bundle.classes)  # refuses arrays that do not fit the classes
     from safetensors.numpy import save
 
@@ -300,24 +300,37 @@ def save_bundle(
     path = Path(path)
     if path.is_dir():
         path = path / f"catalog-lens-model-{bundle.id}.zip"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            with zipfile.ZipFile(fh, "w", allowZip64=True) as zf:
-                for name, data in members.items():
-                    info = zipfile.ZipInfo(name, date_time=(1980, 1, 1, 0, 0, 0))
-                    # Float arrays do not compress; only the JSON is worth deflating.
-                    info.compress_type = zipfile.ZIP_DEFLATED if name == BUNDLE_JSON else zipfile.ZIP_STORED
-                    zf.writestr(info, data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    with atomic_file(path) as fh:
+        _write_zip(fh, members)
     return path
+
+
+def _write_zip(fh: BinaryIO, members: Mapping[str, bytes]) -> None:
+    with zipfile.ZipFile(fh, "w", allowZip64=True) as zf:
+        for name, data in members.items():
+            info = zipfile.ZipInfo(name, date_time=(1980, 1, 1, 0, 0, 0))
+            # Float arrays do not compress; only the JSON is worth deflating.
+            info.compress_type = zipfile.ZIP_DEFLATED if name == BUNDLE_JSON else zipfile.ZIP_STORED
+            zf.writestr(info, data)
+
+
+def repack(source: str | os.PathLike, *, threshold: float | None = None) -> bytes:
+    """A bundle (zip or folder) as the bytes of a clean zip holding only its own files,
+    optionally with another decision ``threshold`` written into it (what the analyst chose
+    for this model, so that the file decides as the app does). Validated like any bundle."""
+    raw, _ = _read_members(source, tuple(MAX_SIZES))
+    bundle = _parse_json(raw[BUNDLE_JSON])
+    if threshold is not None and threshold != bundle.threshold:
+        if bundle.positive is None or not 0.0 < threshold < 1.0:
+            raise BundleError(f"A threshold of {threshold!r} does not apply to this model.")
+        d = bundle.to_dict()
+        d["metrics"] = {**d["metrics"], "threshold_of_training": bundle.threshold}
+        d["threshold"] = float(threshold)
+        _validate(d)
+        raw[BUNDLE_JSON] = json.dumps(d, indent=1, ensure_ascii=False, allow_nan=False).encode("utf-8")
+    buf = io.BytesIO()
+    _write_zip(buf, {name: raw[name] for name in MAX_SIZES if name in raw})
+    return buf.getvalue()
 
 
 # --------------------------------------------------------------------------- loading
@@ -481,8 +494,6 @@ def load_network_state(path: str | os.PathLike, *, device: str = "cpu") -> dict[
 
 def frozen_head_from_bundle(bundle: ModelBundle, arrays: Mapping[str, np.ndarray]):
     """The fitted scikit-learn head of a frozen-backbone bundle."""
-    from core.learning.heads import head_from_arrays
-
     if bundle.kind != "frozen":
         raise BundleError(f"This is a {bundle.kind} model, not a frozen-backbone one; it has no separate head.")
     try:

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from core.base.problems import Problem
+from core.projects.state import ProjectState
 from core.projects.workspace import Project
 from core.vision import features, tuning, weights
 from core.vision.store import FeatureStore
@@ -95,8 +96,9 @@ def extract_project(
         "cancelled": result.cancelled,
     }
     if not result.cancelled:
-        project.set_meta("backbone", backbone_id)
-        project.set_meta("features_ready", {**summary, "photos": status(project, backbone_id).ready})
+        state = ProjectState(project)
+        state.set_backbone(backbone_id)
+        state.record_extraction(summary)
     return summary
 
 

@@ -19,11 +19,16 @@ from pathlib import Path
 
 import pandas as pd
 
+from core.base.files import atomic_write_text
 from core.base.problems import InputError
+from core.inputs import images
 from core.inputs.catalog import split_columns
-from core.learning import training
+from core.learning import explore, models, runs, training
+from core.present.charts import PALETTE
+from core.projects.state import ProjectState
 from core.projects.workspace import Project
 from core.tagging import run as tagging
+from core.vision import backbones
 
 PHOTO_SIZE = 160  # pixels on the longest side of every photo in the report
 EXAMPLES_PER_CLASS = 4
@@ -127,7 +132,7 @@ def _thumb(project: Project, sha: str) -> bytes | None:
         return None
 
 
-def _method(run: training.RunRecord, names: dict[str, str], used: bool) -> MethodResult:
+def _method(run: runs.RunRecord, names: dict[str, str], used: bool) -> MethodResult:
     rep = run.test_report
     table = pd.DataFrame(rep["report"]["data"], index=rep["report"]["index"], columns=rep["report"]["columns"])
     table = table.loc[[c for c in run.classes if c in table.index]]
@@ -157,9 +162,7 @@ def _method(run: training.RunRecord, names: dict[str, str], used: bool) -> Metho
 
 def _catalog(project: Project, names: dict[str, str], category: str | None,
              model_titles: dict[str, str], order: list[str]) -> CatalogResult | None:
-    from core.inputs import images
-
-    run_id = project.get_meta("tagging_run")
+    run_id = ProjectState(project).tagging_run
     if not run_id:
         return None
     folder = tagging.project_run_folder(project, run_id)
@@ -206,30 +209,33 @@ def _catalog(project: Project, names: dict[str, str], category: str | None,
     )
 
 
+def _main_run(latest: dict[str, runs.RunRecord], chosen_id: str | None) -> runs.RunRecord:
+    """The run the report is about: the model chosen for tagging, else the quick model."""
+    return next((r for r in latest.values() if r.id == chosen_id), None) or latest.get("frozen") or next(iter(latest.values()))
+
+
 def build_report(project: Project, *, question: str | None = None, category: str | None = None) -> Report:
     """Everything the report says, read from the workspace.
 
     ``question`` and ``category`` (a catalog column to split the tags by; "" for none)
-    default to what was saved with :func:`save_choices`, else to a guess.
+    default to what the analyst saved (:attr:`ProjectState.report_choices`), else to a guess.
     """
-    from core.learning.predict import list_models
-    from core.vision import backbones
 
-    runs = training.latest_runs(project)
-    if not runs:
+    latest = runs.latest_runs(project)
+    if not latest:
         raise InputError("The report needs a trained model: train one on the Train & compare step first.")
     names = project.class_names()
-    saved = saved_choices(project)
-    chosen = training.tagging_model(project)
+    saved = ProjectState(project).report_choices
+    chosen = models.tagging_model(project)
     chosen_id = chosen["id"] if chosen else None
-    main = next((r for r in runs.values() if r.id == chosen_id), None) or runs.get("frozen") or next(iter(runs.values()))
-    question = question or saved.get("question") or default_question(main.classes, names, main.positive)
-    category = category if category is not None else saved.get("category")
+    main = _main_run(latest, chosen_id)
+    question = question or saved.question or default_question(main.classes, names, main.positive)
+    category = category if category is not None else saved.category
 
     order = sorted(main.classes, key=lambda c: c != main.positive)  # the tag itself first, as everywhere
     data = project.training_set()
     now = data["label"].value_counts()
-    then = training.trained_counts(main)  # what the model really learned from, not what is labelled today
+    then = runs.trained_counts(main)  # what the model really learned from, not what is labelled today
     counts = then if then is not None else {c: int(now.get(c, 0)) for c in order}
     classes = {names.get(c, c): int(counts.get(c, 0)) for c in order}
     examples = {}
@@ -237,11 +243,11 @@ def build_report(project: Project, *, question: str | None = None, category: str
         chosen_rows = data[data["label"] == label].sort_values("sha").head(EXAMPLES_PER_CLASS)
         examples[names.get(label, label)] = [Photo(r.name, j) for r in chosen_rows.itertuples() if (j := _thumb(project, r.sha))]
 
-    methods = [_method(runs[k], names, runs[k].id == chosen_id) for k in ("frozen", "finetuned") if k in runs]
+    methods = [_method(latest[k], names, latest[k].id == chosen_id) for k in ("frozen", "finetuned") if k in latest]
     comparison = training.compare(project, names=("Quick model", "Fine-tuned network"))
     verdict = comparison.verdict if comparison is not None else None
 
-    preds = training.test_predictions(project, main)
+    preds = runs.test_predictions(project, main)
     wrong = preds[preds["label"] != preds["predicted"]].sort_values("confidence", ascending=False)
     mistakes = []
     for r in wrong.head(MISTAKES_SHOWN).itertuples():
@@ -251,7 +257,7 @@ def build_report(project: Project, *, question: str | None = None, category: str
                                   f"“{names.get(r.predicted, r.predicted)}” ({percent(r.confidence)} sure)", jpeg))
 
     titles = {m["id"]: METHOD_TITLES.get(m["kind"], m["name"]) + (" (imported)" if m["source"] != "trained" else "")
-              for m in list_models(project)}
+              for m in models.list_models(project)}
     catalog = _catalog(project, names, category, titles, order)
     backbone = backbones.get_backbone(main.backbone_id).name
     used = next(m for m in methods if m.kind == main.kind)
@@ -272,8 +278,8 @@ def build_report(project: Project, *, question: str | None = None, category: str
         classes=classes, held_out=main.test_report["n"] if main.test_report else 0, backbone=backbone,
         examples=examples, methods=methods, verdict=verdict, mistakes=mistakes, catalog=catalog,
     )
-    report.limits = _limits(project, report, main, runs, chosen)
-    changed = training.labels_changed(project, main)
+    report.limits = _limits(project, report, main, latest, chosen)
+    changed = runs.labels_changed(project, main)
     if changed:
         report.limits.insert(0, changed)
     return report
@@ -291,7 +297,7 @@ def _plain_verdict(comparison) -> str:
             "quicker to train, is the one to use.")
 
 
-def _limits(project: Project, report: Report, main: training.RunRecord, runs: dict, chosen: dict | None) -> list[str]:
+def _limits(project: Project, report: Report, main: runs.RunRecord, latest: dict, chosen: dict | None) -> list[str]:
     n = report.held_out
     limits = [f"The scores come from {n} labelled photos set aside before training. Another set of photos would "
               "give somewhat different numbers; the ranges show by how much."]
@@ -300,7 +306,7 @@ def _limits(project: Project, report: Report, main: training.RunRecord, runs: di
     changed = int((ds["label_source"] == "manual").sum())
     left_out = int(ds["excluded"].sum())
     try:
-        doubts = training.label_issues(project)
+        doubts = explore.label_issues(project)
         doubtful = int(doubts["likely_issue"].sum()) if not doubts.empty else 0
     except (OSError, ValueError, KeyError):
         doubtful = 0
@@ -311,12 +317,17 @@ def _limits(project: Project, report: Report, main: training.RunRecord, runs: di
     limits.append("The model was checked only on photos like the ones it learned from. Photos from another studio, "
                   "camera, background or product range were not tested: look at a sample of those before relying on "
                   "the tags.")
-    if "finetuned" not in runs:
+    if "finetuned" not in latest:
         limits.append("Only the quick model was trained; the fine-tuned network, slower to train, was not tried.")
-    thresholds = project.get_meta("thresholds", {}) or {}
-    if main.kind in thresholds and main.threshold is not None and abs(thresholds[main.kind] - main.threshold) > 1e-6:
-        limits.append(f"The confidence needed to tag a photo was set by hand to {percent(thresholds[main.kind])} "
-                      f"(the model's own setting was {percent(main.threshold)}); the scores above use the model's own.")
+    own, used = main.threshold, (models.threshold(project, main.id) if main.positive else None)
+    if own is not None and used is not None and abs(used - own) > 1e-6:
+        effect = training.threshold_effect(project, main, used)
+        pos = project.class_names().get(main.positive, main.positive)
+        limits.append(f"The confidence needed to tag a photo “{pos}” was set by hand to {percent(used)} (the model's "
+                      f"own setting was {percent(own)}); the catalog is tagged with it. The scores above use the model's "
+                      f"own; at {percent(used)}, of the {effect['n']} held-out photos, {effect['missed']} of "
+                      f"{effect['n_positive']} with “{pos}” would be missed and {effect['flagged']} of "
+                      f"{effect['n_negative']} without it wrongly tagged.")
     if chosen is not None and chosen.get("source") == "imported":
         limits.append(f"The catalog is tagged with an imported model ({chosen['name']}); the scores above are those of "
                       "this project's own models.")
@@ -340,19 +351,24 @@ def _count(n: int, noun: str) -> str:
     return f"{n:,} {noun}" + ("" if n == 1 else "s")
 
 
-def saved_choices(project: Project) -> dict:
-    """The analyst's saved wording (``question``) and catalog column to split by (``category``)."""
-    return dict(project.get_meta("report", {}) or {})
+def coverage(project: Project) -> str:
+    """What a report made now would cover: the models, the one tagging and the catalog rows
+    tagged so far. The Report step is done while the last downloaded report covers this."""
+    state = ProjectState(project)
+    chosen = models.tagging_model(project)
+    parts = [*sorted(state.latest_run_ids.values()), chosen["id"] if chosen else "", str(models.threshold(project, chosen["id"]) if chosen else "")]
+    run_id = state.tagging_run
+    if run_id:
+        try:
+            parts.append(f"{run_id}:{len(tagging.results_frame(tagging.project_run_folder(project, run_id)))}")
+        except (OSError, ValueError):
+            pass
+    return "|".join(parts)
 
 
-def save_choices(project: Project, *, question: str | None = None, category: str | None = None) -> None:
-    """Remember the analyst's wording of the question and the catalog column to split by."""
-    saved = saved_choices(project)
-    if question is not None:
-        saved["question"] = question.strip()
-    if category is not None:
-        saved["category"] = category
-    project.set_meta("report", saved)
+def mark_downloaded(project: Project) -> None:
+    """The analyst took the report away: the Report step is done for what it covers."""
+    ProjectState(project).mark_reported(coverage(project))
 
 
 # --------------------------------------------------------------------------- HTML
@@ -419,8 +435,6 @@ def _photos(photos: list[Photo]) -> str:
 
 
 def _colour(i: int) -> str:
-    from core.present.charts import PALETTE
-
     return PALETTE[i % len(PALETTE)]
 
 
@@ -527,8 +541,6 @@ def to_html(report: Report) -> str:
 
 def write_html(project: Project, out: Path, **choices) -> Path:
     """Build the report and write it to ``out`` (used by the CLI); marks the step done."""
-    from core.base.files import atomic_write_text
-
     atomic_write_text(Path(out), to_html(build_report(project, **choices)))
-    project.set_meta("reported", True)
+    mark_downloaded(project)
     return Path(out)

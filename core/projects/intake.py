@@ -111,9 +111,18 @@ def process_staged(
     on_progress: Callable[[int, int, str], None] | None = None,
     should_cancel: Callable[[], bool] | None = None,
 ) -> IntakeSummary:
-    """Check and store every staged upload; safe to run again after an interruption."""
-    staged = project.uploads(status="staged")
+    """Check and store every staged upload, including any staged while this runs (it
+    loops until nothing is left); safe to run again after an interruption."""
     summary = IntakeSummary()
+    while not (staged := project.uploads(status="staged")).empty:
+        if not _process(project, staged, summary, on_progress=on_progress, should_cancel=should_cancel):
+            return summary
+    rematch(project)
+    return summary
+
+
+def _process(project: Project, staged: pd.DataFrame, summary: IntakeSummary, *, on_progress, should_cancel) -> bool:
+    """Check one batch of staged uploads into ``summary``; False when cancelled."""
     plan: list[tuple[str, str, list[uploads.UploadedFile], list[Problem], int]] = []
     for row in staged.itertuples():
         path = Path(row.staged_path) if row.staged_path else None
@@ -135,7 +144,7 @@ def process_staged(
         added = known = 0
         for item in files:
             if should_cancel and should_cancel():
-                return summary
+                return False
             base = Path(item.name).name.casefold()
             if base in JUNK_NAMES or base.startswith("._"):
                 junk += 1
@@ -188,8 +197,7 @@ def process_staged(
         summary.problems += upload_summary["problems"]
         summary.junk_skipped += junk
         summary.per_upload[upload_id] = upload_summary
-    rematch(project)
-    return summary
+    return True
 
 
 # ------------------------------------------------------------------------- sheets

@@ -8,8 +8,11 @@ Cancelling sets a flag the job checks between steps. A job whose process died is
 as "interrupted"; submitting it again resumes from what was saved (the handlers are
 written to be resumable).
 
-Handlers register themselves with :func:`register`; ``core.tasks`` holds them so this
-module stays at the bottom of the dependency graph.
+Handlers register themselves with :func:`register`; ``core.tasks`` holds the app's, so
+this module stays at the bottom of the dependency graph (whoever submits or runs a job
+imports ``core.tasks`` first). Submitting a job that is already running with the same
+parameters asks it to run once more when it finishes, so work that arrived meanwhile
+(photos uploaded during a check, say) is never left behind.
 """
 
 from __future__ import annotations
@@ -187,15 +190,19 @@ def events(project: Project, job_id: str) -> list[dict]:
 
 
 def submit(project: Project, kind: str, params: Mapping | None = None, *, start: bool = True) -> Job:
-    """Start a job in a detached process; if the same job is already active, return that one."""
-    if kind not in _HANDLERS:
-        import core.tasks  # noqa: F401  (registers the handlers)
+    """Start a job in a detached process. If the same job is already active, return that
+    one and have it run once more when it finishes (what it reads may have changed)."""
     if kind not in _HANDLERS:
         raise ValueError(f"Unknown job kind {kind!r}; known: {sorted(_HANDLERS)}")
     params = dict(params or {})
     current = latest(project, kind)
     if current and current.active and current.params == params:
-        return current
+        with project.db() as con:
+            asked = con.execute(
+                "UPDATE jobs SET again = 1 WHERE id = ? AND status IN ('queued', 'running')", (current.id,)
+            ).rowcount
+        if asked:
+            return current
     job_id = f"{kind}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
     with project.db() as con:
         con.execute(
@@ -239,9 +246,8 @@ def cancel(project: Project, job_id: str) -> None:
 
 
 def run(project: Project, job_id: str) -> Job:
-    """Run a job in this process (what the detached process does; tests call it directly)."""
-    import core.tasks  # noqa: F401
-
+    """Run a job in this process (what the detached process does; tests call it directly).
+    The handler runs again while the job was submitted anew during its run."""
     job = get(project, job_id)
     if job is None:
         raise ValueError(f"No job {job_id} in project {project.slug}")
@@ -264,25 +270,37 @@ def run(project: Project, job_id: str) -> Job:
 
     beat = threading.Thread(target=heartbeat, daemon=True)
     beat.start()
-    status, result, error = "done", None, None
     try:
-        result = handler(ctx)
-        if ctx.cancelled():
-            status = "cancelled"
-    except JobCancelled:
-        status = "cancelled"
-    except Exception as exc:  # the job fails, the app does not
-        status = "failed"
-        error = _plain_error(exc)
-        traceback.print_exc()
+        while True:
+            status, result, error = _attempt(handler, ctx)
+            # One transaction decides: run again (submitted meanwhile), or finish. A submit
+            # that comes after this sees a finished job and starts a new one.
+            with project.db() as con:
+                again = status == "done" and con.execute(
+                    "UPDATE jobs SET again = 0 WHERE id = ? AND again = 1", (job_id,)).rowcount
+                if not again:
+                    con.execute(
+                        "UPDATE jobs SET status = ?, result = ?, error = ?, finished_at = ?, updated_at = ? "
+                        "WHERE id = ?",
+                        (status, json.dumps(dict(result)) if result else None, error, time.time(), time.time(),
+                         job_id),
+                    )
+            if not again:
+                break
     finally:
         stop.set()
-    with project.db() as con:
-        con.execute(
-            "UPDATE jobs SET status = ?, result = ?, error = ?, finished_at = ?, updated_at = ? WHERE id = ?",
-            (status, json.dumps(dict(result)) if result else None, error, time.time(), time.time(), job_id),
-        )
     return get(project, job_id)
+
+
+def _attempt(handler: Handler, ctx: JobContext) -> tuple[str, Mapping | None, str | None]:
+    try:
+        result = handler(ctx)
+    except JobCancelled:
+        return "cancelled", None, None
+    except Exception as exc:  # the job fails, the app does not
+        traceback.print_exc()
+        return "failed", None, _plain_error(exc)
+    return ("cancelled" if ctx.cancelled() else "done"), result, None
 
 
 def _plain_error(exc: Exception) -> str:

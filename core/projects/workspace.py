@@ -65,12 +65,25 @@ CREATE TABLE IF NOT EXISTS jobs (
     id TEXT PRIMARY KEY, kind TEXT NOT NULL, params TEXT NOT NULL, status TEXT NOT NULL,
     done INTEGER NOT NULL DEFAULT 0, total INTEGER NOT NULL DEFAULT 0, message TEXT,
     pid INTEGER, cancel INTEGER NOT NULL DEFAULT 0, result TEXT, error TEXT,
-    created_at REAL NOT NULL, started_at REAL, updated_at REAL, finished_at REAL);
+    created_at REAL NOT NULL, started_at REAL, updated_at REAL, finished_at REAL,
+    again INTEGER NOT NULL DEFAULT 0);
 CREATE INDEX IF NOT EXISTS jobs_kind ON jobs(kind, created_at);
 CREATE TABLE IF NOT EXISTS job_events (
     job_id TEXT NOT NULL, at REAL NOT NULL, payload TEXT NOT NULL);
 CREATE INDEX IF NOT EXISTS job_events_job ON job_events(job_id, at);
 """
+
+
+# Columns added to tables of existing projects since their database was made.
+_ADDED_COLUMNS = {"jobs": {"again": "INTEGER NOT NULL DEFAULT 0"}}
+
+
+def _migrate(con: sqlite3.Connection) -> None:
+    for table, columns in _ADDED_COLUMNS.items():
+        have = {row[1] for row in con.execute(f"PRAGMA table_info({table})")}
+        for name, kind in columns.items():
+            if name not in have:
+                con.execute(f"ALTER TABLE {table} ADD COLUMN {name} {kind}")
 
 
 def home() -> Path:
@@ -176,6 +189,7 @@ class Project:
         try:
             con.execute("PRAGMA journal_mode=WAL")
             con.executescript(SCHEMA)
+            _migrate(con)
         finally:
             con.close()
 

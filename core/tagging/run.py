@@ -230,7 +230,7 @@ def run_tagging(
     should_cancel: Callable[[], bool] | None = None,
 ) -> TagSummary:
     """Tag every row not yet done; safe to call again after any interruption."""
-    from core.learning.predict import predict_images
+    from core.learning.predictor import predict_images
 
     run = load_run(folder)
     options = TagOptions(**run["options"])

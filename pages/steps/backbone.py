@@ -6,9 +6,10 @@ from pathlib import Path
 import pandas as pd
 import streamlit as st
 
+from core import tasks
 from core.learning import extraction
 from core.present import journey
-from core.projects import jobs
+from core.projects.state import ProjectState
 from core.vision import backbones, weights
 from pages import ui
 
@@ -23,7 +24,8 @@ if not journey.progress(project).done["data"]:
 
 entries = backbones.list_backbones()
 device = st.session_state.get("device_choice", "auto")
-last = project.get_meta("features_ready") or {}
+state = ProjectState(project)
+last = state.last_extraction
 rows = []
 for b in entries:
     status = weights.weights_status(b)
@@ -44,13 +46,13 @@ with st.expander("What do these columns mean?"):
                 "higher usually means better features.  \n**Size**: how many learned numbers it has; bigger is slower.  \n"
                 "**Speed here**: photos per second on this computer.")
 if st.button("Measure speeds on this computer", help="Times each network on this machine (about a minute)."):
-    jobs.submit(project, "speeds", {"device": None if device == "auto" else device})
+    tasks.submit(project, "speeds", {"device": None if device == "auto" else device})
     st.rerun()
 ui.job_panel(project, "speeds", noun="networks")
 
 ids = [b.id for b in entries]
 names = {b.id: b.name + (" (recommended)" if b.id == backbones.DEFAULT_BACKBONE_ID else "") for b in entries}
-current = project.get_meta("backbone", backbones.DEFAULT_BACKBONE_ID)
+current = state.backbone or backbones.DEFAULT_BACKBONE_ID
 chosen = st.selectbox("Network to use", ids, index=ids.index(current) if current in ids else 0, format_func=names.get)
 status = weights.weights_status(chosen)
 if not status.available:
@@ -74,28 +76,27 @@ with st.expander("Advanced: where to compute"):
     st.selectbox("Device", ["auto", "cpu", "cuda", "mps"], key="device_choice",
                  help="'auto' uses an NVIDIA GPU if there is one, else an Apple GPU, else the processor.")
 
-state = extraction.status(project, chosen)
+status_now = extraction.status(project, chosen)
 job = ui.job_panel(project, "extract", where={"backbone": chosen})
 running = job is not None and job.active
-if state.complete:
-    info = project.get_meta("features_ready") or {}
+if status_now.complete:
+    info = last
     detail = ""
     if info.get("backbone") == chosen and info.get("computed"):
         detail = f" (last run: {info['computed']} photos in {info['seconds']:.0f} s on {info['device']}, {info['photos_per_s']:.0f} photos/s)"
-    st.success(f"Features are ready for all {state.ready} photos{detail}.")
-    if state.failed:
-        st.warning(f"{state.failed} photos could not be read; they are listed under Problems on the Data step.")
-    if project.get_meta("backbone") != chosen:
-        project.set_meta("backbone", chosen)
-        project.set_meta("features_ready", {"backbone": chosen, "photos": state.ready})
+    st.success(f"Features are ready for all {status_now.ready} photos{detail}.")
+    if status_now.failed:
+        st.warning(f"{status_now.failed} photos could not be read; they are listed under Problems on the Data step.")
+    if state.backbone != chosen:  # features already there for this network: it is the one in use now
+        state.set_backbone(chosen)
         st.rerun()
 elif not running:
-    todo = state.photos - state.ready - state.failed
-    label = "Extract features" if state.ready == 0 else f"Extract features for the {todo} new photos"
+    todo = status_now.photos - status_now.ready - status_now.failed
+    label = "Extract features" if status_now.ready == 0 else f"Extract features for the {todo} new photos"
     if st.button(label, type="primary", disabled=not status.available):
-        jobs.submit(project, "extract", {"backbone": chosen, "device": None if device == "auto" else device})
+        tasks.submit(project, "extract", {"backbone": chosen, "device": None if device == "auto" else device})
         st.rerun()
-    if state.ready:
-        st.caption(f"{state.ready} of {state.photos} photos already have features; only the rest are computed.")
+    if status_now.ready:
+        st.caption(f"{status_now.ready} of {status_now.photos} photos already have features; only the rest are computed.")
 
-ui.next_step("backbone", ready=state.complete, hint="it opens once the features are extracted.")
+ui.next_step("backbone", ready=status_now.complete, hint="it opens once the features are extracted.")

@@ -2,9 +2,10 @@
 
 import streamlit as st
 
+from core import tasks
 from core.base.problems import InputError
 from core.inputs import labels
-from core.projects import intake, jobs
+from core.projects import intake
 from pages import ui
 
 PHOTO_TYPES = ["jpg", "jpeg", "jfif", "png", "webp", "gif", "bmp", "tif", "tiff", "zip"]
@@ -24,7 +25,7 @@ with left:
     if files:
         for f in files:
             intake.stage_upload(project, filename=f.name, data=f)
-        jobs.submit(project, "intake")
+        tasks.submit(project, "intake")
         ui.reset_upload("photos")
         st.rerun()
 with right:

@@ -2,8 +2,9 @@
 
 import streamlit as st
 
-from core.learning import training
+from core.learning import explore, runs
 from core.present import charts, journey
+from core.projects.state import ProjectState
 from pages import ui
 
 st.title("4 · Explore")
@@ -17,11 +18,13 @@ if not journey.progress(project).done["train"]:
 
 names = project.class_names()
 with st.spinner("Drawing the map (the first one takes a few seconds)…"):
-    points = training.feature_map(project)
+    points = explore.feature_map(project)
 if points.empty:
     st.info("Not enough photos with features to draw a map yet.")
     st.stop()
-project.set_meta("explored", True)
+frozen = runs.latest_runs(project).get("frozen")
+if frozen is not None:
+    ProjectState(project).mark_explored(frozen.id)
 
 colour_by = st.radio("Colour by", ["Label", "Model's answer", "Right or wrong"], horizontal=True)
 label_of = points["label"].map(lambda v: names.get(v, v) if v else "no label")
@@ -44,7 +47,7 @@ else:
 
 st.subheader("Likely label mistakes")
 st.caption("Photos whose label the model, trained without them, finds hardest to believe. Check each one.")
-issues = training.label_issues(project)
+issues = explore.label_issues(project)
 issues = issues[issues["likely_issue"]] if not issues.empty else issues
 if issues.empty:
     st.success("No photo looks mislabelled.")

@@ -2,15 +2,16 @@
 
 import streamlit as st
 
-from core.learning import training
+from core.learning import runs
 from core.present import charts, report
+from core.projects.state import ProjectState
 from pages import ui
 
 st.title("6 · Report")
 st.caption("One page for management: the question, the photos it learned from, how well it works, what the "
            "catalog looks like now, and what was not checked. The download says exactly what this page says.")
 project = ui.require_project()
-if not training.latest_runs(project):
+if not runs.latest_runs(project):
     ui.not_ready("report", what="This step writes a one-page summary for management that you can download and print.",
                  needs="train a model on the Train & compare step (tagging a catalog adds the catalog's figures).")
     st.stop()
@@ -29,7 +30,7 @@ with st.expander("Change the wording or the catalog column"):
                                 index=choices.index(built.catalog.category_column or ""),
                                 format_func=lambda c: c or "(no split)", key=f"report-category-{project.slug}")
     if question != built.question or (category is not None and category != (built.catalog.category_column or "")):
-        report.save_choices(project, question=question, category=category)
+        ProjectState(project).save_report_choices(question=question, category=category)
         st.rerun()
 
 unnamed = [c for c in built.classes if len(c) <= 2 or c.isdigit()]
@@ -40,7 +41,7 @@ st.info(f"**The question:** {built.question}")
 st.markdown("\n".join(f"- {line}" for line in built.in_short))
 st.download_button(
     "Download the report (HTML)", report.to_html(built), file_name=f"{project.slug}-report.html", mime="text/html",
-    type="primary", icon=":material/download:", on_click=lambda: project.set_meta("reported", True))
+    type="primary", icon=":material/download:", on_click=lambda: report.mark_downloaded(project))
 st.caption("One file with the photos and charts inside: it opens offline in any browser. "
            "For a PDF, open it and print (Ctrl+P ▸ Save as PDF).")
 

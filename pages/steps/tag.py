@@ -6,12 +6,13 @@ from pathlib import Path
 
 import streamlit as st
 
+from core import tasks
 from core.base.problems import InputError
 from core.inputs import catalog as catalog_module
 from core.inputs import sheets
-from core.learning import training
-from core.present import charts, report
-from core.projects import jobs
+from core.learning import models, runs
+from core.present import charts
+from core.projects.state import ProjectState
 from core.tagging import run as tagging
 from pages import ui
 
@@ -19,7 +20,8 @@ st.title("5 · Tag catalog")
 st.caption("Upload your catalog export; every row comes back with the tag added. No row is ever dropped.")
 ui.explain("confidence")
 project = ui.require_project()
-model = training.tagging_model(project)
+model = models.tagging_model(project)
+state = ProjectState(project)
 if model is None:
     ui.not_ready("tag", what="This step runs your model over every photo of a catalog export.",
                  needs="train a model on the Train & compare step.")
@@ -27,7 +29,7 @@ if model is None:
 names = project.class_names()
 st.caption(f"Model: **{model['name'] or model['id']}** (change it on the Train & compare step).")
 
-with st.expander("New tagging run", expanded=not project.get_meta("tagging_run")):
+with st.expander("New tagging run", expanded=not state.tagging_run):
     catalog = st.file_uploader("Catalog export (CSV, TSV or Excel)", type=["csv", "tsv", "txt", "xlsx", "xlsm"],
                                key=ui.upload_key("catalog"))
     photos = st.file_uploader("Its photos as a zip (not needed for photo links or photos already in the project)",
@@ -53,18 +55,18 @@ with st.expander("New tagging run", expanded=not project.get_meta("tagging_run")
                 project, catalog_name=catalog.name, catalog_data=catalog.getvalue(), bundle_path=Path(model["path"]),
                 options=tagging.TagOptions(image_columns=image_columns, rule=rule, review_below=review),
                 zip_data=photos.getvalue() if photos else None)
-            jobs.submit(project, "tag", {"run": run_id})
+            tasks.submit(project, "tag", {"run": run_id})
             ui.reset_upload("catalog")
             ui.reset_upload("catalog_zip")
             st.rerun()
 
-run_id = project.get_meta("tagging_run")
+run_id = state.tagging_run
 if not run_id:
     st.stop()
 folder = tagging.project_run_folder(project, run_id)
 job = ui.job_panel(project, "tag", noun="rows", where={"run": run_id})
 if job is not None and job.status in ("interrupted", "cancelled") and st.button("Resume tagging", type="primary"):
-    jobs.submit(project, "tag", {"run": run_id})
+    tasks.submit(project, "tag", {"run": run_id})
     st.rerun()
 results = tagging.results_frame(folder)
 run = tagging.load_run(folder)
@@ -73,20 +75,20 @@ if results.empty:
 
 fixed = tagging.overrides(folder)
 final = tagging.final_labels(results, fixed)
-order = training.class_order(project)
+order = runs.class_order(project)
 st.subheader(f"{run['catalog_name']}: {len(results)} of {run['rows']} rows done")
 st.plotly_chart(charts.share_figure(tagging.tag_counts(final, names=names, order=order), horizontal=True),
                 width="stretch", key="tag-share")
 original, _ = tagging.read_original(folder / run["catalog"])
 original.columns = [str(c) for c in original.columns]
 columns, default = catalog_module.split_columns(original, image_columns=run["options"].get("image_columns", []),
-                                                saved=report.saved_choices(project).get("category"))
+                                                saved=state.report_choices.category)
 default = default or ""
 choices = ["", *columns]
 split = st.selectbox("Split by a column of the catalog (the report uses the same)", choices,
                      index=choices.index(default), format_func=lambda c: c or "(no split)", key=f"split-{run_id}")
 if split != default:
-    report.save_choices(project, category=split)
+    state.save_report_choices(category=split)
 if split:
     table = tagging.share_by(original[split].astype(str), final, names=names, order=order)
     st.plotly_chart(charts.grouped_share_figure(table), width="stretch", key="tag-split")

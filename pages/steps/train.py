@@ -2,9 +2,11 @@
 
 import streamlit as st
 
-from core.learning import extraction, predict, training
+from core import tasks
+from core.learning import extraction, models, runs, training
 from core.present import charts, journey
 from core.projects import jobs
+from core.projects.state import ProjectState
 from pages import ui
 from pages.ui import results
 
@@ -13,7 +15,7 @@ st.caption("Two ways to learn your label, scored on the same photos the models n
 ui.explain("frozen", "fine-tuning", "precision", "recall", "cross-validation")
 project = ui.require_project()
 progress = journey.progress(project)
-backbone = project.get_meta("backbone")
+backbone = ProjectState(project).backbone
 if not progress.done["backbone"] or not backbone or not extraction.status(project, backbone).complete:
     ui.not_ready("train", what="This step trains two models on your labelled photos and compares them.",
                  needs="extract the features of your photos on the Backbone step.")
@@ -26,50 +28,50 @@ with left:
     st.caption("A small classifier on the backbone's features. Seconds. **Recommended first.**  \n"
                + training.what_is_learned(backbone, "frozen", len(progress.classes)))
     if st.button("Train the quick model", type="primary", key="train_frozen"):
-        jobs.submit(project, "train-frozen", {"backbone": backbone})
+        tasks.submit(project, "train-frozen", {"backbone": backbone})
         st.rerun()
     ui.job_panel(project, "train-frozen", noun="steps")
 with right:
     st.subheader("Fine-tuned network")
     st.caption("Also adjusts the backbone itself to your photos. Minutes on a laptop; worth it when the quick model "
                "is not good enough.  \n" + training.what_is_learned(backbone, "finetuned", len(progress.classes)))
-    runs = training.latest_runs(project)
-    if st.button("Fine-tune the network", key="train_finetune", disabled="frozen" not in runs,
+    latest = runs.latest_runs(project)
+    if st.button("Fine-tune the network", key="train_finetune", disabled="frozen" not in latest,
                  help="Starts from the quick model, so train that first."):
-        jobs.submit(project, "train-finetune", {"backbone": backbone})
+        tasks.submit(project, "train-finetune", {"backbone": backbone})
         st.rerun()
     job = ui.job_panel(project, "train-finetune", noun="epochs")
     if job and job.active and (history := jobs.events(project, job.id)):
         st.plotly_chart(charts.history_figure(history), width="stretch", key="live-history")
 
-runs = training.latest_runs(project)
-if not runs:
+latest = runs.latest_runs(project)
+if not latest:
     st.info("Press **Train the quick model** to see how well your label can be learned.")
     st.stop()
 
-changed = training.labels_changed(project, runs.get("frozen") or next(iter(runs.values())))
+changed = runs.labels_changed(project, latest.get("frozen") or next(iter(latest.values())))
 if changed:
     st.warning(changed, icon=":material/update:")
 comparison = training.compare(project, names=("Quick model", "Fine-tuned network"))
 if comparison is not None:
     (st.success if comparison.better else st.info)(f"**Verdict:** {comparison.verdict}")
 
-cols = st.columns(len(runs))
-for col, kind in zip(cols, [k for k in ("frozen", "finetuned") if k in runs]):
+cols = st.columns(len(latest))
+for col, kind in zip(cols, [k for k in ("frozen", "finetuned") if k in latest]):
     with col:
-        results.run_panel(project, runs[kind], names)
+        results.run_panel(project, latest[kind], names)
 
 st.subheader("Model to use for tagging")
-models = predict.list_models(project)
-chosen = training.tagging_model(project)
-ids = [m["id"] for m in models]
+available = models.list_models(project)
+chosen = models.tagging_model(project)
+ids = [m["id"] for m in available]
 labels = {m["id"]: f"{results.TITLES.get(m['kind'], m['kind'])}" + (" · imported" if m["source"] != "trained" else "")
-          + f" ({m['id']})" for m in models}
+          + f" ({m['id']})" for m in available}
 pick = st.radio("Model to use for tagging", ids, index=ids.index(chosen["id"]), format_func=labels.get,
                 label_visibility="collapsed")
-if pick != project.get_meta("tagging_model"):
-    project.set_meta("tagging_model", pick)
-results.try_a_photo(project, models)
+if pick != chosen["id"]:
+    models.choose_tagging_model(project, pick)
+results.try_a_photo(project, available)
 results.import_model(project)
 
 ui.next_step("train", ready=True, hint="")

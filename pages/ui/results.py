@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import tempfile
+from pathlib import Path
+
 import pandas as pd
 import streamlit as st
 
-from core.learning import training
+from core.base.problems import InputError
+from core.learning import models, predictor, runs, training
 from core.present import charts
 from core.projects.workspace import Project
 from pages.ui import thumb_grid
@@ -14,7 +18,7 @@ TITLES = {"frozen": "Quick model (frozen backbone)", "finetuned": "Fine-tuned ne
 COLUMNS = {"precision": "Precision", "recall": "Recall", "f1": "F1 (both in one)", "support": "Photos"}
 
 
-def run_panel(project: Project, run: training.RunRecord, names: dict[str, str]) -> None:
+def run_panel(project: Project, run: runs.RunRecord, names: dict[str, str]) -> None:
     """Headline with its range, report table, confusion matrix, threshold, mistakes, download."""
     report = run.test_report
     st.subheader(TITLES[run.kind])
@@ -34,21 +38,22 @@ def run_panel(project: Project, run: training.RunRecord, names: dict[str, str]) 
                     key=f"cm-{run.kind}")
     if run.positive:
         _threshold(project, run, names)
-    wrong = training.test_predictions(project, run)
+    wrong = runs.test_predictions(project, run)
     wrong = wrong[wrong["label"] != wrong["predicted"]]
     with st.expander(f"Photos it got wrong ({len(wrong)})", expanded=0 < len(wrong) <= 8):
         captions = [f"{r.name}: {names.get(r.label, r.label)} → {names.get(r.predicted, r.predicted)} "
                     f"({100 * r.confidence:.0f} %)" for r in wrong.itertuples()]
         thumb_grid(project, list(wrong["sha"]), captions, per_row=4)
-    with open(run.bundle_path, "rb") as fh:
-        st.download_button("Download this model", fh.read(), file_name=f"{project.slug}-{run.kind}-{run.id}.zip",
-                           mime="application/zip", key=f"dl-{run.kind}")
+    st.download_button("Download this model", models.export_bundle(project, run.id),
+                       file_name=f"{project.slug}-{run.kind}-{run.id}.zip", mime="application/zip", key=f"dl-{run.kind}",
+                       help="One file to tag photos with elsewhere (command line, another project); it keeps the "
+                            "confidence setting chosen here.")
 
 
-def _threshold(project: Project, run: training.RunRecord, names: dict[str, str]) -> None:
+def _threshold(project: Project, run: runs.RunRecord, names: dict[str, str]) -> None:
     pos = names.get(run.positive, run.positive)
     with st.expander("How sure must the model be to tag a photo?"):
-        current = training.chosen_threshold(project, run) or 0.5
+        current = models.threshold(project, run.id) or 0.5
         value = st.slider(f"Tag “{pos}” from this confidence", 0.05, 0.95, float(round(current, 2)), 0.01,
                           key=f"thr-{run.kind}")
         effect = training.threshold_effect(project, run, value)
@@ -58,7 +63,7 @@ def _threshold(project: Project, run: training.RunRecord, names: dict[str, str])
         st.caption(f"The model's own setting ({100 * (run.threshold or 0.5):.0f} %, chosen without the held-out "
                    f"photos) misses {effect['base_missed']} and wrongly tags {effect['base_flagged']}.")
         if abs(value - current) > 1e-9 and st.button("Use this setting for tagging", key=f"use-thr-{run.kind}"):
-            training.set_threshold(project, run.kind, value)
+            models.set_threshold(project, run.id, value)
             st.rerun()
         for curve in ("roc", "pr"):
             fig = charts.curves_figure(run.test_report, kind=curve)
@@ -68,11 +73,6 @@ def _threshold(project: Project, run: training.RunRecord, names: dict[str, str])
 
 def try_a_photo(project: Project, models: list[dict]) -> None:
     """Drop any photo and see each model's answer."""
-    import tempfile
-    from pathlib import Path
-
-    from core.learning import predict
-
     with st.expander("Try a photo"):
         upload = st.file_uploader("Any photo", type=["jpg", "jpeg", "png", "webp", "gif", "bmp", "tif", "tiff"],
                                   key="try_photo")
@@ -86,7 +86,8 @@ def try_a_photo(project: Project, models: list[dict]) -> None:
             left.image(upload.getvalue(), width=220)
             for model in models[:3]:
                 with st.spinner(f"Asking {TITLES.get(model['kind'], model['kind'])}…"):
-                    row = predict.predict_images(model["path"], [(upload.name, path)]).iloc[0]
+                    row = predictor.predict_images(model["path"], [(upload.name, path)],
+                                                   threshold=model["threshold"] if model["positive"] else None).iloc[0]
                 title = TITLES.get(model["kind"], model["kind"])
                 if row["error"]:
                     right.error(f"{upload.name}: {row['error']}")
@@ -97,12 +98,6 @@ def try_a_photo(project: Project, models: list[dict]) -> None:
 
 def import_model(project: Project) -> None:
     """Bring in a model bundle trained elsewhere (checked before it is kept)."""
-    import tempfile
-    from pathlib import Path
-
-    from core.base.problems import InputError
-    from core.learning import predict
-
     with st.expander("Import a model"):
         st.caption("A model file downloaded from Catalog Lens (a .zip). It is checked before it is kept.")
         upload = st.file_uploader("Model file", type=["zip"], key="import_model")
@@ -112,7 +107,7 @@ def import_model(project: Project) -> None:
             path = Path(tmp) / "model.zip"
             path.write_bytes(upload.getvalue())
             try:
-                model_id = predict.import_bundle(project, path)
+                model_id = models.import_bundle(project, path)
             except (InputError, ValueError) as exc:
                 st.error(f"{upload.name}: {exc}")
             else:
