@@ -187,9 +187,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 def cmd_tag(args: argparse.Namespace) -> int:
     import shutil
 
-    from core.inputs.catalog import guess_columns
-    from core.inputs.sheets import read_sheet
-    from core.tagging import run as tagging
+    from core import tagging
 
     catalog = Path(args.catalog)
     if not catalog.is_file():
@@ -201,12 +199,17 @@ def cmd_tag(args: argparse.Namespace) -> int:
     folder = out.with_name(out.name + ".run")  # the checkpoint, beside the output
     if folder.exists() and not args.resume:
         shutil.rmtree(folder)
-    if not (folder / "run.json").is_file():
-        columns = args.image_column or []
-        if not columns:
-            _, columns = guess_columns(read_sheet(catalog.read_bytes(), filename=catalog.name))
-        options = tagging.TagOptions(image_columns=columns, rule=args.rule, review_below=args.review_below,
-                                     chunk_rows=args.chunk_rows, id_column=tagging.product_id_column(catalog))
+    if (folder / "run.json").is_file():
+        changed = tagging.resume_conflict(folder, catalog_path=catalog, bundle_path=Path(args.model))
+        if changed:
+            run = tagging.load_run(folder)
+            raise InputError(
+                f"{out.name} belongs to a run of {run['catalog_name']} with the model {Path(run['bundle']).name} "
+                f"(id {run['model_id']}), and {changed} given now is a different one: use another --out to tag "
+                f"{catalog.name} with {Path(args.model).name}, or drop --resume to start over.")
+    else:  # photo columns not named, and the product id column, are guessed from the catalog
+        options = tagging.TagOptions(image_columns=args.image_column or [], rule=args.rule,
+                                     review_below=args.review_below, chunk_rows=args.chunk_rows)
         is_zip = images is not None and images.is_file()
         tagging.create_run(folder, catalog_path=catalog, bundle_path=Path(args.model), options=options,
                            images_zip=images if is_zip else None, images_dir=images if images and not is_zip else None)

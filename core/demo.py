@@ -58,11 +58,9 @@ def build_demo(
     say: Say = lambda message: None,
 ) -> DemoSummary:
     """Build the project ``name`` through every step; returns what was done and how long each step took."""
-    from core.inputs.catalog import guess_columns
-    from core.inputs.sheets import read_sheet
+    from core import tagging
     from core.learning import extraction, finetune, training
     from core.projects import intake
-    from core.tagging import run as tagging
     from core.vision import backbones
 
     images, labels = Path(images), Path(labels)
@@ -128,12 +126,9 @@ def build_demo(
         catalog_name, catalog_data = Path(catalog).name, Path(catalog).read_bytes()
     else:
         catalog_name, catalog_data, catalog_images = "catalog-export.csv", _catalog_of(images), catalog_images or images
-    _, columns = guess_columns(read_sheet(catalog_data, filename=catalog_name))
-    if not columns:
-        raise InputError(f"{catalog_name}: no column of photo file names or links was found.")
-    run_id = tagging.start_project_run(
+    run_id = tagging.start_project_run(  # the photo columns are guessed from the catalog
         project, catalog_name=catalog_name, catalog_data=catalog_data, bundle_path=Path(model["path"]),
-        options=tagging.TagOptions(image_columns=columns), images_dir=catalog_images)
+        options=tagging.TagOptions(image_columns=[]), images_dir=catalog_images)
     folder = tagging.project_run_folder(project, run_id)
     tagged = tagging.run_tagging(folder, project_files=tagging.project_photo_files(project))
     project.set_meta("tagged", True)

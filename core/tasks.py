@@ -80,7 +80,7 @@ def run_train_finetune(ctx: JobContext) -> dict:
 @register("tag")
 def run_tag(ctx: JobContext) -> dict:
     """Tag every row of a catalog (resumes a run that was interrupted)."""
-    from core.tagging import run as tagging
+    from core import tagging
 
     folder = tagging.project_run_folder(ctx.project, ctx.params["run"])
     summary = tagging.run_tagging(

@@ -10,11 +10,11 @@ from html.parser import HTMLParser
 
 import pytest
 
+from core import tagging
 from core.cli import main as cli
 from core.learning import extraction, training
 from core.present import journey, report
 from core.projects import intake, workspace
-from core.tagging import run as tagging
 from tests.conftest import sample_photo_set
 
 
