@@ -366,6 +366,25 @@ def test_tag_page_tags_an_excel_sep_catalog_and_its_reruns_do_not_read_the_file(
     assert {b.label for b in at.get("download_button")} >= {"Download as CSV", "Download as Excel"}
 
 
+def test_tag_page_review_queue_survives_a_photo_that_cannot_be_decoded(setup):
+    """broken.jpg fails to tag, so it waits for review: the queue shows it without a thumbnail."""
+    from core.learning import predict
+    from core.projects import workspace
+
+    project = workspace.create_project("Broken photo")
+    predict.import_bundle(project, setup["bundle"])
+    run_id = tagging.start_project_run(
+        project, catalog_name="catalog.csv", catalog_data=b"sku,image\nA1,person_0.jpg\nA2,broken.jpg\n",
+        bundle_path=setup["bundle"], options=tagging.TagOptions(image_columns=["image"]), images_dir=setup["photos"])
+    folder = tagging.project_run_folder(project, run_id)
+    assert tagging.run_tagging(folder).failed == 1
+    at = _tag_page(project)
+    assert any("Row 3" in m.value for m in at.markdown)  # the broken row waits for an answer
+    thumbs = tagging.review_thumbnails(folder, [{"row": 0, "photos": ["person_0.jpg"]},
+                                                {"row": 1, "photos": ["broken.jpg"]}])
+    assert set(thumbs) == {0} and thumbs[0][:3] == b"\xff\xd8\xff"
+
+
 # ------------------------------------------------------------------- runs never collide
 
 

@@ -12,6 +12,7 @@ from core.tagging.output import (
     iter_rows_needing_review,
     overrides,
     review_photos,
+    review_thumbnails,
     set_override,
     write_output,
 )
@@ -44,6 +45,6 @@ __all__ = [
     "COMBINE_RULES", "IMAGE_ROOTS_ENV", "NOT_TAGGED", "OUTPUT_COLUMNS", "PhotoFinder", "Progress", "TagOptions",
     "TagSummary", "add_reviews_to_training", "catalog_rows", "catalog_sheet", "combine", "combine_scored",
     "create_run", "final_labels", "iter_rows_needing_review", "load_run", "overrides", "project_photo_files",
-    "project_run_folder", "results_frame", "resume_conflict", "review_photos", "run_tagging", "set_override",
-    "share_by", "split_columns", "start_project_run", "tag_counts", "write_output",
+    "project_run_folder", "results_frame", "resume_conflict", "review_photos", "review_thumbnails", "run_tagging",
+    "set_override", "share_by", "split_columns", "start_project_run", "tag_counts", "write_output",
 ]

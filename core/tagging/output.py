@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from core.inputs.images import ImageError, make_thumbnail
 from core.inputs.sheets import column_letter
 from core.projects.workspace import atomic_write_bytes, atomic_write_text
 from core.tagging.photos import PhotoFinder, project_photo_files
@@ -23,7 +24,8 @@ from core.tagging.run import (
 )
 from core.tagging.tags import combine_scored
 
-__all__ = ["OUTPUT_COLUMNS", "iter_rows_needing_review", "overrides", "review_photos", "set_override", "write_output"]
+__all__ = ["OUTPUT_COLUMNS", "iter_rows_needing_review", "overrides", "review_photos", "review_thumbnails",
+           "set_override", "write_output"]
 
 OUTPUT_COLUMNS = ("predicted_label", "confidence", "needs_review", "tag_error", "model_id")
 
@@ -117,3 +119,16 @@ def review_photos(folder: Path, items: Sequence[dict], project=None) -> dict[int
     finder = PhotoFinder(load_run(folder), folder, project_photo_files(project) if project is not None else None)
     return {item["row"]: next((p for ref in item["photos"] if (p := finder.on_disk(ref)) is not None), None)
             for item in items}
+
+
+def review_thumbnails(folder: Path, items: Sequence[dict], project=None, *, size: int = 220) -> dict[int, bytes]:
+    """A small JPEG of each row's first photo on this computer (see :func:`review_photos`); a row
+    whose photo is missing or cannot be decoded (often why it waits for review) has none."""
+    out: dict[int, bytes] = {}
+    for row, path in review_photos(folder, items, project).items():
+        if path is not None:
+            try:
+                out[row] = make_thumbnail(path, size=size)
+            except (ImageError, OSError):
+                continue
+    return out

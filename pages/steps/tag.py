@@ -105,12 +105,11 @@ left_to_review = int(results["needs_review"].sum()) - len(fixed)
 st.subheader(f"To review ({left_to_review} row{'' if left_to_review == 1 else 's'})")
 st.caption("Rows the model is unsure about, or could not tag. Your answer goes into the download.")
 classes = sorted(set(results["predicted_label"]) - {""}) or list(names)
-thumbs = tagging.review_photos(folder, queue[:12], project)
+thumbs = tagging.review_thumbnails(folder, queue[:12], project)
 for item in queue[:12]:
     pic, text, act = st.columns([1, 3, 2])
-    path = thumbs.get(item["row"])
-    if path is not None:
-        pic.image(str(path), width=110)
+    if item["row"] in thumbs:
+        pic.image(thumbs[item["row"]], width=110)
     said = names.get(item["predicted_label"], item["predicted_label"]) or "no tag"
     sure = f" ({100 * item['confidence']:.0f} % sure)" if item["confidence"] == item["confidence"] and item["confidence"] else ""
     text.markdown(f"Row {item['sheet_row']}: **{said}**{sure}  \n{item['tag_error'] or ''}")
