@@ -22,21 +22,22 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import shutil
 import sys
+import tempfile
+import time
 from pathlib import Path
 
-from core import bench, demo, tasks
+from core import bench, demo, tagging, tasks
 from core.base.files import atomic_copy
 from core.base.problems import InputError
 from core.inputs import labels
-from core.inputs.catalog import guess_columns
 from core.inputs.images import looks_like_image_name
-from core.inputs.sheets import read_sheet
-from core.learning import bundles, extraction, finetune_config, predictor, training
+from core.learning import bundles, extraction, finetune_config, models, predictor, training
 from core.present import report
 from core.projects import intake, workspace
 from core.projects.state import ProjectState
-from core.tagging import run as tagging
 from core.vision import backbones, weights
 
 
@@ -168,8 +169,6 @@ def cmd_extract(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    import tempfile
-
 
     folder = Path(args.images)
     if not folder.is_dir():
@@ -184,33 +183,58 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _tagging_model(args: argparse.Namespace) -> tuple[Path, float | None, workspace.Project | None]:
+    """The model file, its threshold and the project (if any) a ``tag`` command uses:
+    ``--model FILE`` with its own threshold, or ``--project P`` with the model and threshold
+    chosen in that project; ``--threshold`` replaces either."""
+    if args.project:
+        project = _find_project(args.project)
+        if project is None:
+            raise InputError(f"No project named {args.project!r}. Projects: "
+                             f"{', '.join(p.name for p in workspace.list_projects()) or 'none yet'}.")
+        model = models.tagging_model(project)
+        if model is None:
+            raise InputError(f"The project {project.name!r} has no model yet: train one first.")
+        chosen = model["threshold"] if model["positive"] else None
+        return Path(model["path"]), args.threshold if args.threshold is not None else chosen, project
+    return Path(args.model), args.threshold, None
+
+
 def cmd_tag(args: argparse.Namespace) -> int:
-    import shutil
-
-
     catalog = Path(args.catalog)
     if not catalog.is_file():
         raise InputError(f"The catalog {catalog} does not exist.")
     images = Path(args.images) if args.images else None
     if images is not None and not images.exists():
         raise InputError(f"{images} does not exist.")
+    bundle_path, threshold, project = _tagging_model(args)
     out = Path(args.out)
     folder = out.with_name(out.name + ".run")  # the checkpoint, beside the output
     if folder.exists() and not args.resume:
         shutil.rmtree(folder)
-    if not (folder / "run.json").is_file():
-        columns = args.image_column or []
-        if not columns:
-            _, columns = guess_columns(read_sheet(catalog.read_bytes(), filename=catalog.name))
-        options = tagging.TagOptions(image_columns=columns, rule=args.rule, review_below=args.review_below,
-                                     chunk_rows=args.chunk_rows, id_column=tagging.product_id_column(catalog))
+    if (folder / "run.json").is_file():
+        changed = tagging.resume_conflict(folder, catalog_path=catalog, bundle_path=bundle_path)
+        if changed:
+            run = tagging.load_run(folder)
+            raise InputError(
+                f"{out.name} belongs to a run of {run['catalog_name']} with the model {Path(run['bundle']).name} "
+                f"(id {run['model_id']}), and {changed} given now is a different one: use another --out to tag "
+                f"{catalog.name} with {bundle_path.name}, or drop --resume to start over.")
+    else:  # photo columns not named, and the product id column, are guessed from the catalog
+        options = tagging.TagOptions(image_columns=args.image_column or [], rule=args.rule,
+                                     review_below=args.review_below, chunk_rows=args.chunk_rows)
         is_zip = images is not None and images.is_file()
-        tagging.create_run(folder, catalog_path=catalog, bundle_path=Path(args.model), options=options,
-                           images_zip=images if is_zip else None, images_dir=images if images and not is_zip else None)
-    summary = tagging.run_tagging(folder, device=args.device,
-                                  on_progress=None if args.json else lambda d, t, m: _progress_printer(m)(d, t))
+        tagging.create_run(folder, catalog_path=catalog, bundle_path=bundle_path, options=options,
+                           images_zip=images if is_zip else None, images_dir=images if images and not is_zip else None,
+                           threshold=threshold)
+    summary = tagging.run_tagging(
+        folder, device=args.device,
+        project_files=tagging.project_photo_files(project) if project else None,
+        feature_store=extraction.feature_store(project) if project else None,
+        on_progress=None if args.json else lambda d, t, m: _progress_printer(m)(d, t))
     tagging.write_output(folder, out)
-    result = {**summary.to_dict(), "out": str(out), "checkpoint": str(folder)}
+    result = {**summary.to_dict(), "out": str(out), "checkpoint": str(folder), "model_id": tagging.load_run(folder)["model_id"],
+              "threshold": tagging.load_run(folder).get("threshold")}
     _print(result, args.json)
     return 0
 
@@ -280,8 +304,6 @@ def _metrics(record) -> dict:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    import time
-
 
     started = time.time()
     if not Path(args.images).is_dir():
@@ -340,8 +362,6 @@ def _photos_in(folder: Path) -> list[tuple[str, Path]]:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    import math
-
 
     folder = Path(args.images)
     if not folder.is_dir():
@@ -480,7 +500,11 @@ def build_parser() -> argparse.ArgumentParser:
     b.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("tag", help="tag every row of a catalog export with a model")
-    p.add_argument("--model", required=True, help="model bundle (.zip)")
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--model", help="model file (.zip) from train or the app")
+    which.add_argument("--project", help="a project: tag with the model and the confidence setting chosen there")
+    p.add_argument("--threshold", type=float, help="confidence needed to give the tag, 0-1 (default: the model's, "
+                   "or the project's choice)")
     p.add_argument("--catalog", required=True, help="catalog export (CSV, TSV, Excel)")
     p.add_argument("--image-column", action="append", help="column with the photos (repeat for several)")
     p.add_argument("--images", help="folder or zip with the photos the catalog names")

@@ -12,14 +12,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from core import tagging
 from core.base.problems import InputError
-from core.inputs.catalog import guess_columns
 from core.inputs.images import looks_like_image_name
-from core.inputs.sheets import read_sheet
 from core.learning import explore, extraction, finetune_config, models, runs, training
 from core.projects import intake, workspace
 from core.projects.state import ProjectState
-from core.tagging import run as tagging
 from core.vision import backbones
 
 Say = Callable[[str], None]
@@ -126,14 +124,13 @@ def build_demo(
         catalog_name, catalog_data = Path(catalog).name, Path(catalog).read_bytes()
     else:
         catalog_name, catalog_data, catalog_images = "catalog-export.csv", _catalog_of(images), catalog_images or images
-    _, columns = guess_columns(read_sheet(catalog_data, filename=catalog_name))
-    if not columns:
-        raise InputError(f"{catalog_name}: no column of photo file names or links was found.")
-    run_id = tagging.start_project_run(
+    run_id = tagging.start_project_run(  # the photo columns are guessed from the catalog
         project, catalog_name=catalog_name, catalog_data=catalog_data, bundle_path=Path(model["path"]),
-        options=tagging.TagOptions(image_columns=columns), images_dir=catalog_images)
+        options=tagging.TagOptions(image_columns=[]), images_dir=catalog_images,
+        threshold=model["threshold"] if model["positive"] else None)
     folder = tagging.project_run_folder(project, run_id)
-    tagged = tagging.run_tagging(folder, project_files=tagging.project_photo_files(project))
+    tagged = tagging.run_tagging(folder, project_files=tagging.project_photo_files(project),
+                                 feature_store=extraction.feature_store(project))
     summary.catalog_rows = tagged.rows
     lap("tagging")
     return summary

@@ -10,11 +10,11 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+from core import tagging
 from core.learning import extraction, training
 from core.projects import intake, jobs
 from core.projects.jobs import Job, JobContext, register
 from core.projects.workspace import Project
-from core.tagging import run as tagging
 from core.vision import backbones, tuning
 
 __all__ = ["run", "submit"]
@@ -85,6 +85,6 @@ def run_tag(ctx: JobContext) -> dict:
     folder = tagging.project_run_folder(ctx.project, ctx.params["run"])
     summary = tagging.run_tagging(
         folder, project_files=tagging.project_photo_files(ctx.project), device=ctx.params.get("device"),
-        on_progress=_progress(ctx), should_cancel=ctx.cancelled,
+        feature_store=extraction.feature_store(ctx.project), on_progress=_progress(ctx), should_cancel=ctx.cancelled,
     )
     return summary.to_dict()

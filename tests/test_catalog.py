@@ -9,7 +9,8 @@ import pytest
 from openpyxl import Workbook
 
 from core.base.problems import InputError
-from core.inputs.catalog import ImageRef, combine, image_refs, read_catalog, ref_kind, resolve_local
+from core.inputs.catalog import ImageRef, catalog_of, image_refs, read_catalog, ref_kind, resolve_local, split_cell
+from core.inputs.sheets import read_sheet
 
 SHOPIFY = (
     b"Handle,Title,Variant SKU,Image Src,Image Position,Image Alt Text\n"
@@ -116,29 +117,6 @@ def test_ref_kind():
     ]
 
 
-@pytest.mark.parametrize(
-    ("tags", "rule", "expected"),
-    [
-        (["no", "person", "no"], "any", "person"),
-        (["no", "person", "no"], "all", "no"),
-        (["person", None, "person"], "all", "person"),
-        (["no", "person"], "first", "no"),
-        ([None, "person", "no"], "first", "person"),
-        (["person", "no", "person"], "majority", "person"),
-        (["person", "no"], "majority", "no"),
-        ([None, None], "any", None),
-        ([], "majority", None),
-    ],
-)
-def test_combine(tags, rule, expected):
-    assert combine(tags, rule=rule, positive="person") == expected
-
-
-def test_combine_unknown_rule():
-    with pytest.raises(ValueError, match="expected one of"):
-        combine(["a"], rule="most", positive="a")
-
-
 def _ref(value: str) -> ImageRef:
     return ImageRef(0, 2, "Bild", 1, value, ref_kind(value))
 
@@ -171,19 +149,41 @@ def test_resolve_local_stays_inside_allowed_root(tmp_path):
     assert resolve_local(_ref("sub/a.jpg")) is None  # no roots configured
 
 
-def test_split_columns_offer_category_like_columns_first_and_keep_the_analysts_choice():
-    import pandas as pd
+def test_split_cell_splits_only_lists_of_photos():
+    assert split_cell(" front.jpg, back.JPG ") == ["front.jpg", "back.JPG"]
+    assert split_cell("https://x.com/a.jpg,https://x.com/b.png?v=2") == ["https://x.com/a.jpg", "https://x.com/b.png?v=2"]
+    assert split_cell("shirt, red.jpg") == ["shirt, red.jpg"]  # a file name with a comma in it
+    assert split_cell("  ") == []
 
-    from core.inputs.catalog import split_columns
 
-    frame = pd.DataFrame({
-        "sku": [f"S{i}" for i in range(12)],
-        "image": [f"p{i}.jpg" for i in range(12)],
-        "colour": ["red", "blue"] * 6,
-        "product_type": ["shoe", "bag", "top"] * 4,
-    })
-    columns, chosen = split_columns(frame, image_columns=["image"])
-    assert columns == ["product_type", "colour", "sku"] and chosen == "product_type"
-    assert split_columns(frame, image_columns=["image"], saved="colour")[1] == "colour"
-    assert split_columns(frame, image_columns=["image"], saved="")[1] is None  # "no split" is a choice
-    assert split_columns(frame, image_columns=["image"], saved="gone")[1] == "product_type"
+def test_catalog_of_a_sheet_keeps_the_analysts_photo_columns_and_names_a_missing_one():
+    sheet = read_sheet(SHOPIFY, filename="products_export.csv")
+    cat = catalog_of(sheet, image_columns=["Image Alt Text"])  # chosen, even if it holds no photo names
+    assert (cat.image_columns, cat.id_column, cat.long_format) == (["Image Alt Text"], "Handle", True)
+    assert catalog_of(sheet).image_columns == ["Image Src"]
+    with pytest.raises(InputError, match=r"'products_export.csv' has no column 'Photo'.*Its columns: Handle, Title"):
+        catalog_of(sheet, image_columns=["Photo"])
+
+
+def test_raw_cells_come_back_as_written_below_the_header():
+    data = b"sep=;\r\nsku;title;image;\r\nA1; Shirt ;a.jpg\r\n\r\nA2;Mug;b.jpg;;x\r\n;;;\r\n\r\n"
+    sheet = read_sheet(data, filename="export.csv", keep_raw=True)
+    assert list(sheet.frame.columns) == ["sku", "title", "image", "Column E"]
+    assert sheet.raw_header == ["sku", "title", "image", "", ""]  # the sep= line is no row
+    assert sheet.raw_rows == [["A1", " Shirt ", "a.jpg", "", ""], ["", "", "", "", ""], ["A2", "Mug", "b.jpg", "", "x"]]
+    assert list(sheet.frame.index) == [0, 2]  # index label i is raw_rows[i]
+    assert sheet.frame.loc[0, "title"] == "Shirt"
+    assert read_sheet(data, filename="export.csv").raw_rows is None  # only when asked for
+
+
+def test_raw_cells_of_a_workbook_with_a_title_line_and_no_header():
+    wb = Workbook()
+    ws = wb.active
+    for row in (["Spring 2024"], [None], ["a.jpg", 1, " red "], [None, None, None], ["b.jpg", 2.5, None]):
+        ws.append(row)
+    buf = io.BytesIO()
+    wb.save(buf)
+    sheet = read_sheet(buf.getvalue(), filename="spring.xlsx", keep_raw=True)
+    assert not sheet.has_header and sheet.raw_header is None and sheet.first_data_row == 3
+    assert sheet.raw_rows == [["a.jpg", "1", " red "], ["", "", ""], ["b.jpg", "2.5", ""]]
+    assert sheet.frame.loc[2, "Column B"] == "2.5" and sheet.frame.loc[0, "Column C"] == "red"

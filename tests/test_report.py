@@ -10,12 +10,12 @@ from html.parser import HTMLParser
 
 import pytest
 
+from core import tagging
 from core.cli import main as cli
 from core.learning import extraction, runs, training
 from core.present import journey, report
 from core.projects import intake, workspace
 from core.projects.state import ProjectState
-from core.tagging import run as tagging
 from tests.conftest import sample_photo_set
 
 

@@ -10,12 +10,13 @@ import sqlite3
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 from PIL import Image, ImageOps
 
-from core import cli
-from core.tagging import run as tagging
+from core import cli, tagging
+from core.projects.state import ProjectState
 from tests.conftest import REPO
 
 
@@ -122,12 +123,49 @@ def test_kill_9_then_resume_equals_an_uninterrupted_run(setup, tmp_path):
 def test_share_by_a_category_column():
     import pandas as pd
 
-    from core.tagging.run import share_by
-
-    table = share_by(pd.Series(["shoes", "shoes", "tops", "tops", "tops"]),
-                     pd.Series({0: "1", 1: "0", 2: "1", 3: "1"}), names={"1": "Person"})
+    table = tagging.share_by(pd.Series(["shoes", "shoes", "tops", "tops", "tops"]),
+                             pd.Series({0: "1", 1: "0", 2: "1", 3: "1"}), names={"1": "Person"})
     assert list(table.index) == ["tops", "shoes"]  # largest group first
     assert table.loc["tops"].to_dict() == {"0": 0, "Person": 2, "could not be tagged": 1}
+
+
+@pytest.mark.parametrize(
+    ("tags", "rule", "expected"),
+    [
+        (["no", "person", "no"], "any", "person"),
+        (["no", "person", "no"], "all", "no"),
+        (["person", None, "person"], "all", "person"),
+        (["no", "person"], "first", "no"),
+        ([None, "person", "no"], "first", "person"),
+        (["person", "no", "person"], "majority", "person"),
+        (["person", "no"], "majority", "no"),
+        ([None, None], "any", None),
+        ([], "majority", None),
+    ],
+)
+def test_combine(tags, rule, expected):
+    assert tagging.combine(tags, rule=rule, positive="person") == expected
+
+
+def test_combine_unknown_rule():
+    with pytest.raises(ValueError, match="expected one of"):
+        tagging.combine(["a"], rule="most", positive="a")
+
+
+def test_split_columns_offer_category_like_columns_first_and_keep_the_analysts_choice():
+    import pandas as pd
+
+    frame = pd.DataFrame({
+        "sku": [f"S{i}" for i in range(12)],
+        "image": [f"p{i}.jpg" for i in range(12)],
+        "colour": ["red", "blue"] * 6,
+        "product_type": ["shoe", "bag", "top"] * 4,
+    })
+    columns, chosen = tagging.split_columns(frame, image_columns=["image"])
+    assert columns == ["product_type", "colour", "sku"] and chosen == "product_type"
+    assert tagging.split_columns(frame, image_columns=["image"], saved="colour")[1] == "colour"
+    assert tagging.split_columns(frame, image_columns=["image"], saved="")[1] is None  # "no split" is a choice
+    assert tagging.split_columns(frame, image_columns=["image"], saved="gone")[1] == "product_type"
 
 
 def test_photos_given_as_links_are_downloaded_and_failed_links_are_row_errors(setup, tmp_path, monkeypatch):
@@ -175,3 +213,249 @@ def test_one_photo_per_row_exports_get_one_tag_per_product(setup, tmp_path):
     assert [r["Handle"] for r in rows] == ["shirt", "shirt", "mug", "mug"]
     assert {r["product_tag"] for r in rows if r["Handle"] == "shirt"} == {"person"}
     assert {r["product_tag"] for r in rows if r["Handle"] == "mug"} == {"no_person"}
+
+
+# ------------------------------------------------- one reader, one splitter, one parse per run
+
+
+def _counting_read_sheet(monkeypatch) -> list[str]:
+    """Count every read_sheet call, wherever a module bound the name."""
+    from core.inputs import sheets
+
+    calls: list[str] = []
+    real = sheets.read_sheet
+
+    def counted(*args, **kwargs):
+        calls.append(kwargs.get("filename", ""))
+        return real(*args, **kwargs)
+
+    for name, module in list(sys.modules.items()):
+        if name.startswith(("core.", "pages.")) and getattr(module, "read_sheet", None) is real:
+            monkeypatch.setattr(module, "read_sheet", counted)
+    return calls
+
+
+EXCEL_SEP = b"sep=;\r\nsku;title;image\r\nA1; Shirt ;person_0.jpg\r\n\r\nA2;Mug;no_person_1.jpg\r\n"
+TITLE_LINE = b"Catalogue printemps 2024\r\nsku;title;image\r\nA1; Shirt ;person_0.jpg\r\n\r\nA2;Mug;no_person_1.jpg\r\n"
+
+
+def _xlsx_with_title() -> bytes:
+    import openpyxl
+
+    book = openpyxl.Workbook()
+    sheet = book.active
+    sheet.append(["Catalogue printemps 2024"])
+    sheet.append(["sku", "title", "image"])
+    sheet.append(["A1", " Shirt ", "person_0.jpg"])
+    sheet.append([None, None, None])
+    sheet.append(["A2", "Mug", "no_person_1.jpg"])
+    buf = io.BytesIO()
+    book.save(buf)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize(("name", "data"), [("excel-sep.csv", EXCEL_SEP), ("title-line.csv", TITLE_LINE),
+                                            ("title-line.xlsx", _xlsx_with_title())])
+def test_a_sep_line_or_a_title_line_above_the_header_is_read_like_the_preview(setup, tmp_path, name, data):
+    """What the Tag page previews (read_sheet) is what the run tags; the lines above the header stay out."""
+    catalog = tmp_path / name
+    catalog.write_bytes(data)
+    out = tmp_path / "tagged.csv"
+    assert cli.main(["tag", "--model", str(setup["bundle"]), "--catalog", str(catalog), "--images",
+                     str(setup["photos"]), "--out", str(out)]) == 0
+    delimiter = "," if name.endswith(".xlsx") else ";"
+    rows = list(csv.reader(io.StringIO(out.read_text(encoding="utf-8-sig")), delimiter=delimiter))
+    assert rows[0] == ["sku", "title", "image", "predicted_label", "confidence", "needs_review", "tag_error",
+                       "model_id"]
+    assert [r[:3] for r in rows[1:]] == [["A1", " Shirt ", "person_0.jpg"], ["", "", ""],
+                                         ["A2", "Mug", "no_person_1.jpg"]]  # as written, the blank row kept
+    assert rows[1][3] == "person" and rows[3][3] == "no_person"
+    assert rows[2][3] == "" and "no photo" in rows[2][6]
+
+
+def test_several_photos_in_one_cell_are_split_like_the_catalog_reader(setup, tmp_path):
+    catalog = tmp_path / "two-photos.csv"
+    catalog.write_text("sku,image\nA1,\"person_0.jpg, no_person_1.jpg\"\nA2,no_person_2.jpg\n")
+    out = tmp_path / "two-photos-tagged.csv"
+    assert cli.main(["tag", "--model", str(setup["bundle"]), "--catalog", str(catalog), "--images",
+                     str(setup["photos"]), "--out", str(out), "--rule", "any"]) == 0
+    rows = list(csv.DictReader(io.StringIO(out.read_text(encoding="utf-8-sig"))))
+    assert rows[0]["image"] == "person_0.jpg, no_person_1.jpg"  # the cell itself is untouched
+    assert rows[0]["tag_error"] == "" and rows[0]["predicted_label"] == "person"  # any photo shows a person
+    db = out.with_name(out.name + ".run") / "results.db"
+    photos = sqlite3.connect(db).execute("SELECT photos FROM results WHERE row = 0").fetchone()[0]
+    assert json.loads(photos) == ["person_0.jpg", "no_person_1.jpg"]
+
+
+def test_the_catalog_is_parsed_once_per_run(setup, monkeypatch):
+    """Creating, running and writing the output twice read the catalog file once."""
+    from core.projects import workspace
+
+    project = workspace.create_project("Parse once")
+    calls = _counting_read_sheet(monkeypatch)
+    run_id = tagging.start_project_run(
+        project, catalog_name="catalogue.csv", catalog_data=setup["catalog"].read_bytes(),
+        bundle_path=setup["bundle"], options=tagging.TagOptions(image_columns=["Photo"]),
+        images_dir=setup["photos"])
+    folder = tagging.project_run_folder(project, run_id)
+    assert tagging.run_tagging(folder).done == setup["rows"]
+    tagging.write_output(folder, folder / "out.csv")
+    tagging.write_output(folder, folder / "out.xlsx")
+    assert calls == ["catalogue.csv"]
+
+
+def test_a_run_made_before_the_catalog_was_kept_reads_its_copy_once(setup, tmp_path, monkeypatch):
+    folder = tagging.create_run(tmp_path / "old.run", catalog_path=setup["catalog"], bundle_path=setup["bundle"],
+                                options=tagging.TagOptions(image_columns=["Photo"]), images_dir=setup["photos"])
+    (folder / "catalog.json").unlink()  # as left by an older version
+    calls = _counting_read_sheet(monkeypatch)
+    assert tagging.run_tagging(folder).done == setup["rows"]
+    tagging.write_output(folder, tmp_path / "old.csv")
+    assert calls == ["catalogue.csv"]
+    assert [row[:4] for row in _read(tmp_path / "old.csv")] == _read(setup["catalog"])
+
+
+# --------------------------------------------------------------------- the Tag page
+
+
+def _tag_page(project):
+    from streamlit.testing.v1 import AppTest
+
+    at = AppTest.from_file(str(REPO / "app.py"), default_timeout=120)
+    at.query_params["project"] = project.slug
+    at.run()
+    at.switch_page("pages/steps/tag.py").run()
+    assert not at.exception, at.exception
+    return at
+
+
+def test_tag_page_says_why_a_run_cannot_start(setup):
+    """An imported model whose file was damaged afterwards: a plain message, not a crash."""
+    from core.learning import models
+    from core.projects import workspace
+
+    project = workspace.create_project("Damaged model")
+    models.import_bundle(project, setup["bundle"])
+    model = models.list_models(project)[0]
+    Path(model["path"]).write_bytes(b"PK\x03\x04 not a model any more")
+    at = _tag_page(project)
+    at.file_uploader[0].set_value([("catalog.csv", b"sku,image\nA1,person_0.jpg\n", "text/csv")]).run()
+    next(b for b in at.button if b.label == "Start tagging").click().run()
+    assert not at.exception, at.exception
+    assert at.error and "not a Catalog Lens model" in at.error[0].value
+    assert not ProjectState(project).tagging_run and not any(project.path("tagging").iterdir())  # nothing half-made
+
+
+def test_tag_page_tags_an_excel_sep_catalog_and_its_reruns_do_not_read_the_file(setup, monkeypatch):
+    from core.learning import models
+    from core.projects import jobs, workspace
+
+    project = workspace.create_project("Excel sep")
+    models.import_bundle(project, setup["bundle"])
+    at = _tag_page(project)
+    at.file_uploader[0].set_value([("excel-sep.csv", EXCEL_SEP, "text/csv")]).run()
+    assert at.multiselect[0].value == ["image"]
+    next(b for b in at.button if b.label == "Start tagging").click().run()
+    assert not at.exception, at.exception
+    done = jobs.wait(project, jobs.latest(project, "tag").id, timeout=300)
+    assert done.status == "done", done.error
+    assert done.result["rows"] == 3  # the photos are not in this project: each row says why
+    calls = _counting_read_sheet(monkeypatch)
+    at.run()
+    assert not at.exception, at.exception
+    assert calls == []
+    assert {b.label for b in at.get("download_button")} >= {"Download as CSV", "Download as Excel"}
+
+
+def test_tag_page_review_queue_survives_a_photo_that_cannot_be_decoded(setup):
+    """broken.jpg fails to tag, so it waits for review: the queue shows it without a thumbnail."""
+    from core.learning import models
+    from core.projects import workspace
+
+    project = workspace.create_project("Broken photo")
+    models.import_bundle(project, setup["bundle"])
+    run_id = tagging.start_project_run(
+        project, catalog_name="catalog.csv", catalog_data=b"sku,image\nA1,person_0.jpg\nA2,broken.jpg\n",
+        bundle_path=setup["bundle"], options=tagging.TagOptions(image_columns=["image"]), images_dir=setup["photos"])
+    folder = tagging.project_run_folder(project, run_id)
+    assert tagging.run_tagging(folder).failed == 1
+    at = _tag_page(project)
+    assert any("Row 3" in m.value for m in at.markdown)  # the broken row waits for an answer
+    thumbs = tagging.review_thumbnails(folder, [{"row": 0, "photos": ["person_0.jpg"]},
+                                                {"row": 1, "photos": ["broken.jpg"]}])
+    assert set(thumbs) == {0} and thumbs[0][:3] == b"\xff\xd8\xff"
+
+
+# ------------------------------------------------------------------- runs never collide
+
+
+def test_two_project_runs_started_in_the_same_second_keep_their_own_catalogs(setup):
+    from core.projects import workspace
+
+    project = workspace.create_project("Same second")
+    for _ in range(5):
+        time.sleep(1.02 - time.time() % 1)  # just after a new second starts
+        second = int(time.time())
+        ids = [tagging.start_project_run(project, catalog_name=f"{name}.csv",
+                                         catalog_data=f"sku,image\n{name},person_0.jpg\n".encode(),
+                                         bundle_path=setup["bundle"], options=tagging.TagOptions(image_columns=["image"]))
+               for name in ("first", "second")]
+        if int(time.time()) == second:
+            break
+    else:
+        pytest.skip("this machine is too slow to start two runs in one second")
+    assert ids[0] != ids[1]
+    for run_id, name in zip(ids, ("first", "second")):
+        folder = tagging.project_run_folder(project, run_id)
+        assert tagging.load_run(folder)["catalog_name"] == f"{name}.csv"
+        assert name in (folder / tagging.load_run(folder)["catalog"]).read_text()
+
+
+def _other_model(bundle, dest):
+    """The same weights under another model id: another model as far as a run is concerned."""
+    import zipfile
+
+    with zipfile.ZipFile(bundle) as src, zipfile.ZipFile(dest, "w") as out:
+        for item in src.infolist():
+            data = src.read(item.filename)
+            if item.filename == "bundle.json":
+                meta = json.loads(data)
+                meta["id"] = "0" * len(meta["id"])
+                data = json.dumps(meta).encode()
+            out.writestr(item, data)
+    return dest
+
+
+@pytest.mark.parametrize("change", ["catalog", "model"])
+def test_resume_refuses_a_run_made_from_another_catalog_or_model(setup, tmp_path, capsys, change):
+    catalog = tmp_path / "catalog.csv"
+    catalog.write_text("sku,image\nA1,person_0.jpg\nA2,no_person_1.jpg\n")
+    out = tmp_path / "tagged.csv"
+    args = ["tag", "--model", str(setup["bundle"]), "--catalog", str(catalog), "--images", str(setup["photos"]),
+            "--out", str(out)]
+    assert cli.main(args) == 0
+    before = out.read_bytes()
+    capsys.readouterr()
+    if change == "catalog":  # same file name, other content
+        catalog.write_text("sku,image\nB1,no_person_2.jpg\n")
+    else:
+        args[2] = str(_other_model(setup["bundle"], tmp_path / "other-model.zip"))
+    assert cli.main([*args, "--resume"]) == 2
+    message = capsys.readouterr().err.strip()
+    assert "\n" not in message
+    model_id = tagging.load_run(out.with_name("tagged.csv.run"))["model_id"]
+    assert f"tagged.csv belongs to a run of catalog.csv with the model model.zip (id {model_id})" in message
+    assert f"{change} given now is a different one" in message
+    assert "another --out" in message and "drop --resume" in message
+    assert out.read_bytes() == before
+
+
+def test_resume_goes_on_with_the_same_catalog_under_another_name(setup, tmp_path):
+    catalog = tmp_path / "catalog.csv"
+    catalog.write_text("sku,image\nA1,person_0.jpg\nA2,no_person_1.jpg\n")
+    out = tmp_path / "tagged.csv"
+    args = ["tag", "--model", str(setup["bundle"]), "--images", str(setup["photos"]), "--out", str(out)]
+    assert cli.main([*args, "--catalog", str(catalog)]) == 0
+    copy = tmp_path / "catalog (copy).csv"
+    copy.write_bytes(catalog.read_bytes())
+    assert cli.main([*args, "--catalog", str(copy), "--resume"]) == 0

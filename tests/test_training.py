@@ -206,7 +206,7 @@ def test_tag_page_tags_a_catalog_of_project_photos(project):
 
 
 def test_reviewed_rows_go_back_into_the_training_labels(project):
-    from core.tagging import run as tagging
+    from core import tagging
 
     p, _ = project
     run_id = ProjectState(p).tagging_run

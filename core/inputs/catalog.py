@@ -2,10 +2,11 @@
 
 Bulk tagging takes the catalog the analyst already has (a Shopify export, a Google Merchant
 feed, a PIM workbook...) and gives the same sheet back with tags added. This module reads
-such a sheet with :func:`core.inputs.labels.read_sheet` (so columns and row order are kept exactly),
-guesses which column identifies a product and which hold its photos, streams every photo
-reference in row order, ties local references to files without leaving the allowed folders,
-and folds per-photo tags into one tag per product.
+such a sheet with :func:`core.inputs.sheets.read_sheet` (so columns and row order are kept exactly),
+guesses which column identifies a product and which hold its photos, splits cells that list
+several photos, streams every photo reference in row order, and ties local references to
+files without leaving the allowed folders. What is done with the photos' tags is
+:mod:`core.tagging`'s business.
 """
 
 from __future__ import annotations
@@ -23,20 +24,18 @@ from core.inputs.labels import normalise_name
 from core.inputs.sheets import Sheet, read_sheet
 
 __all__ = [
-    "COMBINE_RULES",
-    "split_columns",
     "Catalog",
     "ImageRef",
-    "combine",
+    "catalog_of",
     "guess_columns",
     "image_refs",
     "read_catalog",
     "ref_kind",
     "resolve_local",
+    "split_cell",
 ]
 
 RefKind = Literal["url", "path", "name", "empty"]
-COMBINE_RULES = ("any", "all", "first", "majority")
 
 _URL_RE = re.compile(r"^https?://", re.IGNORECASE)
 _SCHEME_RE = re.compile(r"^[a-z][a-z0-9+.-]*://", re.IGNORECASE)
@@ -91,8 +90,26 @@ def read_catalog(source: Path | bytes, *, filename: str) -> Catalog:
 
     Raises :class:`InputError` when the file cannot be read or no column holds photos.
     """
-    sheet = read_sheet(source, filename=filename)
-    id_column, image_columns = guess_columns(sheet)
+    return catalog_of(read_sheet(source, filename=filename))
+
+
+def catalog_of(sheet: Sheet, *, image_columns: Sequence[str] = ()) -> Catalog:
+    """The catalog in a sheet already read: the analyst's ``image_columns`` (guessed when none
+    are given) and the guessed product id column.
+
+    Raises :class:`InputError` when a chosen column is not in the sheet or no column holds photos.
+    """
+    filename = sheet.filename
+    missing = [c for c in image_columns if c not in sheet.frame.columns]
+    if missing:
+        raise InputError(
+            f"'{filename}' has no column {', '.join(repr(c) for c in missing)} for the photos. Its columns: "
+            f"{', '.join(map(str, sheet.frame.columns))}. Choose the columns with the photos among these."
+        )
+    if image_columns:
+        id_column, image_columns = _guess_id_column(sheet.frame, image_columns), list(image_columns)
+    else:
+        id_column, image_columns = guess_columns(sheet)
     if not image_columns:
         raise InputError(
             f"No column in '{filename}' holds photo names, paths or links (looked for values "
@@ -121,8 +138,9 @@ def _looks_like_ref(value: str) -> bool:
     return bool(_SCHEME_RE.match(value)) or bool(_IMAGE_EXT_RE.search(value))
 
 
-def _split_cell(value: str) -> list[str]:
-    """A cell's photo references: Google's additional_image_link packs several, comma-separated."""
+def split_cell(value: str) -> list[str]:
+    """A cell's photo references: Google's additional_image_link packs several, comma-separated,
+    and so do exports listing "front.jpg, back.jpg" (split only when every piece is a photo)."""
     value = value.strip()
     if "," in value:
         pieces = [p.strip() for p in value.split(",") if p.strip()]
@@ -144,12 +162,16 @@ def guess_columns(sheet: Sheet) -> tuple[str | None, list[str]]:
         values = [v for v in frame[name].tolist() if v]
         tokens = set(_name_key(name).split("_"))
         if values:
-            pieces = [p for v in values for p in _split_cell(v)]
+            pieces = [p for v in values for p in split_cell(v)]
             if sum(map(_looks_like_ref, pieces)) >= 0.5 * len(pieces):
                 image_columns.append(name)
         elif tokens & _IMAGE_TOKENS and all(t in _IMAGE_NAME_WORDS or t.isdigit() for t in tokens):
             image_columns.append(name)  # "image_3" left empty, but not "Image Alt Text"
+    return _guess_id_column(frame, image_columns), image_columns
 
+
+def _guess_id_column(frame, image_columns: Sequence[str]) -> str | None:
+    """The likeliest product id column among those not holding photos (see :func:`guess_columns`)."""
     best: tuple | None = None
     id_column: str | None = None
     for pos, name in enumerate(frame.columns):
@@ -176,7 +198,7 @@ def guess_columns(sheet: Sheet) -> tuple[str | None, list[str]]:
         score = (hint, distinct, -pos)
         if best is None or score > best:
             best, id_column = score, name
-    return id_column, image_columns
+    return id_column
 
 
 def ref_kind(value: str) -> RefKind:
@@ -202,40 +224,13 @@ def image_refs(catalog: Catalog) -> Iterator[ImageRef]:
         product = ids[i] if ids is not None and ids[i] else None
         key = product if catalog.long_format and product is not None else f"\x00row{index}"
         for column, cell in zip(columns, cells, strict=True):
-            pieces = _split_cell(cell)
+            pieces = split_cell(cell)
             if not pieces:
                 yield ImageRef(int(index), sheet.sheet_row(index), column, 0, "", "empty")
                 continue
             for piece in pieces:
                 seen[key] += 1
                 yield ImageRef(int(index), sheet.sheet_row(index), column, seen[key], piece, ref_kind(piece))
-
-
-def combine(tags: Sequence[str | None], *, rule: str = "any", positive: str) -> str | None:
-    """One tag for a product from its photos' tags.
-
-    "any": ``positive`` if any photo has it (e.g. "any photo shows a person"); "all": only if
-    every photo has it; "first": the first photo decides; "majority": ``positive`` if more
-    than half the photos have it (a tie is not a majority). Failed photos (None) are ignored;
-    None when every photo failed. Otherwise the most common other tag is returned.
-    """
-    if rule not in COMBINE_RULES:
-        raise ValueError(f"Unknown combine rule {rule!r}; expected one of {', '.join(COMBINE_RULES)}.")
-    known = [t for t in tags if t is not None]
-    if not known:
-        return None
-    if rule == "first":
-        return known[0]
-    hits = sum(t == positive for t in known)
-    others = [t for t in known if t != positive]
-    is_positive = {
-        "any": hits > 0,
-        "all": hits == len(known),
-        "majority": hits * 2 > len(known),
-    }[rule]
-    if is_positive or not others:
-        return positive
-    return Counter(others).most_common(1)[0][0]
 
 
 def _by_key(names: Mapping[str, Path] | None) -> dict[str, Path | None]:
@@ -324,35 +319,3 @@ def resolve_local(
         if resolved is not None:
             return Path(resolved)
     return None
-
-
-# --------------------------------------------------------------------------- splitting the tags
-
-_CATEGORY_NAMES = re.compile(r"categ|type|department|collection|gender|segment|family|group|season|range|usage",
-                             re.IGNORECASE)
-
-
-def _category_like(frame, exclude: Sequence[str]) -> list[str]:
-    """Columns that look like a category (2-30 distinct values, not photo references), likeliest first."""
-    found = []
-    for name in frame.columns:
-        if name in exclude:
-            continue
-        values = frame[name].dropna().astype(str).str.strip()
-        values = values[values != ""]
-        distinct = values.nunique()
-        if (2 <= distinct <= 30 and distinct < max(3, len(values) // 2)
-                and not values.str.contains("/|\\.jpe?g", case=False).any()):
-            found.append(name)
-    return sorted(found, key=lambda c: not _CATEGORY_NAMES.search(c))
-
-
-def split_columns(frame, *, image_columns: Sequence[str], saved: str | None = None) -> tuple[list[str], str | None]:
-    """The columns a tagged catalog's counts can be split by (category-like ones first) and the
-    one to use: ``saved`` (the analyst's choice; "" for no split) when still a column, else the
-    likeliest category, else None. ``frame``'s column names must be strings."""
-    likely = _category_like(frame, image_columns)
-    columns = likely + [c for c in frame.columns if c not in likely and c not in image_columns]
-    if saved == "":
-        return columns, None
-    return columns, saved if saved in columns else (likely[0] if likely else None)

@@ -22,7 +22,7 @@ import pandas as pd
 
 from core.base.problems import InputError
 
-__all__ = ["IMAGE_EXTENSIONS", "Sheet", "looks_like_image_ref", "read_sheet"]
+__all__ = ["IMAGE_EXTENSIONS", "Sheet", "column_letter", "looks_like_image_ref", "read_sheet"]
 
 IMAGE_EXTENSIONS = frozenset(".jpg .jpeg .jpe .jfif .png .gif .webp .bmp .tif .tiff .heic .heif .avif".split())
 _DELIMITERS = ("\t", ";", ",", "|")  # order breaks exact ties only
@@ -50,6 +50,12 @@ class Sheet:
     column names (or "Column A", "Column B"... when the sheet has no header row). Empty rows
     are dropped but the index keeps their place: index label ``i`` is spreadsheet row
     ``first_data_row + i``, so problems can name the row the analyst sees in Excel.
+
+    Read with ``keep_raw=True``, the sheet also keeps the table as written, for giving the
+    same sheet back: ``raw_header`` is the header row (None when there is none) and
+    ``raw_rows[i]`` the row of index label ``i``, cells unstripped, blank rows included up to
+    the last row with content, every row as wide as the widest. Lines above the header
+    (Excel's ``sep=;`` line, a title) are in neither.
     """
 
     frame: pd.DataFrame
@@ -58,18 +64,21 @@ class Sheet:
     delimiter: str | None
     has_header: bool
     first_data_row: int
+    raw_header: list[str] | None = None
+    raw_rows: list[list[str]] | None = None
 
     def sheet_row(self, index: int) -> int:
         """Spreadsheet row number (header = 1) of the frame row with index label ``index``."""
         return self.first_data_row + int(index)
 
 
-def read_sheet(source: Path | bytes, *, filename: str) -> Sheet:
+def read_sheet(source: Path | bytes, *, filename: str, keep_raw: bool = False) -> Sheet:
     """Read a CSV/TSV (any common delimiter and encoding) or .xlsx/.xlsm label sheet.
 
     ``filename`` is the name the analyst knows the file by; it picks the format together
-    with the file's first bytes and is quoted in every message. Raises :class:`InputError`
-    with a plain sentence when the file cannot be used as a sheet at all.
+    with the file's first bytes and is quoted in every message. ``keep_raw`` also keeps the
+    cells as written (see :class:`Sheet`). Raises :class:`InputError` with a plain sentence
+    when the file cannot be used as a sheet at all.
     """
     if isinstance(source, (str, PurePath)):
         try:
@@ -100,8 +109,8 @@ def read_sheet(source: Path | bytes, *, filename: str) -> Sheet:
             "each photo's file name and its label (CSV or Excel .xlsx)."
         )
     if data.startswith(b"PK\x03\x04"):
-        rows, numbers = _read_workbook(data, filename=filename)
-        return _build_sheet(rows, numbers, filename=filename, encoding=None, delimiter=None)
+        rows, numbers, raw = _read_workbook(data, filename=filename, keep_raw=keep_raw)
+        return _build_sheet(rows, numbers, filename=filename, encoding=None, delimiter=None, raw=raw)
 
     try:
         text, encoding = _decode(data, filename=filename)
@@ -120,8 +129,8 @@ def read_sheet(source: Path | bytes, *, filename: str) -> Sheet:
             "spreadsheet. Open it in Excel and use File > Save As > 'Excel Workbook (.xlsx)' or "
             "'CSV UTF-8', then upload that file."
         )
-    rows, numbers, delimiter = _parse_text(text, filename=filename)
-    return _build_sheet(rows, numbers, filename=filename, encoding=encoding, delimiter=delimiter)
+    rows, numbers, delimiter, raw = _parse_text(text, filename=filename, keep_raw=keep_raw)
+    return _build_sheet(rows, numbers, filename=filename, encoding=encoding, delimiter=delimiter, raw=raw)
 
 
 def _binary_kind(data: bytes) -> str | None:
@@ -148,8 +157,9 @@ def _binary_kind(data: bytes) -> str | None:
     return None
 
 
-def _read_workbook(data: bytes, *, filename: str) -> tuple[list[list[str]], list[int]]:
-    """Cells of the first non-empty worksheet of an .xlsx/.xlsm, as strings, with row numbers."""
+def _read_workbook(data: bytes, *, filename: str, keep_raw: bool) -> tuple[list[list[str]], list[int], list | None]:
+    """Cells of the first non-empty worksheet of an .xlsx/.xlsm, as strings, with row numbers
+    (and with ``keep_raw``, every row's cells unstripped, by row number - 1)."""
     try:
         names = set(zipfile.ZipFile(io.BytesIO(data)).namelist())
     except (zipfile.BadZipFile, OSError) as exc:
@@ -182,13 +192,17 @@ def _read_workbook(data: bytes, *, filename: str) -> tuple[list[list[str]], list
         for worksheet in sheets:
             rows: list[list[str]] = []
             numbers: list[int] = []
+            raw: list[list[str]] | None = [] if keep_raw else None
             for number, values in enumerate(worksheet.iter_rows(values_only=True), start=1):
-                cells = [_excel_cell_text(v) for v in values]
+                shown = [_excel_cell_text(v) for v in values]
+                cells = [_clean_cell(c) for c in shown]
+                if raw is not None:
+                    raw.append(shown if any(cells) else [])
                 if any(cells):
                     rows.append(cells)
                     numbers.append(number)
             if rows:
-                return rows, numbers
+                return rows, numbers, raw
     finally:
         workbook.close()
     raise InputError(
@@ -198,7 +212,7 @@ def _read_workbook(data: bytes, *, filename: str) -> tuple[list[list[str]], list
 
 
 def _excel_cell_text(value: object) -> str:
-    """Show an Excel cell the way Excel displays it: 1.0 as "1", TRUE, dates as ISO."""
+    """Show an Excel cell the way Excel displays it: 1.0 as "1", TRUE, dates as ISO (text as typed)."""
     if value is None:
         return ""
     if isinstance(value, bool):
@@ -215,7 +229,7 @@ def _excel_cell_text(value: object) -> str:
         return value.isoformat(sep=" ")
     if isinstance(value, (date, time)):
         return value.isoformat()
-    return _clean_cell(str(value))
+    return str(value)
 
 
 def _clean_cell(value: str) -> str:
@@ -276,8 +290,9 @@ def _looks_binary(text: str) -> bool:
     return "\x00" in sample or bad > max(2, 0.005 * len(sample))
 
 
-def _parse_text(text: str, *, filename: str) -> tuple[list[list[str]], list[int], str | None]:
-    """Split delimited text into rows of cells; returns rows, their sheet row numbers, delimiter."""
+def _parse_text(text: str, *, filename: str, keep_raw: bool) -> tuple[list[list[str]], list[int], str | None, list | None]:
+    """Split delimited text into rows of cells; returns rows, their sheet row numbers, the delimiter
+    and, with ``keep_raw``, every record's cells as written (by row number - 1)."""
     delimiter = None
     first_line, _, rest = text.partition("\n")
     declared = re.fullmatch(r"\s*sep=(.)\s*", first_line.strip("\r" + INVISIBLE_CHARS))
@@ -287,10 +302,13 @@ def _parse_text(text: str, *, filename: str) -> tuple[list[list[str]], list[int]
         delimiter = _detect_delimiter(text)
     rows: list[list[str]] = []
     numbers: list[int] = []
+    raw: list[list[str]] | None = [] if keep_raw else None
     reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter or _NO_DELIMITER)
     try:
         for number, record in enumerate(reader, start=1):
             cells = [_clean_cell(c) for c in record]
+            if raw is not None:
+                raw.append(record if any(cells) else [])
             if any(cells):
                 rows.append(cells)
                 numbers.append(number)
@@ -304,7 +322,7 @@ def _parse_text(text: str, *, filename: str) -> tuple[list[list[str]], list[int]
             "again as 'CSV UTF-8' or as .xlsx, then upload it again."
         ) from exc
     _check_unclosed_quote(rows, numbers, delimiter, filename=filename)
-    return rows, numbers, delimiter
+    return rows, numbers, delimiter, raw
 
 
 def _check_unclosed_quote(rows: list[list[str]], numbers: list[int], delimiter: str | None, *, filename: str) -> None:
@@ -372,8 +390,10 @@ def _build_sheet(
     filename: str,
     encoding: str | None,
     delimiter: str | None,
+    raw: list[list[str]] | None = None,
 ) -> Sheet:
-    """Turn non-empty rows (with their sheet row numbers) into a :class:`Sheet`."""
+    """Turn non-empty rows (with their sheet row numbers) into a :class:`Sheet`; ``raw`` holds
+    every row as written (row number - 1) when the sheet must keep them."""
     if not rows:
         raise InputError(
             f"'{filename}' has no rows with content. Save your label sheet with a column of photo "
@@ -409,12 +429,18 @@ def _build_sheet(
             f"'{filename}' has column names ({', '.join(repr(header[i]) for i in keep)}) but no "
             "rows below them. Add one row per photo, then upload it again."
         )
-    names = _unique_names([header[i] if not _is_unnamed(header[i]) else f"Column {_column_letter(i)}" for i in keep])
+    names = _unique_names([header[i] if not _is_unnamed(header[i]) else f"Column {column_letter(i)}" for i in keep])
     frame = pd.DataFrame(
         {name: [r[i] for r in body] for name, i in zip(names, keep, strict=True)},
         index=pd.Index([n - first_data_row for n in body_numbers], dtype="int64"),
         columns=names,
     )
+    raw_header = raw_rows = None
+    if raw is not None:  # from the header (or first data row) to the last row with content
+        kept = ([raw[numbers[0] - 1]] if has_header else []) + raw[first_data_row - 1 : numbers[-1]]
+        raw_width = max(map(len, kept))
+        kept = [r + [""] * (raw_width - len(r)) for r in kept]
+        raw_header, raw_rows = (kept[0], kept[1:]) if has_header else (None, kept)
     return Sheet(
         frame=frame,
         filename=filename,
@@ -422,6 +448,8 @@ def _build_sheet(
         delimiter=delimiter,
         has_header=has_header,
         first_data_row=first_data_row,
+        raw_header=raw_header,
+        raw_rows=raw_rows,
     )
 
 
@@ -440,7 +468,8 @@ def _is_unnamed(name: str) -> bool:
     return not name or re.fullmatch(r"Unnamed: \d+(_level_\d+)?", name) is not None
 
 
-def _column_letter(index: int) -> str:
+def column_letter(index: int) -> str:
+    """Excel's name for the column at 0-based ``index``: A, B, ... Z, AA..."""
     letters = ""
     index += 1
     while index:

@@ -12,12 +12,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from core import tagging
 from core.inputs.labels import MIN_PER_CLASS
 from core.learning import extraction, models, runs
 from core.present import report
 from core.projects.state import ProjectState
 from core.projects.workspace import Project
-from core.tagging import run as tagging
 
 STEPS = ("data", "backbone", "train", "explore", "tag", "report")
 

@@ -19,15 +19,14 @@ from pathlib import Path
 
 import pandas as pd
 
+from core import tagging
 from core.base.files import atomic_write_text
 from core.base.problems import InputError
 from core.inputs import images
-from core.inputs.catalog import split_columns
 from core.learning import explore, models, runs, training
 from core.present.charts import PALETTE
 from core.projects.state import ProjectState
 from core.projects.workspace import Project
-from core.tagging import run as tagging
 from core.vision import backbones
 
 PHOTO_SIZE = 160  # pixels on the longest side of every photo in the report
@@ -176,10 +175,9 @@ def _catalog(project: Project, names: dict[str, str], category: str | None,
     fixed = tagging.overrides(folder)
     final = tagging.final_labels(results, fixed)
     counts = tagging.tag_counts(final, names=names, order=order)
-    original, _ = tagging.read_original(folder / run["catalog"])
-    original.columns = [str(c) for c in original.columns]
-    columns, column = split_columns(original, image_columns=run.get("options", {}).get("image_columns", []),
-                                    saved=category)
+    original = tagging.catalog_rows(folder)
+    columns, column = tagging.split_columns(original, image_columns=run.get("options", {}).get("image_columns", []),
+                                            saved=category)
     by_category = None
     if column:
         by_category = tagging.share_by(original[column].astype(str), final, names=names, order=order)
@@ -199,7 +197,8 @@ def _catalog(project: Project, names: dict[str, str], category: str | None,
             jpeg = images.make_thumbnail(paths[int(row)], size=PHOTO_SIZE)
         except Exception:  # an unreadable photo is simply not an example
             continue
-        photos.append(Photo(f"row {row + 2} · {percent(conf)} sure" if conf == conf else f"row {row + 2}", jpeg))
+        sheet_row = run.get("first_data_row", 2) + int(row)
+        photos.append(Photo(f"row {sheet_row} · {percent(conf)} sure" if conf == conf else f"row {sheet_row}", jpeg))
     model_name = model_titles.get(run.get("model_id"), run.get("model_id", ""))
     return CatalogResult(
         name=run.get("catalog_name", "catalog"), rows=int(run["rows"]), done=len(results), counts=counts,

@@ -2,44 +2,52 @@
 
 A tagging run lives in one folder::
 
-    <run>/run.json         what was asked: catalog file, model, columns, rule, review band
+    <run>/run.json         what was asked: catalog file and its hash, model, its threshold, columns, rule, review band
     <run>/catalog.<ext>    the catalog as uploaded (never modified)
+    <run>/catalog.json     the catalog as read once, when the run was created (cells as written and clean)
     <run>/results.db       one row per finished catalog row (SQLite, committed per chunk)
 
+The catalog is read once, by :func:`core.inputs.sheets.read_sheet` (the reader the Tag page
+previews with), when the run is created; tagging, resuming, the output and the review queue
+all use what was kept. Rows are numbered from 0 under the header, blank rows included.
 Rows are tagged in chunks; each chunk's results are committed in one transaction keyed
 by the row number, so a crash (even ``kill -9``) loses at most the chunk in flight, and
-a resumed run skips finished rows and can never write one twice. The output is the
-original sheet, every row and column unchanged and in order, plus ``predicted_label``,
-``confidence``, ``needs_review``, ``tag_error`` and ``model_id``.
+a resumed run skips finished rows and can never write one twice.
 """
 
 from __future__ import annotations
 
-import csv
-import io
+import functools
 import json
-import os
 import sqlite3
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import pandas as pd
 
-from core.base.files import atomic_write_bytes, atomic_write_text
+from core.base.files import atomic_write_bytes, atomic_write_text, sha256_file
 from core.base.problems import InputError
+from core.inputs.catalog import catalog_of, split_cell
+from core.inputs.sheets import Sheet, read_sheet
 from core.learning import bundles
+from core.learning.predictor import Predictor
+from core.tagging.photos import PhotoFinder
+from core.tagging.tags import combine_scored
+from core.vision.store import FeatureStore
 
-IMAGE_ROOTS_ENV = "CATALOG_LENS_IMAGE_ROOTS"
-OUTPUT_COLUMNS = ("predicted_label", "confidence", "needs_review", "tag_error", "model_id")
+__all__ = ["Progress", "TagOptions", "TagSummary", "catalog_rows", "catalog_sheet", "create_run", "load_run",
+           "positive_class", "results_db", "results_frame", "resume_conflict", "run_tagging"]
+
 Progress = Callable[[int, int, str], None]
 
 
 @dataclass
 class TagOptions:
     """What the analyst chose: which columns hold the photos, how several photos combine,
-    and which confidences count as "needs review"."""
+    and which confidences count as "needs review". Photo columns left empty, and the product
+    id column left None, are guessed from the catalog when the run is created."""
 
     image_columns: list[str]
     id_column: str | None = None
@@ -64,69 +72,120 @@ class TagSummary:
         return asdict(self)
 
 
-# ----------------------------------------------------------------------- the sheet
-
-
-def read_original(path: Path) -> tuple[pd.DataFrame, dict]:
-    """The catalog exactly as written: every cell a string, nothing stripped or guessed away.
-
-    Returns the frame and how to write it back (delimiter, encoding, format).
-    """
-    from core.inputs.sheets import read_sheet
-
-    data = path.read_bytes()
-    sheet = read_sheet(data, filename=path.name)  # detects encoding, delimiter, header
-    suffix = path.suffix.lower()
-    if suffix in (".xlsx", ".xlsm"):
-        frame = pd.read_excel(io.BytesIO(data), dtype=str, keep_default_na=False,
-                              header=0 if sheet.has_header else None)
-        fmt = {"format": "xlsx"}
-    else:
-        encoding = sheet.encoding or "utf-8"
-        text = data.decode(encoding)
-        frame = pd.read_csv(io.StringIO(text), sep=sheet.delimiter or ",", dtype=str, keep_default_na=False,
-                            header=0 if sheet.has_header else None, skip_blank_lines=False, engine="python",
-                            quoting=csv.QUOTE_MINIMAL)
-        fmt = {"format": "csv", "delimiter": sheet.delimiter or ",", "encoding": encoding}
-    if not sheet.has_header:
-        frame.columns = list(sheet.frame.columns)[: frame.shape[1]] + [
-            f"Column {i + 1}" for i in range(len(sheet.frame.columns), frame.shape[1])]
-    return frame, fmt
-
-
 # ---------------------------------------------------------------------- the run
+
+
+def _model_hash(bundle_path: Path) -> str | None:
+    return sha256_file(bundle_path) if Path(bundle_path).is_file() else None  # a bundle folder: its id says it
 
 
 def create_run(
     folder: Path, *, catalog_path: Path, bundle_path: Path, options: TagOptions,
-    images_zip: Path | None = None, images_dir: Path | None = None,
+    images_zip: Path | None = None, images_dir: Path | None = None, threshold: float | None = None,
 ) -> Path:
-    """Prepare a run folder (copies the catalog); returns it."""
+    """Prepare a run folder: copy the catalog, read it (the only time it is read) and check the
+    chosen photo columns; returns the folder. ``threshold`` is the confidence the model needs
+    to give its tag (two-class models; None: the model's own); the run keeps it, so a resumed
+    run decides as it started. Raises InputError in words for the analyst."""
     bundle, _ = bundles.load_bundle(bundle_path)
+    if threshold is not None and (bundle.positive is None or not 0.0 < threshold < 1.0):
+        raise InputError(f"A threshold of {threshold} does not apply to this model: give a number between 0 and 1 "
+                         "for a model with two classes.")
     folder.mkdir(parents=True, exist_ok=True)
+    data = Path(catalog_path).read_bytes()
     catalog_copy = folder / f"catalog{catalog_path.suffix.lower() or '.csv'}"
-    atomic_write_bytes(catalog_copy, catalog_path.read_bytes())
-    frame, _ = read_original(catalog_copy)
-    missing = [c for c in options.image_columns if c not in frame.columns]
-    if not options.image_columns or missing:
-        raise InputError(f"The catalog has no column {', '.join(missing) or '(none chosen)'} for the photos. "
-                         f"Its columns: {', '.join(map(str, frame.columns))}.")
+    atomic_write_bytes(catalog_copy, data)
+    sheet = read_sheet(data, filename=catalog_path.name, keep_raw=True)
+    found = catalog_of(sheet, image_columns=options.image_columns)
+    options = replace(options, image_columns=found.image_columns,
+                      id_column=options.id_column or (found.id_column if found.long_format else None))
+    _save_sheet(folder / "catalog.json", sheet)
     atomic_write_text(folder / "run.json", json.dumps({
         "catalog": catalog_copy.name,
         "catalog_name": catalog_path.name,
+        "catalog_sha256": sha256_file(catalog_copy),
         "bundle": str(Path(bundle_path).resolve()),
+        "bundle_sha256": _model_hash(bundle_path),
         "model_id": bundle.id,
+        "positive": bundle.positive,
+        "threshold": threshold if threshold is not None else bundle.threshold,
         "options": asdict(options),
         "images_zip": str(images_zip) if images_zip else None,
         "images_dir": str(images_dir) if images_dir else None,
-        "rows": len(frame),
+        "rows": len(sheet.raw_rows),
+        "first_data_row": sheet.first_data_row,
         "created_at": time.time(),
     }, indent=2))
-    _db(folder).close()
+    results_db(folder).close()
     return folder
 
 
-def _db(folder: Path) -> sqlite3.Connection:
+def load_run(folder: Path) -> dict:
+    return json.loads((folder / "run.json").read_text())
+
+
+def resume_conflict(folder: Path, *, catalog_path: Path, bundle_path: Path) -> str | None:
+    """Why the run in ``folder`` cannot go on with this catalog and model ("the catalog" or
+    "the model" differs, by content), or None when they are the ones it was made from."""
+    run = load_run(folder)
+    made_from = run.get("catalog_sha256") or sha256_file(folder / run["catalog"])
+    if sha256_file(catalog_path) != made_from:
+        return "the catalog"
+    bundle, _ = bundles.load_bundle(bundle_path)
+    if bundle.id != run["model_id"] or run.get("bundle_sha256") not in (None, _model_hash(bundle_path)):
+        return "the model"
+    return None
+
+
+# ----------------------------------------------------------------- the catalog, read once
+
+
+def _save_sheet(path: Path, sheet: Sheet) -> None:
+    split = sheet.frame.to_dict(orient="split")
+    atomic_write_text(path, json.dumps({
+        "filename": sheet.filename, "encoding": sheet.encoding, "delimiter": sheet.delimiter,
+        "has_header": sheet.has_header, "first_data_row": sheet.first_data_row,
+        "columns": split["columns"], "index": split["index"], "data": split["data"],
+        "raw_header": sheet.raw_header, "raw_rows": sheet.raw_rows,
+    }, ensure_ascii=False))
+
+
+@functools.lru_cache(maxsize=4)
+def _load_sheet(path: Path, stamp: tuple[int, int]) -> Sheet:
+    kept = json.loads(path.read_text(encoding="utf-8"))
+    frame = pd.DataFrame(kept["data"], index=pd.Index(kept["index"], dtype="int64"), columns=kept["columns"],
+                         dtype=object)
+    return Sheet(frame=frame, filename=kept["filename"], encoding=kept["encoding"], delimiter=kept["delimiter"],
+                 has_header=kept["has_header"], first_data_row=kept["first_data_row"],
+                 raw_header=kept["raw_header"], raw_rows=kept["raw_rows"])
+
+
+def catalog_sheet(folder: Path) -> Sheet:
+    """The run's catalog as read when the run was created, with its cells as written.
+
+    Shared between callers in this process: read it, never modify it. A run made before
+    the catalog was kept this way reads its copy of the catalog once, here.
+    """
+    path = folder / "catalog.json"
+    if not path.is_file():
+        run = load_run(folder)
+        _save_sheet(path, read_sheet(folder / run["catalog"], filename=run["catalog_name"], keep_raw=True))
+    stat = path.stat()
+    return _load_sheet(path, (stat.st_mtime_ns, stat.st_size))
+
+
+def catalog_rows(folder: Path) -> pd.DataFrame:
+    """Every row of the run's catalog by row number (blank rows as ""), clean cells under the
+    sheet's column names: what a row's photos, product id or category are read from."""
+    sheet = catalog_sheet(folder)
+    return sheet.frame.reindex(range(len(sheet.raw_rows)), fill_value="")
+
+
+# ------------------------------------------------------------------------ tagging
+
+
+def results_db(folder: Path) -> sqlite3.Connection:
+    """The run's results (one row per finished catalog row); the caller closes it."""
     con = sqlite3.connect(folder / "results.db", timeout=30)
     con.execute("PRAGMA journal_mode=WAL")
     con.execute(
@@ -136,89 +195,45 @@ def _db(folder: Path) -> sqlite3.Connection:
     return con
 
 
-def load_run(folder: Path) -> dict:
-    return json.loads((folder / "run.json").read_text())
+def results_frame(folder: Path) -> pd.DataFrame:
+    """The finished rows' results, by catalog row number."""
+    con = results_db(folder)
+    try:
+        return pd.read_sql_query("SELECT * FROM results ORDER BY row", con).set_index("row")
+    finally:
+        con.close()
 
 
-def _split_cell(value: str) -> list[str]:
-    value = value.strip()
-    if not value:
-        return []
-    if "," in value and value.count("http") > 1:  # feeds list extra image URLs in one cell
-        return [v.strip() for v in value.split(",") if v.strip()]
-    return [value]
+def positive_class(run: dict) -> str | None:
+    """The tag the combine rules are about ("any photo shows a person")."""
+    return run["positive"] if "positive" in run else bundles.load_bundle(run["bundle"])[0].positive
 
 
-class _Resolver:
-    """Turns a photo reference (file name, relative path or URL) into a local file or a reason."""
-
-    def __init__(self, run: dict, folder: Path, project_files: dict[str, Path] | None):
-        from core.inputs.labels import normalise_name
-
-        self._norm = normalise_name
-        self.files: dict[str, Path] = {}
-        self._tmp = folder / "photos"
-        if run.get("images_zip"):
-            from core.inputs.uploads import unpack_zip
-
-            unpacked = folder / "photos-unpacked"
-            if not (unpacked / ".done").exists():
-                result = unpack_zip(Path(run["images_zip"]), unpacked, archive_name=Path(run["images_zip"]).name)
-                index = {f.name: str(f.path) for f in result.files}
-                atomic_write_text(unpacked / "index.json", json.dumps(index))
-                (unpacked / ".done").touch()
-            for name, path in json.loads((unpacked / "index.json").read_text()).items():
-                self._add(name, Path(path))
-        if run.get("images_dir"):
-            root = Path(run["images_dir"])
-            for path in root.rglob("*"):
-                if path.is_file():
-                    self._add(path.relative_to(root).as_posix(), path)
-        for name, path in (project_files or {}).items():
-            self._add(name, path)
-        self._fetcher = None
-        # Folders on the server the catalog may point into by path (configuration, not user input).
-        self.roots = [Path(p) for p in os.environ.get(IMAGE_ROOTS_ENV, "").split(os.pathsep) if p]
-
-    def _add(self, name: str, path: Path) -> None:
-        self.files.setdefault(self._norm(name), path)
-        self.files.setdefault(self._norm(Path(name).name), path)
-
-    def resolve(self, refs: Sequence[str]) -> dict[str, tuple[Path | None, str]]:
-        out: dict[str, tuple[Path | None, str]] = {}
-        urls = [r for r in refs if r.lower().startswith(("http://", "https://"))]
-        for ref in refs:
-            if ref in urls:
-                continue
-            path = self.files.get(self._norm(ref))
-            if path is None and self.roots:
-                from core.inputs.catalog import ImageRef, ref_kind, resolve_local
-
-                path = resolve_local(ImageRef(0, 0, "", 0, ref, ref_kind(ref)), allowed_roots=self.roots)
-            out[ref] = (path, "" if path else f"no photo named {ref!r} was uploaded with the catalog")
-        if urls:
-            if self._fetcher is None:
-                from core.inputs.fetch import Fetcher
-
-                self._fetcher = Fetcher(self._tmp)
-            for result in self._fetcher.fetch_many(urls):
-                out[result.url] = (result.path, "" if result.path else f"download failed: {result.error}")
-        return out
+def _predict(predictor: Predictor, items: Sequence[tuple[str, Path]]) -> dict[str, tuple]:
+    """The model's (label, confidence, error) for each photo: the one place tagging runs the model."""
+    if not items:
+        return {}
+    predictions = predictor.predict(items)
+    return {r.image: (r.predicted_label, r.confidence, r.error) for r in predictions.itertuples()}
 
 
-def _combine(tags: list[tuple[str, float]], rule: str, positive: str | None) -> tuple[str, float]:
-    """One tag and its confidence for a row or product with several photos.
-
-    The tag follows :func:`core.inputs.catalog.combine`; the confidence is that of the least sure
-    photo when every photo had to agree (no person under "any", a person under "all"),
-    else of the surest photo carrying the tag.
-    """
-    from core.inputs.catalog import combine
-
-    label = combine([t for t, _ in tags], rule=rule, positive=positive or "")
-    confs = [c for t, c in tags if t == label]
-    every_photo_counts = (rule == "any" and label != positive) or (rule == "all" and label == positive)
-    return label, (min(confs) if every_photo_counts else max(confs))
+def _row_result(i: int, refs: list[str], resolved: dict, answer: dict, options: TagOptions,
+                positive: str | None) -> tuple:
+    tags, reasons = [], []
+    for ref in refs:
+        path, why = resolved[ref]
+        if path is None:
+            reasons.append(why)
+        elif answer[ref][2]:
+            reasons.append(f"{ref}: {answer[ref][2]}")
+        else:
+            tags.append((answer[ref][0], float(answer[ref][1])))
+    if not refs:
+        reasons.append("the row has no photo")
+    if not tags:
+        return (i, "", None, 1, "; ".join(reasons) or "no usable photo", json.dumps(refs))
+    label, conf = combine_scored(tags, rule=options.rule, positive=positive)
+    return (i, label, round(conf, 4), int(conf < options.review_below), "; ".join(reasons), json.dumps(refs))
 
 
 def run_tagging(
@@ -226,60 +241,47 @@ def run_tagging(
     *,
     device: str | None = None,
     project_files: dict[str, Path] | None = None,
+    feature_store: FeatureStore | None = None,
     on_progress: Progress | None = None,
     should_cancel: Callable[[], bool] | None = None,
 ) -> TagSummary:
-    """Tag every row not yet done; safe to call again after any interruption."""
-    from core.learning.predictor import predict_images
+    """Tag every row not yet done; safe to call again after any interruption.
 
+    The model is loaded once for the whole run, with the threshold the run was made with.
+    ``feature_store`` (a frozen model's features; the project's) spares photos already
+    extracted, and keeps those computed now for the next run.
+    """
     run = load_run(folder)
     options = TagOptions(**run["options"])
-    bundle, _ = bundles.load_bundle(run["bundle"])
-    frame, _ = read_original(folder / run["catalog"])
+    positive = positive_class(run)
+    rows_frame = catalog_rows(folder)
+    cells = {c: rows_frame[c].tolist() for c in options.image_columns}
+    total = len(rows_frame)
     report = on_progress or (lambda d, t, m: None)
-    resolver = _Resolver(run, folder, project_files)
-    summary = TagSummary(rows=len(frame))
+    finder = PhotoFinder(run, folder, project_files)
+    summary = TagSummary(rows=total)
     started = time.time()
     photos = 0
-    con = _db(folder)
+    con = results_db(folder)
+    predictor = Predictor(run["bundle"], threshold=run.get("threshold"), device=device, feature_store=feature_store)
     try:
         done = {r for (r,) in con.execute("SELECT row FROM results")}
-        todo = [i for i in range(len(frame)) if i not in done]
-        report(len(done), len(frame), "Tagging")
+        todo = [i for i in range(total) if i not in done]
+        report(len(done), total, "Tagging")
         for start in range(0, len(todo), options.chunk_rows):
             if should_cancel and should_cancel():
                 summary.cancelled = True
                 break
             rows = todo[start:start + options.chunk_rows]
-            refs = {i: [v for c in options.image_columns for v in _split_cell(str(frame.iat[i, frame.columns.get_loc(c)]))]
-                    for i in rows}
-            resolved = resolver.resolve(sorted({r for rs in refs.values() for r in rs}))
+            refs = {i: [p for c in options.image_columns for p in split_cell(cells[c][i])] for i in rows}
+            resolved = finder.resolve(sorted({r for rs in refs.values() for r in rs}))
             items = [(ref, path) for ref, (path, _) in resolved.items() if path is not None]
-            predictions = predict_images(run["bundle"], items, device=device) if items else pd.DataFrame()
-            answer = {r.image: (r.predicted_label, r.confidence, r.error) for r in predictions.itertuples()}
+            answer = _predict(predictor, items)
             photos += len(items)
-            records = []
-            for i in rows:
-                tags, reasons = [], []
-                for ref in refs[i]:
-                    path, why = resolved[ref]
-                    if path is None:
-                        reasons.append(why)
-                    elif answer[ref][2]:
-                        reasons.append(f"{ref}: {answer[ref][2]}")
-                    else:
-                        tags.append((answer[ref][0], float(answer[ref][1])))
-                if not refs[i]:
-                    reasons.append("the row has no photo")
-                if tags:
-                    label, conf = _combine(tags, options.rule, bundle.positive)
-                    records.append((i, label, round(conf, 4), int(conf < options.review_below), "; ".join(reasons),
-                                    json.dumps(refs[i])))
-                else:
-                    records.append((i, "", None, 1, "; ".join(reasons) or "no usable photo", json.dumps(refs[i])))
+            records = [_row_result(i, refs[i], resolved, answer, options, positive) for i in rows]
             with con:  # one transaction per chunk: all of it or none of it
                 con.executemany("INSERT OR IGNORE INTO results VALUES (?, ?, ?, ?, ?, ?)", records)
-            report(len(done) + start + len(rows), len(frame), "Tagging")
+            report(len(done) + start + len(rows), total, "Tagging")
         summary.seconds = time.time() - started
         summary.photos_per_s = photos / summary.seconds if summary.seconds else 0.0
         for label, review in con.execute("SELECT predicted_label, needs_review FROM results"):
@@ -291,201 +293,6 @@ def run_tagging(
                 summary.failed += 1
             summary.needs_review += int(review or 0)
     finally:
+        predictor.close()
         con.close()
     return summary
-
-
-def results_frame(folder: Path) -> pd.DataFrame:
-    """The finished rows' results, by catalog row number."""
-    con = _db(folder)
-    try:
-        return pd.read_sql_query("SELECT * FROM results ORDER BY row", con).set_index("row")
-    finally:
-        con.close()
-
-
-def write_output(folder: Path, out: Path, *, fmt: str | None = None, overrides: dict[int, str] | None = None) -> Path:
-    """The original catalog with the tag columns added, every row kept, as CSV or XLSX."""
-    run = load_run(folder)
-    frame, how = read_original(folder / run["catalog"])
-    results = results_frame(folder)
-    added = pd.DataFrame(index=range(len(frame)))
-    added["predicted_label"] = results["predicted_label"].reindex(added.index).fillna("")
-    added["confidence"] = results["confidence"].reindex(added.index)
-    added["needs_review"] = results["needs_review"].reindex(added.index).map({1: "yes", 0: "no"}).fillna("")
-    added["tag_error"] = results["tag_error"].reindex(added.index).fillna("not tagged yet")
-    for row, label in (overrides or {}).items():
-        added.loc[row, ["predicted_label", "needs_review"]] = [label, "reviewed"]
-    options = TagOptions(**run["options"])
-    if options.id_column and options.id_column in frame.columns:
-        # One product over several rows (one photo per row): one tag for the whole product.
-        bundle, _ = bundles.load_bundle(run["bundle"])
-        rows = pd.DataFrame({"id": frame[options.id_column].to_numpy(), "tag": added["predicted_label"].to_numpy(),
-                             "conf": added["confidence"].to_numpy()})
-        product = {}
-        for product_id, group in rows.groupby("id", sort=False):
-            tags = [(t, float(c)) for t, c in zip(group["tag"], group["conf"]) if t]
-            product[product_id] = _combine(tags, options.rule, bundle.positive)[0] if tags else ""
-        added["product_tag"] = [product.get(v, "") for v in frame[options.id_column]]
-    added["model_id"] = run["model_id"]
-    output = pd.concat([frame.reset_index(drop=True), added.reset_index(drop=True)], axis=1)
-    fmt = fmt or ("xlsx" if out.suffix.lower() in (".xlsx", ".xlsm") else "csv")
-    if fmt == "xlsx":
-        buf = io.BytesIO()
-        output.to_excel(buf, index=False)
-        atomic_write_bytes(out, buf.getvalue())
-    else:
-        encoding = how.get("encoding", "utf-8")
-        if encoding.lower().replace("_", "-") in ("utf-8", "utf8", "ascii"):
-            encoding = "utf-8-sig"  # Excel opens UTF-8 correctly only with the BOM
-        text = output.to_csv(index=False, sep=how.get("delimiter", ","), lineterminator="\r\n")
-        atomic_write_bytes(out, text.encode(encoding, errors="replace"))
-    return out
-
-
-def iter_rows_needing_review(folder: Path, *, limit: int = 200) -> Iterator[dict]:
-    """Rows flagged for review or failed, for the review queue."""
-    con = _db(folder)
-    try:
-        for row, label, conf, error, photos in con.execute(
-            "SELECT row, predicted_label, confidence, tag_error, photos FROM results "
-            "WHERE needs_review = 1 ORDER BY confidence IS NULL, confidence LIMIT ?", (limit,)
-        ):
-            yield {"row": row, "predicted_label": label, "confidence": conf, "tag_error": error,
-                   "photos": json.loads(photos or "[]")}
-    finally:
-        con.close()
-
-
-# ------------------------------------------------------------------ project runs
-
-
-def project_run_folder(project, run_id: str) -> Path:
-    return project.path("tagging", run_id)
-
-
-def start_project_run(project, *, catalog_name: str, catalog_data: bytes, bundle_path: Path,
-                      options: TagOptions, zip_data: bytes | None = None, images_dir: Path | None = None) -> str:
-    """Keep an uploaded catalog (and its photo zip) in the project and prepare a run; returns its id.
-
-    ``images_dir`` (command line only) is a folder on this computer read in place for the photos.
-    """
-    run_id = time.strftime("%Y%m%d-%H%M%S")
-    folder = project_run_folder(project, run_id)
-    upload = folder / "upload"
-    upload.mkdir(parents=True, exist_ok=True)
-    catalog_path = upload / (Path(catalog_name).name or "catalog.csv")
-    atomic_write_bytes(catalog_path, catalog_data)
-    zip_path = None
-    if zip_data:
-        zip_path = upload / "photos.zip"
-        atomic_write_bytes(zip_path, zip_data)
-    if options.id_column is None:
-        options.id_column = product_id_column(catalog_path)
-    create_run(folder, catalog_path=catalog_path, bundle_path=bundle_path, options=options, images_zip=zip_path,
-               images_dir=Path(images_dir).resolve() if images_dir else None)
-    project.set_meta("tagging_run", run_id)
-    return run_id
-
-
-def project_photo_files(project) -> dict[str, Path]:
-    """Photos already in the project, by every name they were uploaded under."""
-    files = project.names().merge(project.images()[["sha", "ext"]], on="sha")
-    return {name: project.image_path(sha, ext) for name, sha, ext in zip(files["name"], files["sha"], files["ext"])}
-
-
-def overrides(folder: Path) -> dict[int, str]:
-    path = folder / "overrides.json"
-    return {int(k): v for k, v in json.loads(path.read_text()).items()} if path.is_file() else {}
-
-
-def set_override(folder: Path, row: int, label: str | None) -> None:
-    """The analyst's answer for one reviewed row (None removes it); lands in the output."""
-    current = overrides(folder)
-    if label is None:
-        current.pop(row, None)
-    else:
-        current[row] = label
-    atomic_write_text(folder / "overrides.json", json.dumps({str(k): v for k, v in current.items()}))
-
-
-def review_photos(folder: Path, items: Sequence[dict], project=None) -> dict[int, Path | None]:
-    """The first photo of each row that is on this computer, for thumbnails: a local file, or
-    the run's own download of a link (links are never fetched again here)."""
-    from core.inputs.fetch import Fetcher
-
-    run = load_run(folder)
-    resolver = _Resolver(run, folder, project_photo_files(project) if project is not None else None)
-    downloads = Fetcher(resolver._tmp)  # the cache the run downloaded its links into
-    out: dict[int, Path | None] = {}
-    for item in items:
-        out[item["row"]] = next((path for ref in item["photos"] if (path := (
-            downloads.cached(ref) if ref.lower().startswith(("http://", "https://"))
-            else resolver.files.get(resolver._norm(ref)))) is not None), None)
-    return out
-
-
-NOT_TAGGED = "could not be tagged"
-
-
-def final_labels(results: pd.DataFrame, answers: Mapping[int, str]) -> pd.Series:
-    """Each finished row's tag (``results_frame``) with the analyst's ``answers`` (``overrides``)
-    in place of the model's ("" where there is no tag)."""
-    final = results["predicted_label"].copy()
-    for row, label in answers.items():
-        if row in final.index:
-            final[row] = label
-    return final
-
-
-def _ranked(found, names: dict[str, str], order: Sequence[str]) -> list[str]:
-    first = [names.get(c, c) for c in order]
-    return [k for k in first + sorted(set(found) - set(first) - {NOT_TAGGED}) + [NOT_TAGGED] if k in found]
-
-
-def tag_counts(final: pd.Series, *, names: dict[str, str] | None = None, order: Sequence[str] = ()) -> dict[str, int]:
-    """Rows per tag, by display name, classes in ``order`` first and the failures last."""
-    names = names or {}
-    found = final.map(lambda t: names.get(t, t) if t else NOT_TAGGED).value_counts()
-    return {k: int(found[k]) for k in _ranked(set(found.index), names, order)}
-
-
-def share_by(groups: pd.Series, tags: pd.Series, *, names: dict[str, str] | None = None, top: int = 15,
-             order: Sequence[str] = ()) -> pd.DataFrame:
-    """Counts of each tag per group (e.g. per category), the ``top`` largest groups first."""
-    names = names or {}
-    frame = pd.DataFrame({"group": groups.reset_index(drop=True), "tag": tags.reindex(range(len(groups))).fillna("")})
-    frame["tag"] = frame["tag"].map(lambda t: names.get(t, t) if t else NOT_TAGGED)
-    table = pd.crosstab(frame["group"], frame["tag"])
-    table = table[_ranked(set(table.columns), names, order)]
-    return table.loc[table.sum(axis=1).sort_values(ascending=False, kind="stable").index[:top]]
-
-
-def add_reviews_to_training(project, folder: Path) -> int:
-    """Add the reviewed rows' photos, with the analyst's answers, to the project's labels."""
-    fixed = overrides(folder)
-    if not fixed:
-        return 0
-    results = results_frame(folder)
-    items = [{"row": row, "photos": json.loads(results.loc[row, "photos"] or "[]")} for row in fixed if row in results.index]
-    paths = review_photos(folder, items, project)
-    added = 0
-    for item in items:
-        path = paths.get(item["row"])
-        if path is None:
-            continue
-        sha, _ = project.add_image(path, name=f"tagging/{Path(item['photos'][0]).name}", upload=f"tagging:{folder.name}")
-        project.set_override(sha, label=fixed[item["row"]])
-        added += 1
-    return added
-
-
-def product_id_column(catalog_path: Path) -> str | None:
-    """The product id column when the export lists one photo per row (several rows per product)."""
-    from core.inputs.catalog import read_catalog
-
-    try:
-        found = read_catalog(catalog_path.read_bytes(), filename=catalog_path.name)
-    except InputError:
-        return None
-    return found.id_column if found.long_format else None

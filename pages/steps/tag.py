@@ -6,15 +6,22 @@ from pathlib import Path
 
 import streamlit as st
 
-from core import tasks
+from core import tagging, tasks
 from core.base.problems import InputError
 from core.inputs import catalog as catalog_module
 from core.inputs import sheets
 from core.learning import models, runs
 from core.present import charts
 from core.projects.state import ProjectState
-from core.tagging import run as tagging
 from pages import ui
+
+
+@st.cache_data(max_entries=2, show_spinner=False)
+def _preview(data: bytes, filename: str) -> tuple:
+    """The uploaded catalog's first rows, columns and guessed photo columns (read once per upload)."""
+    sheet = sheets.read_sheet(data, filename=filename)
+    return sheet.frame.head(5), [str(c) for c in sheet.frame.columns], catalog_module.guess_columns(sheet)[1]
+
 
 st.title("5 · Tag catalog")
 st.caption("Upload your catalog export; every row comes back with the tag added. No row is ever dropped.")
@@ -36,13 +43,11 @@ with st.expander("New tagging run", expanded=not state.tagging_run):
                               type=["zip"], key=ui.upload_key("catalog_zip"))
     if catalog is not None:
         try:
-            sheet = sheets.read_sheet(catalog.getvalue(), filename=catalog.name)
+            head, columns, guessed = _preview(catalog.getvalue(), catalog.name)
         except InputError as exc:
             st.error(f"{catalog.name}: {exc}")
             st.stop()
-        st.dataframe(sheet.frame.head(5), hide_index=True, width="stretch")
-        _, guessed = catalog_module.guess_columns(sheet)
-        columns = [str(c) for c in sheet.frame.columns]
+        st.dataframe(head, hide_index=True, width="stretch")
         image_columns = st.multiselect("Columns with the photos (file names, paths or links)", columns,
                                        default=[c for c in guessed if c in columns])
         rule = st.radio("When a row has several photos, tag it when…", ["any", "all", "first", "majority"],
@@ -51,10 +56,15 @@ with st.expander("New tagging run", expanded=not state.tagging_run):
                                                       "majority": "most photos show it"}.get)
         review = st.slider("Flag for review when the model is less sure than", 0.5, 0.99, 0.75, 0.01)
         if st.button("Start tagging", type="primary", disabled=not image_columns):
-            run_id = tagging.start_project_run(
-                project, catalog_name=catalog.name, catalog_data=catalog.getvalue(), bundle_path=Path(model["path"]),
-                options=tagging.TagOptions(image_columns=image_columns, rule=rule, review_below=review),
-                zip_data=photos.getvalue() if photos else None)
+            try:
+                run_id = tagging.start_project_run(
+                    project, catalog_name=catalog.name, catalog_data=catalog.getvalue(),
+                    bundle_path=Path(model["path"]), zip_data=photos.getvalue() if photos else None,
+                    options=tagging.TagOptions(image_columns=image_columns, rule=rule, review_below=review),
+                    threshold=model["threshold"] if model["positive"] else None)
+            except InputError as exc:
+                st.error(f"Tagging could not start: {exc}")
+                st.stop()
             tasks.submit(project, "tag", {"run": run_id})
             ui.reset_upload("catalog")
             ui.reset_upload("catalog_zip")
@@ -79,10 +89,9 @@ order = runs.class_order(project)
 st.subheader(f"{run['catalog_name']}: {len(results)} of {run['rows']} rows done")
 st.plotly_chart(charts.share_figure(tagging.tag_counts(final, names=names, order=order), horizontal=True),
                 width="stretch", key="tag-share")
-original, _ = tagging.read_original(folder / run["catalog"])
-original.columns = [str(c) for c in original.columns]
-columns, default = catalog_module.split_columns(original, image_columns=run["options"].get("image_columns", []),
-                                                saved=state.report_choices.category)
+original = tagging.catalog_rows(folder)
+columns, default = tagging.split_columns(original, image_columns=run["options"].get("image_columns", []),
+                                         saved=state.report_choices.category)
 default = default or ""
 choices = ["", *columns]
 split = st.selectbox("Split by a column of the catalog (the report uses the same)", choices,
@@ -98,15 +107,14 @@ left_to_review = int(results["needs_review"].sum()) - len(fixed)
 st.subheader(f"To review ({left_to_review} row{'' if left_to_review == 1 else 's'})")
 st.caption("Rows the model is unsure about, or could not tag. Your answer goes into the download.")
 classes = sorted(set(results["predicted_label"]) - {""}) or list(names)
-thumbs = tagging.review_photos(folder, queue[:12], project)
+thumbs = tagging.review_thumbnails(folder, queue[:12], project)
 for item in queue[:12]:
     pic, text, act = st.columns([1, 3, 2])
-    path = thumbs.get(item["row"])
-    if path is not None:
-        pic.image(str(path), width=110)
+    if item["row"] in thumbs:
+        pic.image(thumbs[item["row"]], width=110)
     said = names.get(item["predicted_label"], item["predicted_label"]) or "no tag"
     sure = f" ({100 * item['confidence']:.0f} % sure)" if item["confidence"] == item["confidence"] and item["confidence"] else ""
-    text.markdown(f"Row {item['row'] + 2}: **{said}**{sure}  \n{item['tag_error'] or ''}")
+    text.markdown(f"Row {item['sheet_row']}: **{said}**{sure}  \n{item['tag_error'] or ''}")
     answer = act.selectbox("Answer", ["—", *classes], key=f"rev-{item['row']}", format_func=lambda c: names.get(c, c),
                            label_visibility="collapsed")
     if answer != "—":
@@ -122,8 +130,6 @@ if fixed:
 @st.cache_data(max_entries=4, show_spinner="Preparing the download…")
 def _downloads(folder_str: str, version: tuple, fixed_json: str) -> tuple[str, bytes, str, bytes]:
     """Both output files, rebuilt only when the results or the answers change."""
-    import json
-
     folder_path, fixed_rows = Path(folder_str), {int(k): v for k, v in json.loads(fixed_json).items()}
     meta = tagging.load_run(folder_path)
     stem = Path(meta["catalog_name"]).stem + "-tagged"

@@ -1,0 +1,134 @@
+"""What a tagging run gives back: the tagged sheet, the review queue and the analyst's answers."""
+
+from __future__ import annotations
+
+import io
+import json
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import pandas as pd
+
+from core.base.files import atomic_write_bytes, atomic_write_text
+from core.inputs.images import ImageError, make_thumbnail
+from core.inputs.sheets import column_letter
+from core.tagging.photos import PhotoFinder, project_photo_files
+from core.tagging.run import (
+    TagOptions,
+    catalog_rows,
+    catalog_sheet,
+    load_run,
+    positive_class,
+    results_db,
+    results_frame,
+)
+from core.tagging.tags import combine_scored
+
+__all__ = ["OUTPUT_COLUMNS", "iter_rows_needing_review", "overrides", "review_photos", "review_thumbnails",
+           "set_override", "write_output"]
+
+OUTPUT_COLUMNS = ("predicted_label", "confidence", "needs_review", "tag_error", "model_id")
+
+
+def write_output(folder: Path, out: Path, *, fmt: str | None = None, overrides: dict[int, str] | None = None) -> Path:
+    """The catalog with the tag columns added, as CSV or XLSX: every row and column unchanged and
+    in order, cells exactly as written (spaces kept), blank rows kept where they were.
+
+    The file starts with the header row (a sheet without one gets "Column A", "Column B"...):
+    lines above the header, Excel's ``sep=;`` line or a title, are left out, so the file opens
+    as one plain table, and so are blank rows after the last one with content. A CSV keeps the
+    catalog's delimiter and encoding (UTF-8 with the BOM Excel needs to show accents); an Excel
+    catalog's CSV is comma-separated. ``overrides`` are the analyst's answers, marked "reviewed".
+    """
+    run = load_run(folder)
+    sheet = catalog_sheet(folder)
+    results = results_frame(folder)
+    width = len(sheet.raw_rows[0]) if sheet.raw_rows else 0
+    header = sheet.raw_header or [f"Column {column_letter(i)}" for i in range(width)]
+    added = pd.DataFrame(index=range(len(sheet.raw_rows)))
+    added["predicted_label"] = results["predicted_label"].reindex(added.index).fillna("")
+    added["confidence"] = results["confidence"].reindex(added.index)
+    added["needs_review"] = results["needs_review"].reindex(added.index).map({1: "yes", 0: "no"}).fillna("")
+    added["tag_error"] = results["tag_error"].reindex(added.index).fillna("not tagged yet")
+    for row, label in (overrides or {}).items():
+        added.loc[row, ["predicted_label", "needs_review"]] = [label, "reviewed"]
+    options = TagOptions(**run["options"])
+    rows = catalog_rows(folder)
+    if options.id_column and options.id_column in rows.columns:
+        # One product over several rows (one photo per row): one tag for the whole product.
+        positive = positive_class(run)
+        by_row = pd.DataFrame({"id": rows[options.id_column].to_numpy(), "tag": added["predicted_label"].to_numpy(),
+                               "conf": added["confidence"].to_numpy()})
+        product = {}
+        for product_id, group in by_row.groupby("id", sort=False):
+            tags = [(t, float(c)) for t, c in zip(group["tag"], group["conf"]) if t]
+            product[product_id] = combine_scored(tags, rule=options.rule, positive=positive)[0] if tags else ""
+        added["product_tag"] = [product.get(v, "") for v in rows[options.id_column]]
+    added["model_id"] = run["model_id"]
+    output = pd.concat([pd.DataFrame(sheet.raw_rows, columns=range(width)), added], axis=1)
+    output.columns = [*header, *added.columns]
+    fmt = fmt or ("xlsx" if out.suffix.lower() in (".xlsx", ".xlsm") else "csv")
+    if fmt == "xlsx":
+        buf = io.BytesIO()
+        output.to_excel(buf, index=False)
+        atomic_write_bytes(out, buf.getvalue())
+    else:
+        encoding = sheet.encoding or "utf-8"
+        if encoding.lower().replace("_", "-") in ("utf-8", "utf8", "ascii"):
+            encoding = "utf-8-sig"  # Excel opens UTF-8 correctly only with the BOM
+        text = output.to_csv(index=False, sep=sheet.delimiter or ",", lineterminator="\r\n")
+        atomic_write_bytes(out, text.encode(encoding, errors="replace"))
+    return out
+
+
+def iter_rows_needing_review(folder: Path, *, limit: int = 200) -> Iterator[dict]:
+    """Rows flagged for review or failed, for the review queue; ``sheet_row`` is the row
+    number the analyst sees in the catalog (header = 1)."""
+    first_data_row = load_run(folder).get("first_data_row", 2)
+    con = results_db(folder)
+    try:
+        for row, label, conf, error, photos in con.execute(
+            "SELECT row, predicted_label, confidence, tag_error, photos FROM results "
+            "WHERE needs_review = 1 ORDER BY confidence IS NULL, confidence LIMIT ?", (limit,)
+        ):
+            yield {"row": row, "sheet_row": first_data_row + row, "predicted_label": label, "confidence": conf,
+                   "tag_error": error, "photos": json.loads(photos or "[]")}
+    finally:
+        con.close()
+
+
+def overrides(folder: Path) -> dict[int, str]:
+    """The analyst's answers so far, by row number."""
+    path = folder / "overrides.json"
+    return {int(k): v for k, v in json.loads(path.read_text()).items()} if path.is_file() else {}
+
+
+def set_override(folder: Path, row: int, label: str | None) -> None:
+    """The analyst's answer for one reviewed row (None removes it); lands in the output."""
+    current = overrides(folder)
+    if label is None:
+        current.pop(row, None)
+    else:
+        current[row] = label
+    atomic_write_text(folder / "overrides.json", json.dumps({str(k): v for k, v in current.items()}))
+
+
+def review_photos(folder: Path, items: Sequence[dict], project=None) -> dict[int, Path | None]:
+    """The first photo of each row that is on this computer, for thumbnails: a local file, or
+    the run's own download of a link (links are never fetched again here)."""
+    finder = PhotoFinder(load_run(folder), folder, project_photo_files(project) if project is not None else None)
+    return {item["row"]: next((p for ref in item["photos"] if (p := finder.on_disk(ref)) is not None), None)
+            for item in items}
+
+
+def review_thumbnails(folder: Path, items: Sequence[dict], project=None, *, size: int = 220) -> dict[int, bytes]:
+    """A small JPEG of each row's first photo on this computer (see :func:`review_photos`); a row
+    whose photo is missing or cannot be decoded (often why it waits for review) has none."""
+    out: dict[int, bytes] = {}
+    for row, path in review_photos(folder, items, project).items():
+        if path is not None:
+            try:
+                out[row] = make_thumbnail(path, size=size)
+            except (ImageError, OSError):
+                continue
+    return out
