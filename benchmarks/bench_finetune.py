@@ -35,7 +35,8 @@ from core.learning import finetune as ft  # noqa: E402
 from core.learning import finetune_config as fc  # noqa: E402
 from core.learning import finetune_loop as fl  # noqa: E402
 from core.learning.comparison import compare_methods  # noqa: E402
-from core.learning.evaluation import cross_validate_head, evaluate_predictions  # noqa: E402
+from core.learning.crossval import cross_validate_head
+from core.learning.evaluation import evaluate_predictions  # noqa: E402
 from core.learning.heads import head_to_arrays, make_frozen_head  # noqa: E402
 from core.learning.splits import plan_split  # noqa: E402
 from core.vision import backbones as bb  # noqa: E402

@@ -67,7 +67,7 @@ def bench_heads(shapes, *, compare_threads: bool):
     from sklearn.base import clone
     from sklearn.metrics import balanced_accuracy_score
 
-    from core.learning.evaluation import cross_validate_head
+    from core.learning.crossval import cross_validate_head
     from core.learning.heads import make_frozen_head
     from core.learning.splits import plan_split
 

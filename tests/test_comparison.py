@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from core.learning.comparison import align_proba, compare_methods, rank_label_issues
-from core.learning.evaluation import cross_validate_head
+from core.learning.crossval import cross_validate_head
 from core.learning.splits import plan_split
 from tests.evaluation_data import NAMES, features, noisy_proba
 

@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 from sklearn.metrics import accuracy_score, balanced_accuracy_score, f1_score
 
+from core.learning.crossval import cross_validate_head
 from core.learning.evaluation import (
     EvalReport,
     choose_threshold,
-    cross_validate_head,
     evaluate_predictions,
     predict_labels,
 )

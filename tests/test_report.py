@@ -13,7 +13,7 @@ import pytest
 from core import tagging
 from core.cli import main as cli
 from core.learning import extraction, runs, training
-from core.present import journey, report
+from core.present import journey, report, report_html
 from core.projects import intake, workspace
 from core.projects.state import ProjectState
 from tests.conftest import sample_photo_set
@@ -125,7 +125,7 @@ def test_exported_html_is_self_contained_and_says_what_the_page_says(demo, tmp_p
     assert_self_contained(page)
     built = report.build_report(demo)
     for text in [built.question, *built.in_short, *built.limits, built.catalog.summary, "Menswear", "Accessories"]:
-        assert report._e(text) in page
+        assert report_html._e(text) in page
     assert page.count("<img") >= 1 + 2 * report.EXAMPLES_PER_CLASS  # the logo, examples, catalog photos
     assert journey.progress(demo).done["report"]
 
@@ -140,7 +140,7 @@ def test_analysts_answers_and_wording_reach_the_report(demo):
         built = report.build_report(demo)
         assert built.catalog.answered == 1 and built.catalog.by_category is None
         assert built.catalog.counts["no_person"] == int((results["predicted_label"] == "no_person").sum()) + 1
-        assert "Is a model wearing the product?" in report.to_html(built)
+        assert "Is a model wearing the product?" in report_html.to_html(built)
         assert not any("changed since this model was trained" in limit for limit in built.limits)
         tagging.add_reviews_to_training(demo, folder)  # the answer relabels that photo...
         built = report.build_report(demo)
@@ -195,7 +195,7 @@ def test_report_without_a_tagged_catalog(home, binary_photos):
     assert built.catalog is None and built.verdict is None and len(built.methods) == 1
     assert "No catalog has been tagged yet." in built.in_short
     assert any("Only the quick model was trained" in limit for limit in built.limits)
-    page = report.to_html(built)
+    page = report_html.to_html(built)
     assert_self_contained(page)
     assert "No catalog has been tagged yet." in page
 
@@ -217,7 +217,7 @@ def test_report_of_a_three_class_project(home):
     assert method.detail == "" and len(method.per_class) == 3
     assert len(method.confusion) == 3 and all(len(r) == 3 for r in method.confusion)
     assert sum(map(sum, method.confusion)) == method.n_test
-    page = report.to_html(built)
+    page = report_html.to_html(built)
     assert_self_contained(page)
     assert page.count("really “") == 3
 

@@ -1,7 +1,8 @@
 """Honest evaluation: reports with uncertainty, thresholds, cross-validation of frozen heads.
 
-The rules this module enforces (the split itself is :mod:`core.learning.splits`; comparing two
-methods and ranking label issues is :mod:`core.learning.comparison`):
+The rules this module enforces (the split itself is :mod:`core.learning.splits`; cross-validation
+of a frozen head is :mod:`core.learning.crossval`; comparing two methods and ranking label
+issues is :mod:`core.learning.comparison`):
 
 * Every method is scored on the held-out test photos of the project's one split plan,
   which nothing else ever looks at.
@@ -17,26 +18,18 @@ classes the ``positive`` class (default: the second) is the one a threshold appl
 
 from __future__ import annotations
 
-import math
-import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import pandas as pd
-from sklearn.base import clone
 from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score, roc_curve
 
-from core.learning.heads import make_frozen_head, single_threaded_blas
-from core.learning.splits import SplitPlan
-
 __all__ = [
-    "CVResult",
     "Estimate",
     "EvalReport",
     "choose_threshold",
-    "cross_validate_head",
     "evaluate_predictions",
     "predict_labels",
 ]
@@ -79,7 +72,7 @@ def _check_proba(proba, classes: Sequence[str]) -> np.ndarray:
     return p
 
 
-def _positive_index(classes: Sequence[str], positive: str | None) -> int:
+def positive_index(classes: Sequence[str], positive: str | None) -> int:
     if positive is None:
         return 1
     if positive not in classes:
@@ -95,7 +88,7 @@ def predict_labels(
     classes = [str(c) for c in classes]
     p = _check_proba(proba, classes)
     if len(classes) == 2:
-        pi = _positive_index(classes, positive)
+        pi = positive_index(classes, positive)
         t = 0.5 if threshold is None else float(threshold)
         return np.where(p[:, pi] >= t, classes[pi], classes[1 - pi])
     if threshold is not None:
@@ -103,7 +96,7 @@ def predict_labels(
     return np.asarray(classes)[np.argmax(p, axis=1)]
 
 
-def _confusion(y_true: np.ndarray, y_pred: np.ndarray, classes: Sequence[str]) -> np.ndarray:
+def confusion_counts(y_true: np.ndarray, y_pred: np.ndarray, classes: Sequence[str]) -> np.ndarray:
     index = {c: i for i, c in enumerate(classes)}
     unknown = sorted(set(y_true.tolist()) - set(index))
     if unknown:
@@ -114,7 +107,7 @@ def _confusion(y_true: np.ndarray, y_pred: np.ndarray, classes: Sequence[str]) -
     return np.bincount(t * k + p, minlength=k * k).reshape(k, k)
 
 
-def _scores_from_confusion(cm: np.ndarray) -> np.ndarray:
+def scores_from_confusion(cm: np.ndarray) -> np.ndarray:
     """Accuracy, balanced accuracy and macro F1 from confusion matrices ``(..., k, k)``.
 
     Same definitions as scikit-learn's defaults: balanced accuracy averages recall over
@@ -149,7 +142,7 @@ def _bootstrap_scores(cm: np.ndarray, *, n_boot: int, seed: int) -> np.ndarray:
     rng = np.random.default_rng(seed)
     cells = rng.dirichlet(cm.ravel().astype(np.float64) + 0.5, size=n_boot)
     draws = rng.multinomial(n, cells)
-    return _scores_from_confusion(draws.reshape(n_boot, *cm.shape))
+    return scores_from_confusion(draws.reshape(n_boot, *cm.shape))
 
 
 def _thin(*curves: np.ndarray) -> list[list[float]]:
@@ -275,11 +268,11 @@ def evaluate_predictions(
         raise ValueError("There are no photos to evaluate.")
     binary = len(classes) == 2
     if binary:
-        pos_i = _positive_index(classes, positive)
+        pos_i = positive_index(classes, positive)
         positive, threshold = classes[pos_i], 0.5 if threshold is None else float(threshold)
     y_pred = predict_labels(p, classes=classes, positive=positive, threshold=threshold)
-    cm = _confusion(y, y_pred, classes)
-    point = _scores_from_confusion(cm)
+    cm = confusion_counts(y, y_pred, classes)
+    point = scores_from_confusion(cm)
     boot = _bootstrap_scores(cm, n_boot=n_boot, seed=seed) if n_boot > 0 else None
     estimates = {}
     for j, name in enumerate(METRICS):
@@ -367,225 +360,3 @@ def choose_threshold(y_true, proba_pos, *, rule: str = "balanced", positive: str
         gain = tp / n_pos - fp / n_neg
     best = np.flatnonzero(gain >= gain.max() - 1e-12)
     return float(cand[best[np.argmin(np.abs(cand[best] - 0.5))]])
-
-
-# --------------------------------------------------------------------------- cross-validation
-
-
-@dataclass
-class CVResult:
-    """Cross-validation of a frozen head plus its score on the held-out test photos.
-
-    ``oof_proba[i]`` is a probability for ``ids[i]`` from a head that never saw that
-    photo: the mean over cross-validation repeats for training photos, the final head
-    (fit on the whole training part) for test photos (``in_test``).
-    """
-
-    classes: list[str]
-    ids: list[str]
-    oof_proba: np.ndarray
-    in_test: np.ndarray
-    fold_scores: pd.DataFrame
-    summary: dict[str, dict[str, float | None]]  # metric -> mean, std, low, high (empty without CV)
-    positive: str | None
-    threshold: float | None
-    test_ids: list[str]
-    test_proba: np.ndarray
-    test_report: EvalReport
-    model: Any  # the head fitted on the whole training part: the one to ship
-    fit_seconds: float
-    cv_seconds: float
-    n_splits: int
-    n_repeats: int
-
-    def headline(self, metric: str = "balanced_accuracy") -> str:
-        """One sentence for the UI, e.g. 'Balanced accuracy 91.2 % (95 % range 88.0 to 94.3 %) ...'."""
-        s = self.summary.get(metric)
-        name = METRIC_NAMES[metric].capitalize()
-        if not s:
-            e = getattr(self.test_report, metric)
-            return f"{name} {100 * e.value:.1f} % on {self.test_report.n} test photos (95 % range {100 * e.low:.1f} to {100 * e.high:.1f} %)."
-        rng = "" if s["low"] is None else f" (95 % range {100 * s['low']:.1f} to {100 * s['high']:.1f} %)"
-        return f"{name} {100 * s['mean']:.1f} %{rng}, from {self.n_repeats}× repeated {self.n_splits}-fold cross-validation."
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-safe summary (without the per-photo probabilities and the fitted model)."""
-        return {
-            "classes": list(self.classes),
-            "positive": self.positive,
-            "threshold": self.threshold,
-            "n_splits": self.n_splits,
-            "n_repeats": self.n_repeats,
-            "summary": self.summary,
-            "fold_scores": self.fold_scores.to_dict(orient="records"),
-            "test_report": self.test_report.to_dict(),
-            "fit_seconds": self.fit_seconds,
-            "cv_seconds": self.cv_seconds,
-        }
-
-
-def _aligned_proba(model, X: np.ndarray, classes: Sequence[str]) -> np.ndarray:
-    # A fold's training part can lack a rare class; its column is then zero.
-    p = model.predict_proba(X)
-    out = np.zeros((len(X), len(classes)))
-    index = {c: i for i, c in enumerate(classes)}
-    for j, c in enumerate(model.classes_):
-        out[:, index[str(c)]] = p[:, j]
-    return out
-
-
-def _fit_predict(make_head, X_fit, y_fit, X_score, classes) -> tuple[Any, np.ndarray]:
-    with single_threaded_blas():  # any head, not only ours: see core.learning.heads.single_threaded_blas
-        model = clone(make_head()).fit(X_fit, y_fit)
-        return model, _aligned_proba(model, X_score, classes)
-
-
-def _corrected_interval(scores: np.ndarray, n_splits: int) -> tuple[float | None, float | None]:
-    # Folds share training photos, so their scores are correlated and the naive
-    # standard error is too small; Nadeau & Bengio's correction adds n_test/n_train.
-    from scipy.stats import t as student_t
-
-    j = len(scores)
-    if j < 2:
-        return None, None
-    se = math.sqrt((1 / j + 1 / (n_splits - 1)) * np.var(scores, ddof=1))
-    h = float(student_t.ppf(0.975, j - 1)) * se
-    m = float(np.mean(scores))
-    return max(0.0, m - h), min(1.0, m + h)
-
-
-def _rows_for(plan: SplitPlan, ids: Sequence[str] | None, n_rows: int) -> tuple[list[str], np.ndarray]:
-    """Row of X for each position in ``plan.ids``."""
-    if ids is None:
-        if n_rows != len(plan.ids):
-            raise ValueError(f"X has {n_rows} rows but the split plan has {len(plan.ids)} photos; pass ids=.")
-        return list(plan.ids), np.arange(n_rows)
-    ids = [str(i) for i in ids]
-    if len(ids) != n_rows:
-        raise ValueError(f"Got {len(ids)} ids for {n_rows} rows of features.")
-    row = {i: r for r, i in enumerate(ids)}
-    missing = [i for i in plan.ids if i not in row]
-    extra = len(ids) - (len(plan.ids) - len(missing))
-    if missing or extra:
-        raise ValueError(
-            f"The photos do not match the split plan ({len(missing)} planned photos missing, {extra} unplanned); "
-            "make a new plan after adding or removing photos."
-        )
-    return ids, np.array([row[i] for i in plan.ids])
-
-
-def cross_validate_head(
-    X,
-    y: Sequence[str],
-    *,
-    plan: SplitPlan,
-    ids: Sequence[str] | None = None,
-    make_head: Callable[[], Any] = make_frozen_head,
-    positive: str | None = None,
-    threshold_rule: str = "balanced",
-    n_boot: int = 1000,
-    on_progress: Callable[[int, int], None] | None = None,
-) -> CVResult:
-    """Cross-validate a frozen head on the plan's training part, then score it on the test photos.
-
-    Rows of ``X``/``y`` follow ``ids`` (default: ``plan.ids``). Fold scores use the
-    default decision rule (0.5 / most probable class); for two classes the reported
-    threshold is chosen by ``threshold_rule`` on the out-of-fold probabilities of the
-    training part and applied to the test photos.
-    """
-    X = np.asarray(X)
-    y = np.asarray([str(v) for v in y])
-    if X.ndim != 2 or len(X) != len(y):
-        raise ValueError(f"X must be (n, d) with one label per row; got X {X.shape} and {len(y)} labels.")
-    row_ids, rows = _rows_for(plan, ids, len(X))
-    Xp, yp = X[rows], y[rows]  # in plan.ids order from here on
-    classes = sorted(set(yp.tolist()))
-    test_set = set(plan.test_ids)
-    is_test = np.array([i in test_set for i in plan.ids])
-    train_pos, test_pos = np.flatnonzero(~is_test), np.flatnonzero(is_test)
-
-    splits = list(plan.cv_splits())
-    total, done = len(splits) + 1, 0
-    oof_sum = np.zeros((len(plan.ids), len(classes)))
-    records = []
-    t0 = time.perf_counter()
-    for r, k, fit_pos, score_pos in splits:
-        _, p = _fit_predict(make_head, Xp[fit_pos], yp[fit_pos], Xp[score_pos], classes)
-        oof_sum[score_pos] += p
-        cm = _confusion(yp[score_pos], predict_labels(p, classes=classes, positive=positive), classes)
-        records.append(
-            {"repeat": r, "fold": k, "n_fit": len(fit_pos), "n_scored": len(score_pos)}
-            | dict(zip(METRICS, map(float, _scores_from_confusion(cm)), strict=True))
-        )
-        done += 1
-        if on_progress:
-            on_progress(done, total)
-    cv_seconds = time.perf_counter() - t0
-    fold_scores = pd.DataFrame.from_records(records, columns=["repeat", "fold", "n_fit", "n_scored", *METRICS])
-
-    summary: dict[str, dict[str, float | None]] = {}
-    if records:
-        for m in METRICS:
-            s = fold_scores[m].to_numpy()
-            lo, hi = _corrected_interval(s, plan.n_splits)
-            summary[m] = {
-                "mean": float(s.mean()),
-                "std": float(s.std(ddof=1)) if len(s) > 1 else 0.0,
-                "low": lo,
-                "high": hi,
-            }
-
-    binary = len(classes) == 2
-    threshold = None
-    if binary:
-        positive = classes[_positive_index(classes, positive)]
-        if records:
-            oof_train = oof_sum[train_pos] / max(1, plan.n_repeats)
-            threshold = choose_threshold(
-                yp[train_pos], oof_train[:, classes.index(positive)], rule=threshold_rule, positive=positive
-            )
-        else:
-            threshold = 0.5
-
-    t1 = time.perf_counter()
-    final, test_proba = _fit_predict(make_head, Xp[train_pos], yp[train_pos], Xp[test_pos], classes)
-    fit_seconds = time.perf_counter() - t1
-    test_report = evaluate_predictions(
-        yp[test_pos],
-        test_proba,
-        classes=classes,
-        positive=positive if binary else None,
-        threshold=threshold,
-        n_boot=n_boot,
-        seed=plan.seed,
-    )
-    if on_progress:
-        on_progress(total, total)
-
-    oof = oof_sum / max(1, plan.n_repeats)
-    if not records:  # no CV planned: only test photos get honest probabilities
-        oof[train_pos] = np.nan
-    oof[test_pos] = test_proba
-    # back to the caller's row order
-    back = np.empty(len(rows), dtype=int)
-    back[rows] = np.arange(len(rows))
-    return CVResult(
-        classes=classes,
-        ids=row_ids,
-        oof_proba=oof[back],
-        in_test=is_test[back],
-        fold_scores=fold_scores,
-        summary=summary,
-        positive=positive if binary else None,
-        threshold=threshold,
-        test_ids=[plan.ids[i] for i in test_pos],
-        test_proba=test_proba,
-        test_report=test_report,
-        model=final,
-        fit_seconds=fit_seconds,
-        cv_seconds=cv_seconds,
-        n_splits=plan.n_splits,
-        n_repeats=plan.n_repeats,
-    )
-
-

@@ -17,6 +17,7 @@ from core.base.problems import InputError
 from core.learning import (
     bundles,
     comparison,
+    crossval,
     evaluation,
     extraction,
     finetune,
@@ -68,7 +69,7 @@ def train_frozen(
     positive = _positive(classes, names)
     plan = runs.split_plan(project, ids, list(y), seed=seed)
     started = time.time()
-    cv = evaluation.cross_validate_head(
+    cv = crossval.cross_validate_head(
         X, y, plan=plan, ids=ids, positive=positive,
         on_progress=lambda done, total: report(done, total, "Cross-validating the frozen classifier"),
     )

@@ -3,7 +3,7 @@
 import streamlit as st
 
 from core.learning import runs
-from core.present import charts, report
+from core.present import charts, report, report_html
 from core.projects.state import ProjectState
 from pages import ui
 
@@ -40,7 +40,7 @@ if unnamed:
 st.info(f"**The question:** {built.question}")
 st.markdown("\n".join(f"- {line}" for line in built.in_short))
 st.download_button(
-    "Download the report (HTML)", report.to_html(built), file_name=f"{project.slug}-report.html", mime="text/html",
+    "Download the report (HTML)", report_html.to_html(built), file_name=f"{project.slug}-report.html", mime="text/html",
     type="primary", icon=":material/download:", on_click=lambda: report.mark_downloaded(project))
 st.caption("One file with the photos and charts inside: it opens offline in any browser. "
            "For a PDF, open it and print (Ctrl+P ▸ Save as PDF).")
