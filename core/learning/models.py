@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import os
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 from core.base.files import atomic_copy, atomic_write_bytes, sha256_file
@@ -54,7 +54,7 @@ def list_models(project: Project) -> list[dict]:
             "id": run.id, "source": "trained", "kind": run.kind, "backbone": run.backbone_id,
             "classes": list(run.classes), "positive": run.positive, "name": name or f"{run.kind} model {run.id}",
             "path": run.bundle_path, "headline": run.headline, "own_threshold": run.threshold,
-            "created_at": datetime.fromtimestamp(run.created_at, timezone.utc).isoformat(timespec="seconds"),
+            "created_at": datetime.fromtimestamp(run.created_at, UTC).isoformat(timespec="seconds"),
         })
     seen = {m["id"] for m in out}
     for m in sorted(state.imported_models, key=lambda m: m.get("imported_at", 0), reverse=True):
