@@ -1,7 +1,7 @@
 """Catalog Lens: teach the computer to tag your product photos.
 
 Run with ``streamlit run app.py``. This file declares the journey and draws the sidebar;
-each step is a thin script in ``pages/`` over the ``core`` package.
+each step is a thin script in ``app_pages/steps/`` over the ``core`` package.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import streamlit as st
 from core.base.problems import InputError
 from core.present import journey
 from core.projects import workspace
-from pages import ui
+from app_pages import ui
 
 ASSETS = Path(__file__).parent / "assets"
 
@@ -95,13 +95,13 @@ def _title(step: str) -> str:
 
 
 pages = {
-    "home": st.Page("pages/steps/home.py", title="Home", icon=":material/home:", default=True),
-    "data": st.Page("pages/steps/data.py", title=_title("data"), url_path="data"),
-    "backbone": st.Page("pages/steps/backbone.py", title=_title("backbone"), url_path="backbone"),
-    "train": st.Page("pages/steps/train.py", title=_title("train"), url_path="train"),
-    "explore": st.Page("pages/steps/explore.py", title=_title("explore"), url_path="explore"),
-    "tag": st.Page("pages/steps/tag.py", title=_title("tag"), url_path="tag"),
-    "report": st.Page("pages/steps/report.py", title=_title("report"), url_path="report"),
+    "home": st.Page("app_pages/steps/home.py", title="Home", icon=":material/home:", default=True),
+    "data": st.Page("app_pages/steps/data.py", title=_title("data"), url_path="data"),
+    "backbone": st.Page("app_pages/steps/backbone.py", title=_title("backbone"), url_path="backbone"),
+    "train": st.Page("app_pages/steps/train.py", title=_title("train"), url_path="train"),
+    "explore": st.Page("app_pages/steps/explore.py", title=_title("explore"), url_path="explore"),
+    "tag": st.Page("app_pages/steps/tag.py", title=_title("tag"), url_path="tag"),
+    "report": st.Page("app_pages/steps/report.py", title=_title("report"), url_path="report"),
 }
 ui.register_pages(pages)
 nav = st.navigation({"": [pages["home"]], "Your journey": [pages[s] for s in journey.STEPS]})

@@ -73,7 +73,7 @@ def _app(project, page: str):
 
 def test_train_page_keeps_the_chosen_setting_for_that_model(trained):
     project, run = trained["project"], trained["run"]
-    at = _app(project, "pages/steps/train.py")
+    at = _app(project, "app_pages/steps/train.py")
     at.slider(key="thr-frozen").set_value(0.9).run()
     next(b for b in at.button if b.label == "Use this setting for tagging").click().run()
     assert not at.exception, at.exception
@@ -85,7 +85,7 @@ def test_train_page_keeps_the_chosen_setting_for_that_model(trained):
 def test_tag_page_tags_with_the_chosen_threshold(trained):
     project, run = trained["project"], trained["run"]
     models.set_threshold(project, run.id, trained["chosen"])
-    at = _app(project, "pages/steps/tag.py")
+    at = _app(project, "app_pages/steps/tag.py")
     at.file_uploader[0].set_value([("catalog.csv", trained["catalog"].read_bytes(), "text/csv")]).run()
     next(b for b in at.button if b.label == "Start tagging").click().run()
     assert not at.exception, at.exception

@@ -36,7 +36,7 @@ def project():
 def test_every_page_renders_without_a_project(page):
     at = _app().run()
     if page != "home":
-        at.switch_page(f"pages/steps/{page}.py").run()
+        at.switch_page(f"app_pages/steps/{page}.py").run()
     assert not at.exception
     text = " ".join(m.value for m in at.markdown) + " ".join(i.value for i in at.info)
     assert "project" in text.lower()
@@ -46,7 +46,7 @@ def test_every_page_renders_without_a_project(page):
 def test_every_page_renders_with_an_empty_project(project, page):
     at = _app(project.slug).run()
     if page != "home":
-        at.switch_page(f"pages/steps/{page}.py").run()
+        at.switch_page(f"app_pages/steps/{page}.py").run()
     assert not at.exception, at.exception
 
 
@@ -103,7 +103,7 @@ def test_last_project_reopens_in_a_new_session():
 
 def test_data_page_upload_photos_and_sheet(project):
     at = _app(project.slug).run()
-    at.switch_page("pages/steps/data.py").run()
+    at.switch_page("app_pages/steps/data.py").run()
     photos = [(f"p{i}.jpg", _jpeg((200, 30 * i, 40)), "image/jpeg") for i in range(6)]
     photos += [(f"n{i}.jpg", _jpeg((20, 30 * i, 200)), "image/jpeg") for i in range(6)]
     photos.append(("broken.jpg", b"\xff\xd8\xff\xe0 not really a jpeg", "image/jpeg"))
@@ -132,7 +132,7 @@ def test_data_page_upload_photos_and_sheet(project):
     assert project.class_names() == {"1": "Person in photo"}
     # Everything is on disk: a fresh session sees the same numbers.
     again = _app(project.slug).run()
-    again.switch_page("pages/steps/data.py").run()
+    again.switch_page("app_pages/steps/data.py").run()
     assert {m.label: m.value for m in again.metric}["Labelled"] == "12"
 
 

@@ -154,7 +154,7 @@ def test_analysts_answers_and_wording_reach_the_report(demo):
         at = AppTest.from_file(str(REPO / "app.py"), default_timeout=120)
         at.query_params["project"] = demo.slug
         at.run()
-        at.switch_page("pages/steps/train.py").run()  # the Train page says so too
+        at.switch_page("app_pages/steps/train.py").run()  # the Train page says so too
         assert not at.exception, at.exception
         assert any("The labels have changed since this model was trained" in w.value for w in at.warning)
     finally:
@@ -228,7 +228,7 @@ def test_report_of_a_three_class_project(home):
     at = AppTest.from_file(str(REPO / "app.py"), default_timeout=120)
     at.query_params["project"] = p.slug
     at.run()
-    at.switch_page("pages/steps/report.py").run()
+    at.switch_page("app_pages/steps/report.py").run()
     assert not at.exception, at.exception
     assert "Which of these does the photo show" in at.info[0].value and not at.warning
     assert any("No catalog has been tagged yet" in i.value for i in at.info)
@@ -242,7 +242,7 @@ def test_report_page_draws_the_report_and_offers_the_file(demo):
     at = AppTest.from_file(str(REPO / "app.py"), default_timeout=120)
     at.query_params["project"] = demo.slug
     at.run()
-    at.switch_page("pages/steps/report.py").run()
+    at.switch_page("app_pages/steps/report.py").run()
     assert not at.exception, at.exception
     headers = [h.value for h in at.header]
     assert headers == ["What it learned from", "How well it works", "The catalog now", "What was not checked"]
@@ -265,7 +265,7 @@ def test_report_page_before_training_says_what_it_needs(home):
     at = AppTest.from_file(str(REPO / "app.py"), default_timeout=60)
     at.query_params["project"] = p.slug
     at.run()
-    at.switch_page("pages/steps/report.py").run()
+    at.switch_page("app_pages/steps/report.py").run()
     assert not at.exception, at.exception
     assert "train a model" in at.info[0].value
 

@@ -324,7 +324,7 @@ def _tag_page(project):
     at = AppTest.from_file(str(REPO / "app.py"), default_timeout=120)
     at.query_params["project"] = project.slug
     at.run()
-    at.switch_page("pages/steps/tag.py").run()
+    at.switch_page("app_pages/steps/tag.py").run()
     assert not at.exception, at.exception
     return at
 

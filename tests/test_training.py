@@ -134,7 +134,7 @@ def test_train_and_explore_pages_on_a_trained_project(project):
     at = AppTest.from_file(str(REPO / "app.py"), default_timeout=120)
     at.query_params["project"] = p.slug
     at.run()
-    at.switch_page("pages/steps/train.py").run()
+    at.switch_page("app_pages/steps/train.py").run()
     assert not at.exception, at.exception
     assert any(m.label == "Balanced accuracy on held-out photos" for m in at.metric)
     buf = io.BytesIO()
@@ -150,7 +150,7 @@ def test_train_and_explore_pages_on_a_trained_project(project):
     at.file_uploader(key="import_model").set_value([("junk.zip", b"PK\x03\x04 junk", "application/zip")]).run()
     assert at.error and "junk.zip" in at.error[0].value
 
-    at.switch_page("pages/steps/explore.py").run()
+    at.switch_page("app_pages/steps/explore.py").run()
     assert not at.exception, at.exception
     assert at.get("plotly_chart")
 
@@ -166,7 +166,7 @@ def test_backbone_page_offline_network_explains_itself(project, monkeypatch, tmp
     at = AppTest.from_file(str(REPO / "app.py"), default_timeout=120)
     at.query_params["project"] = p.slug
     at.run()
-    at.switch_page("pages/steps/backbone.py").run()
+    at.switch_page("app_pages/steps/backbone.py").run()
     assert not at.exception, at.exception
     assert any("Features are ready for all 24 photos" in s.value for s in at.success)
     next(s for s in at.selectbox if s.label == "Network to use").set_value("resnet50").run()
@@ -190,7 +190,7 @@ def test_tag_page_tags_a_catalog_of_project_photos(project):
     at = AppTest.from_file(str(REPO / "app.py"), default_timeout=120)
     at.query_params["project"] = p.slug
     at.run()
-    at.switch_page("pages/steps/tag.py").run()
+    at.switch_page("app_pages/steps/tag.py").run()
     assert not at.exception, at.exception
     at.file_uploader[0].set_value([("catalog.csv", catalog.encode(), "text/csv")]).run()
     assert at.multiselect[0].value == ["picture"]

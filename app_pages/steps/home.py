@@ -3,7 +3,7 @@
 import streamlit as st
 
 from core.present import journey
-from pages import ui
+from app_pages import ui
 
 st.title("Catalog Lens")
 st.markdown(

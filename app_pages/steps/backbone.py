@@ -11,7 +11,7 @@ from core.learning import extraction
 from core.present import journey
 from core.projects.state import ProjectState
 from core.vision import backbones, weights
-from pages import ui
+from app_pages import ui
 
 st.title("2 · Backbone")
 st.caption("Pick the network that will describe your photos. The recommended one is a good start everywhere.")

@@ -5,7 +5,7 @@ import streamlit as st
 from core.learning import runs
 from core.present import charts, report, report_html
 from core.projects.state import ProjectState
-from pages import ui
+from app_pages import ui
 
 st.title("6 · Report")
 st.caption("One page for management: the question, the photos it learned from, how well it works, what the "

@@ -12,7 +12,7 @@ from core.base.problems import InputError
 from core.learning import models, predictor, runs, training
 from core.present import charts
 from core.projects.workspace import Project
-from pages.ui import thumb_grid
+from app_pages.ui import thumb_grid
 
 TITLES = {"frozen": "Quick model (frozen backbone)", "finetuned": "Fine-tuned network"}
 COLUMNS = {"precision": "Precision", "recall": "Recall", "f1": "F1 (both in one)", "support": "Photos"}

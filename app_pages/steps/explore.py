@@ -5,7 +5,7 @@ import streamlit as st
 from core.learning import explore, runs
 from core.present import charts, journey
 from core.projects.state import ProjectState
-from pages import ui
+from app_pages import ui
 
 st.title("4 · Explore")
 st.caption("Similar photos sit close together. Odd ones out and photos in the other group's cloud deserve a look.")

@@ -13,7 +13,7 @@ from core.inputs import sheets
 from core.learning import models, runs
 from core.present import charts
 from core.projects.state import ProjectState
-from pages import ui
+from app_pages import ui
 
 
 @st.cache_data(max_entries=2, show_spinner=False)
