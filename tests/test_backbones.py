@@ -181,11 +181,23 @@ def _saved(state: dict) -> bytes:
     return buffer.getvalue()
 
 
+def _published_as(monkeypatch, backbone_id: str, data: bytes) -> None:
+    """Make ``data`` the published file of a backbone: its record's checksum prefix is that of
+    ``data`` (a test cannot produce the real file; the record stays otherwise as registered)."""
+    import dataclasses
+
+    real = bb.get_backbone(backbone_id)
+    published = dataclasses.replace(
+        real, weights=dataclasses.replace(real.weights, sha256_prefix=hashlib.sha256(data).hexdigest()[:8]))
+    monkeypatch.setattr(wt, "get_backbone", lambda b: published if b in (backbone_id, real) else bb.get_backbone(b))
+
+
 def test_download_reports_progress_into_torchvision_cache(monkeypatch):
     import torchvision.models as tvm
 
     state = tvm.mobilenet_v3_large().state_dict()
     data = _saved(state)
+    _published_as(monkeypatch, "mobilenet_v3_large", data)
     monkeypatch.setattr(wt.urllib.request, "urlopen", lambda *a, **k: _FakeResponse(data))
     seen = []
     path = wt.ensure_weights("mobilenet_v3_large", on_progress=lambda d, t: seen.append((d, t)))
@@ -286,3 +298,17 @@ def test_pick_device_honours_and_explains():
     assert describe_device("cpu").startswith("CPU · ")
     summary = device_summary()
     assert {"device", "kind", "label", "accelerated", "cpu_cores"} <= set(summary)
+
+
+def test_a_download_that_is_not_the_published_file_is_refused_and_not_kept(monkeypatch):
+    """Right tensors, wrong bytes (a mirror's re-save, a corrupted copy): the checksum the
+    publisher put in the file name is checked right after the download."""
+    import torchvision.models as tvm
+
+    data = _saved(tvm.mobilenet_v3_large().state_dict())  # not the published weights
+    monkeypatch.setattr(wt.urllib.request, "urlopen", lambda *a, **k: _FakeResponse(data))
+    with pytest.raises(wt.WeightsUnavailable, match="checksum does not match the published one"):
+        wt.ensure_weights("mobilenet_v3_large")
+    folder = wt._torchvision_cache_path(bb.get_backbone("mobilenet_v3_large")).parent
+    assert not folder.exists() or list(folder.iterdir()) == []
+    assert not wt.weights_status("mobilenet_v3_large").available

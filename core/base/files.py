@@ -13,7 +13,7 @@ import hashlib
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO
 
@@ -33,10 +33,12 @@ def _sync_folder(folder: Path) -> None:
 
 
 @contextlib.contextmanager
-def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
+def atomic_path(path: str | os.PathLike[str], *, name_after: Callable[[Path], Path] | None = None) -> Iterator[Path]:
     """A temporary path beside ``path`` for a writer that wants a file name (safetensors,
-    zip): once the block ends without error the file is synced and renamed to ``path``;
-    on error it is removed and ``path`` is untouched."""
+    zip, a download): once the block ends without error the file is synced and renamed to
+    ``path``, or to ``name_after(temporary path)`` when the name depends on what was written
+    (a download's format; an error raised there discards the file). On any error the
+    temporary file is removed and nothing else is touched."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TMP_SUFFIX)
@@ -46,6 +48,8 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
         yield tmp
         with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())
+        if name_after is not None:
+            path = name_after(tmp)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)

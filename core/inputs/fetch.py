@@ -23,7 +23,6 @@ import ipaddress
 import os
 import socket
 import ssl
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -32,6 +31,7 @@ from http import HTTPStatus
 from pathlib import Path
 from urllib.parse import quote, urljoin, urlsplit
 
+from core.base.files import atomic_path
 from core.inputs.images import ImageError, inspect_image
 
 ALLOW_PRIVATE_ENV = "CATALOG_LENS_ALLOW_PRIVATE_URLS"
@@ -418,41 +418,37 @@ class Fetcher:
         key = self._key(url)
         folder = self.cache_dir / key[:2]
         folder.mkdir(parents=True, exist_ok=True)
-        fd, tmp_name = tempfile.mkstemp(dir=folder, prefix=f".{key}.", suffix=".tmp")
-        tmp = Path(tmp_name)
-        try:
-            deadline = time.monotonic() + self.policy.timeout_s
-            received = 0
-            with os.fdopen(fd, "wb") as out:
-                while True:
-                    remaining = deadline - time.monotonic()
-                    if remaining <= 0:
-                        raise self._too_slow()
-                    if conn.sock is not None:
-                        conn.sock.settimeout(remaining)
-                    try:
-                        chunk = response.read(_CHUNK)
-                    except TimeoutError:
-                        raise self._too_slow() from None
-                    except (OSError, http.client.HTTPException):
-                        raise _FetchFailed("the connection broke off during the download", retry=True) from None
-                    if not chunk:
-                        break
-                    received += len(chunk)
-                    if received > self.policy.max_bytes:
-                        raise self._too_big()
-                    out.write(chunk)
-                out.flush()
-                os.fsync(out.fileno())
+        stored: list[Path] = []
+
+        def named_by_format(tmp: Path) -> Path:
+            """The cache name of a checked download (its extension from its real format)."""
             try:
                 info = inspect_image(tmp)
             except ImageError as exc:
                 what = f"the address is not an image ({ctype})" if ctype in _OCTET or not ctype else None
                 raise _FetchFailed(what or f"the downloaded file is not a usable image: {exc}") from None
-            final = folder / f"{key}.{_EXTENSIONS.get(info.format.upper(), 'img')}"
-            os.replace(tmp, final)
-            return final
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                tmp.unlink()
-            raise
+            stored.append(folder / f"{key}.{_EXTENSIONS.get(info.format.upper(), 'img')}")
+            return stored[0]
+
+        with atomic_path(folder / key, name_after=named_by_format) as tmp, open(tmp, "wb") as out:
+            deadline = time.monotonic() + self.policy.timeout_s
+            received = 0
+            while True:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise self._too_slow()
+                if conn.sock is not None:
+                    conn.sock.settimeout(remaining)
+                try:
+                    chunk = response.read(_CHUNK)
+                except TimeoutError:
+                    raise self._too_slow() from None
+                except (OSError, http.client.HTTPException):
+                    raise _FetchFailed("the connection broke off during the download", retry=True) from None
+                if not chunk:
+                    break
+                received += len(chunk)
+                if received > self.policy.max_bytes:
+                    raise self._too_big()
+                out.write(chunk)
+        return stored[0]

@@ -21,7 +21,7 @@ from typing import BinaryIO
 
 import pandas as pd
 
-from core.base.files import atomic_write_bytes, sha256_file
+from core.base.files import atomic_file, atomic_write_bytes, sha256_file
 from core.base.problems import InputError, Problem
 from core.inputs import images, labels, uploads
 from core.projects.workspace import Project
@@ -43,10 +43,8 @@ def stage_upload(project: Project, *, filename: str, data: bytes | BinaryIO) -> 
     if isinstance(data, (bytes, bytearray, memoryview)):
         atomic_write_bytes(dest, bytes(data))
     else:
-        tmp = dest.with_name(dest.name + ".part")
-        with open(tmp, "wb") as out:
+        with atomic_file(dest) as out:
             shutil.copyfileobj(data, out, length=1 << 20)
-        tmp.replace(dest)
     kind = "zip" if uploads.is_zip(dest) else "photo"
     project.record_upload(upload_id, filename=filename, kind=kind, staged_path=dest)
     return upload_id

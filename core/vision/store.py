@@ -182,22 +182,3 @@ class FeatureStore:
         with self._lock:
             self._sha_index = {p: s for p, s in self._sha_index.items() if p.parent != folder}
         shutil.rmtree(trash, ignore_errors=True)
-
-
-def _atomic_npz(target: Path, **arrays: np.ndarray) -> Path:
-    tmp = target.with_name(f".tmp-{uuid.uuid4().hex}.npz")
-    try:
-        with open(tmp, "wb") as f:
-            np.savez(f, **arrays)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, target)
-    finally:
-        tmp.unlink(missing_ok=True)
-    with contextlib.suppress(OSError, AttributeError):  # make the rename itself durable
-        fd = os.open(target.parent, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    return target

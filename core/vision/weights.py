@@ -11,11 +11,11 @@ a weights file a user imports is read without unpickling anything.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import shutil
-import tempfile
 import threading
 import urllib.error
 import urllib.request
@@ -25,6 +25,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from core.base.files import atomic_path, atomic_write_text, sha256_file
 from core.vision.backbones import Backbone, WeightsSpec, get_backbone
 
 if TYPE_CHECKING:
@@ -188,15 +189,13 @@ def ensure_weights(backbone_id: str, *, on_progress: ProgressCallback | None = N
 
 
 def _download_torchvision(backbone: Backbone, on_progress: ProgressCallback | None) -> Path:
+    """Download the weights file once, and keep it only if it is what was published: it must
+    hold the network's tensors (a proxy's HTML page does not) and, where the file name
+    carries the publisher's SHA-256 prefix, match it (a truncated or altered file does not)."""
     target = _torchvision_cache_path(backbone)
-    target.parent.mkdir(parents=True, exist_ok=True)
     request = urllib.request.Request(backbone.weights.location, headers={"User-Agent": "torch.hub"})
-    fd, tmp_name = tempfile.mkstemp(dir=target.parent, prefix=target.name, suffix=".partial")
-    tmp = Path(tmp_name)
-    try:
-        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(
-            request, timeout=_DOWNLOAD_TIMEOUT_S
-        ) as response:
+    with atomic_path(target) as tmp:
+        with open(tmp, "wb") as out, urllib.request.urlopen(request, timeout=_DOWNLOAD_TIMEOUT_S) as response:
             total = int(response.headers.get("Content-Length") or 0)
             done = 0
             while chunk := response.read(1 << 20):
@@ -204,13 +203,16 @@ def _download_torchvision(backbone: Backbone, on_progress: ProgressCallback | No
                 done += len(chunk)
                 if on_progress is not None:
                     on_progress(done, total or done)
-            out.flush()
-            os.fsync(out.fileno())
-        _check_layout(backbone, read_state_dict(tmp))  # a proxy's HTML page is not weights
-        os.replace(tmp, target)
-    finally:
-        tmp.unlink(missing_ok=True)
+        verify_download(backbone, tmp)
     return target
+
+
+def verify_download(backbone: Backbone, path: Path) -> None:
+    """``ValueError`` saying what is wrong unless ``path`` is the backbone's published weights file."""
+    expected = backbone.weights.sha256_prefix
+    if expected and not sha256_file(path).startswith(expected):
+        raise ValueError(f"its checksum does not match the published one ({expected}…)")
+    _check_layout(backbone, read_state_dict(path))
 
 
 def _download_hf(backbone: Backbone, on_progress: ProgressCallback | None) -> Path:
@@ -348,22 +350,19 @@ def import_weights(backbone_id: str, path: str | Path) -> Path:
     _check_layout(backbone, state)
     if backbone.weights.source == "torchvision":
         target = _torchvision_cache_path(backbone)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_name(target.name + ".importing")
-        if source.suffix.lower() == ".safetensors":
-            import torch
+        with atomic_path(target) as tmp:
+            if source.suffix.lower() == ".safetensors":
+                import torch
 
-            torch.save(state, tmp)  # torchvision reads .pth only
-        else:
-            shutil.copyfile(source, tmp)
+                torch.save(state, tmp)  # torchvision reads .pth only (tensors only: loads with weights_only)
+            else:
+                shutil.copyfile(source, tmp)
     else:
         from safetensors.torch import save_file
 
         target = _imported_timm_path(backbone)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_name(target.name + ".importing")
-        save_file({k: v.contiguous() for k, v in state.items()}, str(tmp))
-    os.replace(tmp, target)
+        with atomic_path(target) as tmp:
+            save_file({k: v.contiguous() for k, v in state.items()}, str(tmp))
     _forget_hash(target)
     return target
 
@@ -402,18 +401,9 @@ def _file_sha256(path: Path) -> str:
                 return saved["sha256"]
         except (OSError, ValueError, KeyError):
             pass
-        digest = hashlib.sha256()
-        with open(path, "rb") as f:
-            while chunk := f.read(1 << 20):
-                digest.update(chunk)
-        stamp["sha256"] = digest.hexdigest()
-        try:
-            memo.parent.mkdir(parents=True, exist_ok=True)
-            tmp = memo.with_name(memo.name + f".{os.getpid()}.tmp")
-            tmp.write_text(json.dumps(stamp))
-            os.replace(tmp, memo)
-        except OSError:
-            pass  # remembering is an optimisation
+        stamp["sha256"] = sha256_file(path)
+        with contextlib.suppress(OSError):  # remembering is an optimisation
+            atomic_write_text(memo, json.dumps(stamp))
         return stamp["sha256"]
 
 
