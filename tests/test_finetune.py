@@ -1,24 +1,37 @@
 """Fine-tuning on real photos with the real offline EfficientNet-Lite0: it starts at the
 frozen head, trains, keeps the best epoch, cancels cleanly, repeats itself with the same
-seed, survives bad files and round-trips through safetensors. Tiny counts: this is a CPU."""
+seed, resumes after a cancel or a kill -9 exactly where it stopped, survives bad files and
+round-trips through safetensors. Tiny counts: this is a CPU."""
 
 from __future__ import annotations
 
 import csv
+import dataclasses
+import json
 import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
+from safetensors import safe_open
+from safetensors.numpy import save_file as save_numpy
 from safetensors.torch import load_file, save_file
 
 from core.learning import finetune as ft
+from core.learning import finetune_checkpoint as ckpt
 from core.learning import finetune_config as fc
 from core.learning import finetune_loop as fl
 from core.learning.heads import head_to_arrays, make_frozen_head
 from core.vision import backbones as bb
 from core.vision import networks as nw
+from tests.conftest import REPO
 
 LITE0 = "efficientnet_lite0"
 CLASSES = ["no_person", "person"]
@@ -173,17 +186,27 @@ def test_best_checkpoint_is_restored(run, photos):
     val_loss = -np.mean(np.log(proba[np.arange(len(truth)), truth]))
     assert val_loss == pytest.approx(result.best_val_loss, abs=1e-5)
     np.testing.assert_allclose(proba, result.val_proba, atol=1e-6)
-    if result.best_epoch >= 0:  # the improving epoch was also written with safetensors
-        saved = load_file(str(run["folder"] / ft.CHECKPOINT_FILE))
-        state = result.model.state_dict()
-        assert saved.keys() == state.keys() and all(torch.equal(saved[k], state[k].cpu()) for k in saved)
+    assert list(run["folder"].iterdir()) == []  # a finished run leaves no checkpoint to resume
+
+
+def _untimed(history: list[dict]) -> list[dict]:
+    return [{k: v for k, v in h.items() if k not in ("seconds", "photos_per_s")} for h in history]
+
+
+def _assert_same_run(got: ft.FinetuneResult, want: ft.FinetuneResult) -> None:
+    """Bit for bit the same run: history (but its timings), weights, best epoch, threshold."""
+    assert _untimed(got.history) == _untimed(want.history)
+    a, b = got.model.state_dict(), want.model.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert (got.best_epoch, got.best_val_loss, got.threshold) == (want.best_epoch, want.best_val_loss, want.threshold)
+    assert (got.stop_reason, got.batch_size, got.failures) == (want.stop_reason, want.batch_size, want.failures)
+    assert got.start_val == want.start_val and got.val_ids == want.val_ids
+    np.testing.assert_array_equal(got.val_proba, want.val_proba)
 
 
 def test_same_seed_same_result(run, photos, frozen):
     first, second = run["result"], _run(photos, frozen)
-    assert [{k: v for k, v in h.items() if k not in ("seconds", "photos_per_s")} for h in first.history] == [
-        {k: v for k, v in h.items() if k not in ("seconds", "photos_per_s")} for h in second.history
-    ]
+    assert _untimed(first.history) == _untimed(second.history)
     a, b = first.model.state_dict(), second.model.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
 
@@ -249,6 +272,149 @@ def test_out_of_memory_halves_the_batch(photos, frozen, monkeypatch):
     config = fc.FinetuneConfig(epochs=1, batch_size=5, head_only_epochs=1)
     result = _run(photos, frozen, config=config)
     assert result.batch_size == 2 and len(result.history) == 1
+
+
+# --------------------------------------------------------------------------- resuming
+
+# Three epochs, one per phase (head, top, all), so that a resumed run must carry AdamW's
+# state for groups unfrozen at different times, and the schedule across them.
+RESUME = fc.FinetuneConfig(epochs=3, batch_size=3, head_only_epochs=1, partial_epochs=1, warmup_epochs=0.5,
+                           patience=5)
+STEPS = 2  # batches per epoch: 8 training items, batches of 3, the last one dropped
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(photos, frozen, tmp_path_factory) -> ft.FinetuneResult:
+    return _run(photos, frozen, tmp_path_factory.mktemp("uninterrupted"), config=RESUME)
+
+
+@pytest.fixture(scope="module")
+def cancelled(photos, frozen, tmp_path_factory) -> dict:
+    """A run cancelled as its second epoch begins: the checkpoint of the first is left."""
+    folder, epochs = tmp_path_factory.mktemp("cancelled"), []
+    result = _run(photos, frozen, folder, config=RESUME, on_epoch=epochs.append, should_cancel=lambda: bool(epochs))
+    return {"result": result, "folder": folder, "epochs": epochs}
+
+
+def _with_checkpoint(cancelled, tmp_path):
+    shutil.copy(cancelled["folder"] / ft.CHECKPOINT_FILE, tmp_path / ft.CHECKPOINT_FILE)
+    return tmp_path
+
+
+def test_resume_after_a_cancel_gives_the_uninterrupted_result(photos, frozen, uninterrupted, cancelled, tmp_path):
+    first = cancelled["result"]
+    assert first.cancelled and len(first.history) == 1
+    folder = _with_checkpoint(cancelled, tmp_path)
+    replayed, progress = [], []
+    resumed = _run(photos, frozen, folder, config=RESUME, on_epoch=replayed.append,
+                   on_progress=lambda d, t: progress.append((d, t)))
+    assert progress[0] == (STEPS + 1, 3 * STEPS)  # the first epoch is not trained again
+    assert replayed[0] == first.history[0]  # ...but reported as it was recorded, timing included
+    assert len(replayed) == 3 and resumed.resumed_epochs == 1 and resumed.checkpoint_note is None
+    _assert_same_run(resumed, uninterrupted)
+    assert list(folder.iterdir()) == []  # finished: nothing left to resume
+
+
+def test_resume_after_kill_9_gives_the_uninterrupted_result(photos, frozen, uninterrupted, tmp_path):
+    """A real SIGKILL in a separate process, as when the computer or the app dies."""
+    folder = tmp_path / "checkpoint"
+    save_numpy(dict(frozen["arrays"]), str(tmp_path / "head.safetensors"))
+    request = {
+        "train": [[i, str(p), label] for i, p, label in photos["train"] + photos["broken"]],
+        "val": [[i, str(p), label] for i, p, label in photos["val"]],
+        "backbone": LITE0, "classes": CLASSES, "config": dataclasses.asdict(RESUME),
+        "head": str(tmp_path / "head.safetensors"), "head_classes": list(frozen["head"].classes_), "checkpoint_dir": str(folder),
+    }
+    (tmp_path / "request.json").write_text(json.dumps(request))
+    child = subprocess.Popen([sys.executable, "-m", "tests.finetune_child", str(tmp_path / "request.json")], cwd=REPO)
+    try:
+        give_up = time.monotonic() + 600
+        while not (folder / ft.CHECKPOINT_FILE).exists():
+            assert child.poll() is None, "the fine-tuning process ended before it wrote a checkpoint"
+            assert time.monotonic() < give_up, "no checkpoint after 10 minutes"
+            time.sleep(0.02)
+        os.kill(child.pid, signal.SIGKILL)
+    finally:
+        child.kill()
+        child.wait()
+    assert child.returncode == -signal.SIGKILL
+    progress = []
+    resumed = _run(photos, frozen, folder, config=RESUME, on_progress=lambda d, t: progress.append((d, t)))
+    assert progress[0][0] > STEPS and resumed.resumed_epochs >= 1  # continued, not started over
+    _assert_same_run(resumed, uninterrupted)
+    assert list(folder.iterdir()) == []
+
+
+def test_resume_with_a_decoding_worker_process(photos, frozen, tmp_path):
+    """Augmentation drawn in a worker process depends on the epoch alone, so a resumed
+    run repeats it although the worker that drew the earlier epochs is gone."""
+    config = dataclasses.replace(SMALL, num_workers=1)
+    whole = _run(photos, frozen, tmp_path / "whole", config=config)
+    epochs, progress = [], []
+    _run(photos, frozen, tmp_path / "cut", config=config, on_epoch=epochs.append, should_cancel=lambda: bool(epochs))
+    resumed = _run(photos, frozen, tmp_path / "cut", config=config, on_progress=lambda d, t: progress.append((d, t)))
+    assert progress[0] == (STEPS + 1, 2 * STEPS)
+    _assert_same_run(resumed, whole)
+
+
+def test_the_checkpoint_holds_the_run_in_safetensors_and_json(cancelled):
+    """No pickle: tensors in safetensors, the rest as JSON in its header; the best weights
+    so far are those the cancelled run returned."""
+    first, path = cancelled["result"], cancelled["folder"] / ft.CHECKPOINT_FILE
+    with safe_open(str(path), framework="pt") as f:
+        keys, meta = set(f.keys()), f.metadata()
+    state = json.loads(meta["state"])
+    assert state["progress"]["epoch"] == 1 and state["progress"]["history"] == first.history
+    assert state["progress"]["batch_size"] == 3 and dict(state["progress"]["failures"]) == dict(first.failures)
+    head = [i for i, g in enumerate(state["optimizer"]["param_groups"]) if g["name"] == "head"]
+    assert {f"optimizer/{p}/{n}" for g in head for p in state["optimizer"]["param_groups"][g]["params"]
+            for n in ("step", "exp_avg", "exp_avg_sq")} <= keys
+    assert {"rng/torch", "best_eval/proba", "best_eval/targets"} <= keys
+    saved = load_file(str(path))
+    prefix = "best/" if any(k.startswith("best/") for k in saved) else "model/"
+    best = {k[len(prefix):]: v for k, v in saved.items() if k.startswith(prefix)}
+    want = first.model.state_dict()
+    assert best.keys() == want.keys() and all(torch.equal(best[k], want[k]) for k in want)
+
+
+def test_a_checkpoint_of_another_request_is_not_used(photos, frozen, run, cancelled, tmp_path):
+    folder = _with_checkpoint(cancelled, tmp_path)
+    other = _run(photos, frozen, folder)  # the same photos, other settings (SMALL)
+    assert other.resumed_epochs == 0 and "other photos, labels or settings" in other.checkpoint_note
+    assert _untimed(other.history) == _untimed(run["result"].history)  # exactly a fresh run
+    (folder / ft.CHECKPOINT_FILE).write_bytes(b"half a file")
+    found, note = ckpt.load_checkpoint(folder, "anything")
+    assert found is None and "could not be read" in note
+
+
+def test_a_checkpoint_that_does_not_fit_is_not_used(photos, frozen, uninterrupted, cancelled, tmp_path):
+    """Asked the same but unusable (say, written by another version of the libraries): the
+    run starts over, exactly as a fresh one, instead of failing at every attempt."""
+    path = cancelled["folder"] / ft.CHECKPOINT_FILE
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata()
+    tensors = {k: v for k, v in load_file(str(path)).items() if k != "model/head.bias"}
+    save_file(tensors, str(tmp_path / ft.CHECKPOINT_FILE), metadata=meta)
+    result = _run(photos, frozen, tmp_path, config=RESUME)
+    assert result.resumed_epochs == 0 and "could not be used" in result.checkpoint_note
+    _assert_same_run(result, uninterrupted)
+
+
+def test_the_fingerprint_covers_what_decides_the_run(photos, frozen):
+    train = [(i, p, CLASSES.index(label)) for i, p, label in photos["train"]]
+    val = [(i, p, CLASSES.index(label)) for i, p, label in photos["val"]]
+    asked = {"backbone_id": LITE0, "classes": CLASSES, "train_items": train, "val_items": val, "config": RESUME,
+             "head_arrays": frozen["arrays"], "head_classes": CLASSES, "device_type": "cpu"}
+    base = ckpt.request_fingerprint(**asked)
+    moved = [(i, f"/elsewhere/{i}.jpg", t) for i, _, t in train]
+    assert ckpt.request_fingerprint(**dict(asked, train_items=moved)) == base  # paths do not matter
+    nudged = dict(frozen["arrays"], **{"logreg.intercept": frozen["arrays"]["logreg.intercept"] + 1e-9})
+    relabelled = [(train[0][0], train[0][1], 1 - train[0][2])] + train[1:]
+    changes = [{"train_items": train[:-1]}, {"train_items": relabelled}, {"val_items": val[::-1]},
+               {"config": dataclasses.replace(RESUME, seed=1)}, {"config": dataclasses.replace(RESUME, lr_head=2e-3)},
+               {"head_arrays": nudged}, {"head_arrays": None}, {"device_type": "cuda"}, {"backbone_id": "resnet50"}]
+    for change in changes:
+        assert ckpt.request_fingerprint(**dict(asked, **change)) != base, change
 
 
 # --------------------------------------------------------------------------- using the network

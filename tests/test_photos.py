@@ -33,3 +33,30 @@ def test_one_batch_keeps_good_photos_raw_jpegs_and_failures_apart(tmp_path):
     assert batch["jpeg_index"] == [1] and batch["jpeg_y"].tolist() == [0]
     (index, reason, permanent), = batch["failures"]
     assert index == 2 and permanent and reason
+
+
+def test_each_epoch_of_the_shuffle_depends_on_the_seed_and_the_epoch_alone(tmp_path):
+    """A resumed run starts a new loader at epoch e: it must draw what epoch e drew before,
+    the order and every photo's augmentation, whatever happened to the process's random state."""
+    from torchvision.transforms import v2
+
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 80, 3), dtype=np.uint8)).save(tmp_path / "a.png")
+    items = [(str(i), tmp_path / "a.png", 0) for i in range(10)]
+    dataset = ph.PhotoDataset(items, v2.Compose([v2.RandomResizedCrop(16), v2.ToImage()]), load_size=64)
+
+    def epoch(seed: int, number: int):
+        sampler = ph.EpochShuffle(len(items), seed=seed)
+        sampler.set_epoch(number)
+        keys = list(sampler)
+        torch.manual_seed(number * 7 + 1)  # any state of the process's own generator
+        return [i for i, _ in keys], [dataset[k][2] for k in keys[:3]]
+
+    order, crops = epoch(0, 3)
+    again, crops_again = epoch(0, 3)
+    assert sorted(order) == list(range(10)) and order == again
+    assert all(torch.equal(a, b) for a, b in zip(crops, crops_again, strict=True))
+    assert epoch(0, 4)[0] != order and epoch(1, 3)[0] != order
+    loader = ph.make_loader(dataset, batch_size=4, device=torch.device("cpu"), workers=0, shuffle=True, seed=0,
+                            drop_last=True)
+    loader.sampler.set_epoch(3)
+    assert [i for batch in loader for i in batch["index"]] == order[:8]

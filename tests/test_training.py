@@ -233,3 +233,20 @@ def test_the_map_follows_new_photos(project, tmp_path):
     extraction.extract_project(p, "efficientnet_lite0")
     after = explore.feature_map(p, method="pca")
     assert len(after) == len(before) + 1
+
+
+def test_an_interrupted_finetune_resumes_at_the_project_level(project):
+    """The job's path: a fine-tune cancelled (or killed) after its first epoch continues from
+    there when asked again, and a finished one leaves nothing behind to resume."""
+    p, _ = project
+    if "frozen" not in training.latest_runs(p):
+        training.train_frozen(p)
+    checkpoint = p.path("runs", "finetune-checkpoint") / finetune.CHECKPOINT_FILE
+    config = finetune.FinetuneConfig(epochs=2)
+    first, second = [], []
+    training.train_finetuned(p, config=config, on_epoch=first.append, should_cancel=lambda: bool(first))
+    assert len(first) == 1 and checkpoint.is_file()
+    record = training.train_finetuned(p, config=config, on_epoch=second.append)
+    assert second[0] == first[0]  # the first epoch as recorded, timing included: not trained again
+    assert len(second) == 2 and record.extra["resumed_epochs"] == 1 and "interruption" in record.headline
+    assert not checkpoint.exists()

@@ -121,7 +121,9 @@ def train_finetuned(
 
     The new head starts from a frozen head fit on the training photos only (a linear
     probe), so fine-tuning starts where the quick model is. Returns None when cancelled
-    before anything useful was learned.
+    before anything useful was learned. A run that was cancelled or whose process died
+    continues from its last completed epoch when asked again with the same photos, labels
+    and settings (the checkpoint is kept in the project's ``runs/finetune-checkpoint``).
     """
     report = on_progress or (lambda d, t, m: None)
     backbone_id = backbone_id or ProjectState(project).backbone or backbones.DEFAULT_BACKBONE_ID
@@ -174,6 +176,7 @@ def train_finetuned(
         headline=f"Balanced accuracy {100 * acc.value:.1f} % on {test_report.n} held-out photos. " + _story(result),
         seconds=round(seconds, 1), created_at=time.time(),
         extra={"history": result.history, "best_epoch": result.best_epoch, "failures": len(result.failures),
+               "resumed_epochs": result.resumed_epochs,
                "labels_signature": runs.labels_signature(ids, list(y), 0),
                "device": str(result.device)},
     )
@@ -189,6 +192,9 @@ def _story(result) -> str:
            "early_stopping": f"Stopped after {rounds}, once it no longer improved",
            "time_budget": f"Stopped after {rounds} at the time limit",
            "cancelled": f"Cancelled after {rounds}"}.get(result.stop_reason, f"Trained for {rounds}")
+    if result.resumed_epochs:
+        done = result.resumed_epochs
+        how += f" (continued after an interruption, {done} round{'' if done == 1 else 's'} already done)"
     if result.best_epoch >= 0:
         return f"{how}; the version kept is the one from round {result.best_epoch + 1}."
     return f"{how}; no round beat its starting point (the quick model's classifier), so that is what is kept."

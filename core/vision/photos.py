@@ -10,8 +10,9 @@ preprocessing as the PIL path.
 
 from __future__ import annotations
 
+import hashlib
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -54,7 +55,8 @@ class PhotoDataset:
     A sample is ``(position, kind, value, target)``: kind ``"tensor"`` (value: the
     transformed photo), ``"jpeg"`` (value: :func:`raw_jpeg`'s bytes and orientation, for
     GPU decoding; only with ``raw_jpeg_min_side``) or ``"error"`` (value: ``(reason,
-    permanent)``).
+    permanent)``). The key is a position, or ``(position, seed)`` from
+    :class:`EpochShuffle`: the random transform then draws from that seed alone.
     """
 
     def __init__(self, items: Sequence[Item], transform: Callable, *, load_size: int,
@@ -67,7 +69,8 @@ class PhotoDataset:
     def __len__(self) -> int:
         return len(self.items)
 
-    def __getitem__(self, index: int):
+    def __getitem__(self, key: int | tuple[int, int]):
+        index, seed = key if isinstance(key, tuple) else (key, None)
         _, path, target = self.items[index]
         if self.raw_jpeg_min_side is not None:
             try:
@@ -77,9 +80,51 @@ class PhotoDataset:
             if raw is not None:
                 return index, "jpeg", raw, target
         try:
-            return index, "tensor", self.transform(load_for_model(path, size=self.load_size)), target
+            return index, "tensor", self._transform(load_for_model(path, size=self.load_size), seed), target
         except Exception as exc:  # noqa: BLE001 - one bad photo must never stop the run
             return index, "error", (failure_reason(exc), is_permanent(exc)), target
+
+    def _transform(self, image, seed: int | None):
+        if seed is None:
+            return self.transform(image)
+        import torch
+
+        # The process's own random stream is left as it was: in the main process it is
+        # the network's (dropout, drop-path in some backbones).
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return self.transform(image)
+
+
+class EpochShuffle:
+    """A DataLoader sampler for training: every epoch a new order drawn from ``(seed,
+    epoch)`` (the epoch is set with :meth:`set_epoch`, as for torch's DistributedSampler),
+    each position paired with a seed for that photo's augmentation in that epoch.
+
+    An epoch is then a function of the seed and its number alone: a run resumed at epoch
+    ``e`` draws exactly what an uninterrupted run draws there, a batch size halved after
+    running out of memory keeps the epoch's order, and worker processes (whose own random
+    state would otherwise carry over from epoch to epoch, out of reach) change nothing.
+    """
+
+    def __init__(self, n: int, *, seed: int):
+        self.n, self.seed, self.epoch = n, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        import torch
+
+        digest = hashlib.sha256(f"catalog-lens shuffle {self.seed} {self.epoch}".encode()).digest()
+        generator = torch.Generator()
+        generator.manual_seed(int.from_bytes(digest[:8], "little"))
+        order = torch.randperm(self.n, generator=generator).tolist()
+        seeds = torch.randint(0, 2**62, (self.n,), generator=generator).tolist()
+        return iter([(i, seeds[i]) for i in order])
 
 
 def collate(samples) -> dict[str, Any]:
@@ -120,15 +165,17 @@ def make_loader(
     persistent: bool = False,
 ):
     """A DataLoader over ``dataset`` with :func:`collate`: pinned memory for CUDA, decoding
-    workers with one thread each, a seeded generator for a reproducible shuffle."""
+    workers with one thread each. ``shuffle`` draws each epoch's order and augmentation
+    from ``seed`` and the epoch (:class:`EpochShuffle`; set it with
+    ``loader.sampler.set_epoch``)."""
     import torch
 
-    generator = torch.Generator()
+    generator = torch.Generator()  # only seeds the worker processes now
     generator.manual_seed(seed)
     return torch.utils.data.DataLoader(
         dataset,
         batch_size=batch_size,
-        shuffle=shuffle,
+        sampler=EpochShuffle(len(dataset), seed=seed) if shuffle else None,
         drop_last=drop_last,
         num_workers=workers,
         collate_fn=collate,
