@@ -239,7 +239,7 @@ def test_an_interrupted_finetune_resumes_at_the_project_level(project):
     """The job's path: a fine-tune cancelled (or killed) after its first epoch continues from
     there when asked again, and a finished one leaves nothing behind to resume."""
     p, _ = project
-    if "frozen" not in training.latest_runs(p):
+    if "frozen" not in runs.latest_runs(p):
         training.train_frozen(p)
     checkpoint = p.path("runs", "finetune-checkpoint") / finetune.CHECKPOINT_FILE
     config = finetune.FinetuneConfig(epochs=2)

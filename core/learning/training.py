@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -25,6 +26,7 @@ from core.learning import (
     finetune_loop,
     heads,
     runs,
+    splits,
 )
 from core.projects.state import ProjectState
 from core.projects.workspace import Project
@@ -49,6 +51,33 @@ def _positive(classes: list[str], names: dict[str, str]) -> str | None:
     return classes[1]
 
 
+@dataclass(frozen=True)
+class _TrainingData:
+    """What both methods learn from: the cached features of the labelled photos and the split plan."""
+
+    backbone_id: str
+    X: np.ndarray
+    y: np.ndarray
+    ids: list[str]
+    classes: list[str]
+    names: dict[str, str]
+    positive: str | None
+    plan: splits.SplitPlan
+
+
+def _training_data(project: Project, backbone_id: str | None, seed: int) -> _TrainingData:
+    backbone_id = backbone_id or ProjectState(project).backbone or backbones.DEFAULT_BACKBONE_ID
+    X, y, ids = extraction.load_training_features(project, backbone_id)
+    if len(ids) == 0:
+        raise InputError("No photo has features yet: extract them on the Backbone step first.")
+    classes = sorted(set(y))
+    if len(classes) < 2:
+        raise InputError("Training needs at least two classes of labelled photos.")
+    names = project.class_names()
+    return _TrainingData(backbone_id, X, y, ids, classes, names, _positive(classes, names),
+                         runs.split_plan(project, ids, list(y), seed=seed))
+
+
 def train_frozen(
     project: Project,
     *,
@@ -58,16 +87,9 @@ def train_frozen(
 ) -> runs.RunRecord:
     """Cross-validate and fit the frozen-backbone classifier on the cached features."""
     report = on_progress or (lambda d, t, m: None)
-    backbone_id = backbone_id or ProjectState(project).backbone or backbones.DEFAULT_BACKBONE_ID
-    X, y, ids = extraction.load_training_features(project, backbone_id)
-    if len(ids) == 0:
-        raise InputError("No photo has features yet: extract them on the Backbone step first.")
-    classes = sorted(set(y))
-    if len(classes) < 2:
-        raise InputError("Training needs at least two classes of labelled photos.")
-    names = project.class_names()
-    positive = _positive(classes, names)
-    plan = runs.split_plan(project, ids, list(y), seed=seed)
+    data = _training_data(project, backbone_id, seed)
+    backbone_id, X, y, ids, names, positive, plan = (data.backbone_id, data.X, data.y, data.ids, data.names,
+                                                     data.positive, data.plan)
     started = time.time()
     cv = crossval.cross_validate_head(
         X, y, plan=plan, ids=ids, positive=positive,
@@ -126,14 +148,9 @@ def train_finetuned(
     and settings (the checkpoint is kept in the project's ``runs/finetune-checkpoint``).
     """
     report = on_progress or (lambda d, t, m: None)
-    backbone_id = backbone_id or ProjectState(project).backbone or backbones.DEFAULT_BACKBONE_ID
-    X, y, ids = extraction.load_training_features(project, backbone_id)
-    classes = sorted(set(y))
-    if len(classes) < 2:
-        raise InputError("Training needs at least two classes of labelled photos.")
-    names = project.class_names()
-    positive = _positive(classes, names)
-    plan = runs.split_plan(project, ids, list(y), seed=seed)
+    data = _training_data(project, backbone_id, seed)
+    backbone_id, X, y, ids, classes, names, positive, plan = (
+        data.backbone_id, data.X, data.y, data.ids, data.classes, data.names, data.positive, data.plan)
     label = dict(zip(ids, y))
     row = {sha: i for i, sha in enumerate(ids)}
     train_rows = [row[i] for i in plan.train_ids]
