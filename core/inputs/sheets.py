@@ -14,6 +14,7 @@ import io
 import re
 import zipfile
 from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import date, datetime, time
 from pathlib import Path, PurePath
@@ -190,17 +191,8 @@ def _read_workbook(data: bytes, *, filename: str, keep_raw: bool) -> tuple[list[
     try:
         sheets = sorted(workbook.worksheets, key=lambda ws: ws.sheet_state != "visible")
         for worksheet in sheets:
-            rows: list[list[str]] = []
-            numbers: list[int] = []
-            raw: list[list[str]] | None = [] if keep_raw else None
-            for number, values in enumerate(worksheet.iter_rows(values_only=True), start=1):
-                shown = [_excel_cell_text(v) for v in values]
-                cells = [_clean_cell(c) for c in shown]
-                if raw is not None:
-                    raw.append(shown if any(cells) else [])
-                if any(cells):
-                    rows.append(cells)
-                    numbers.append(number)
+            shown = ([_excel_cell_text(v) for v in values] for values in worksheet.iter_rows(values_only=True))
+            rows, numbers, raw = _collect(shown, keep_raw=keep_raw)
             if rows:
                 return rows, numbers, raw
     finally:
@@ -230,6 +222,22 @@ def _excel_cell_text(value: object) -> str:
     if isinstance(value, (date, time)):
         return value.isoformat()
     return str(value)
+
+
+def _collect(records: Iterable[list[str]], *, keep_raw: bool) -> tuple[list[list[str]], list[int], list | None]:
+    """The non-blank rows (clean cells) with their sheet row numbers and, with ``keep_raw``,
+    every record as written (blank ones as ``[]``), from either reader's records."""
+    rows: list[list[str]] = []
+    numbers: list[int] = []
+    raw: list[list[str]] | None = [] if keep_raw else None
+    for number, record in enumerate(records, start=1):
+        cells = [_clean_cell(c) for c in record]
+        if raw is not None:
+            raw.append(record if any(cells) else [])
+        if any(cells):
+            rows.append(cells)
+            numbers.append(number)
+    return rows, numbers, raw
 
 
 def _clean_cell(value: str) -> str:
@@ -300,18 +308,9 @@ def _parse_text(text: str, *, filename: str, keep_raw: bool) -> tuple[list[list[
         delimiter, text = declared.group(1), rest
     else:
         delimiter = _detect_delimiter(text)
-    rows: list[list[str]] = []
-    numbers: list[int] = []
-    raw: list[list[str]] | None = [] if keep_raw else None
     reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter or _NO_DELIMITER)
     try:
-        for number, record in enumerate(reader, start=1):
-            cells = [_clean_cell(c) for c in record]
-            if raw is not None:
-                raw.append(record if any(cells) else [])
-            if any(cells):
-                rows.append(cells)
-                numbers.append(number)
+        rows, numbers, raw = _collect(reader, keep_raw=keep_raw)
     except csv.Error as exc:
         # csv's field size limit is process-wide, so it is not raised here: a field that large
         # is almost always a stray quote mark that swallowed the rest of the file.
