@@ -6,12 +6,12 @@ from pathlib import Path
 import pandas as pd
 import streamlit as st
 
+from app_pages import ui
 from core import tasks
 from core.learning import extraction
 from core.present import journey
 from core.projects.state import ProjectState
 from core.vision import backbones, weights
-from app_pages import ui
 
 st.title("2 · Backbone")
 st.caption("Pick the network that will describe your photos. The recommended one is a good start everywhere.")

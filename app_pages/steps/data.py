@@ -2,11 +2,11 @@
 
 import streamlit as st
 
+from app_pages import ui
 from core import tasks
 from core.base.problems import InputError
 from core.inputs import labels
 from core.projects import intake
-from app_pages import ui
 
 PHOTO_TYPES = ["jpg", "jpeg", "jfif", "png", "webp", "gif", "bmp", "tif", "tiff", "zip"]
 SHEET_TYPES = ["csv", "tsv", "txt", "xlsx", "xlsm", "xls"]

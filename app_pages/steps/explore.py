@@ -2,10 +2,10 @@
 
 import streamlit as st
 
+from app_pages import ui
 from core.learning import explore, runs
 from core.present import charts, journey
 from core.projects.state import ProjectState
-from app_pages import ui
 
 st.title("4 · Explore")
 st.caption("Similar photos sit close together. Odd ones out and photos in the other group's cloud deserve a look.")

@@ -2,8 +2,8 @@
 
 import streamlit as st
 
-from core.present import journey
 from app_pages import ui
+from core.present import journey
 
 st.title("Catalog Lens")
 st.markdown(

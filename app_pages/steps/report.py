@@ -2,10 +2,10 @@
 
 import streamlit as st
 
+from app_pages import ui
 from core.learning import runs
 from core.present import charts, report, report_html
 from core.projects.state import ProjectState
-from app_pages import ui
 
 st.title("6 · Report")
 st.caption("One page for management: the question, the photos it learned from, how well it works, what the "

@@ -6,14 +6,15 @@ from pathlib import Path
 
 import streamlit as st
 
+from app_pages import ui
 from core import tagging, tasks
 from core.base.problems import InputError
 from core.inputs import catalog as catalog_module
 from core.inputs import sheets
 from core.learning import models, runs
 from core.present import charts
+from core.projects import workspace
 from core.projects.state import ProjectState
-from app_pages import ui
 
 
 @st.cache_data(max_entries=2, show_spinner=False)
@@ -70,6 +71,13 @@ with st.expander("New tagging run", expanded=not state.tagging_run):
             ui.reset_upload("catalog_zip")
             st.rerun()
 
+@st.cache_data(max_entries=8, show_spinner=False)
+def _thumbnails(slug: str, folder_str: str, rows: tuple) -> dict[int, bytes]:
+    """The review rows' thumbnails, decoded once per set of rows (not on every rerun)."""
+    items = [{"row": row, "photos": list(photos)} for row, photos in rows]
+    return tagging.review_thumbnails(Path(folder_str), items, workspace.open_project(slug))
+
+
 run_id = state.tagging_run
 if not run_id:
     st.stop()
@@ -107,7 +115,7 @@ left_to_review = int(results["needs_review"].sum()) - len(fixed)
 st.subheader(f"To review ({left_to_review} row{'' if left_to_review == 1 else 's'})")
 st.caption("Rows the model is unsure about, or could not tag. Your answer goes into the download.")
 classes = sorted(set(results["predicted_label"]) - {""}) or list(names)
-thumbs = tagging.review_thumbnails(folder, queue[:12], project)
+thumbs = _thumbnails(project.slug, str(folder), tuple((r["row"], tuple(r["photos"])) for r in queue[:12]))
 for item in queue[:12]:
     pic, text, act = st.columns([1, 3, 2])
     if item["row"] in thumbs:

@@ -2,13 +2,13 @@
 
 import streamlit as st
 
+from app_pages import ui
+from app_pages.ui import results
 from core import tasks
 from core.learning import extraction, models, runs, training
 from core.present import charts, journey
 from core.projects import jobs
 from core.projects.state import ProjectState
-from app_pages import ui
-from app_pages.ui import results
 
 st.title("3 · Train & compare")
 st.caption("Two ways to learn your label, scored on the same photos the models never saw while learning.")

@@ -8,11 +8,11 @@ from pathlib import Path
 import pandas as pd
 import streamlit as st
 
+from app_pages.ui import thumb_grid
 from core.base.problems import InputError
 from core.learning import models, predictor, runs, training
 from core.present import charts
 from core.projects.workspace import Project
-from app_pages.ui import thumb_grid
 
 TITLES = {"frozen": "Quick model (frozen backbone)", "finetuned": "Fine-tuned network"}
 COLUMNS = {"precision": "Precision", "recall": "Recall", "f1": "F1 (both in one)", "support": "Photos"}

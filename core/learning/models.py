@@ -132,7 +132,9 @@ def export_bundle(project: Project, model_id: str) -> bytes:
     model = get_model(project, model_id)
     if model is None:
         raise InputError(f"This project has no model {model_id}.")
-    return bundles.repack(model["path"], threshold=model["threshold"] if model["positive"] else None)
+    if not model["positive"] or model["threshold"] == model["own_threshold"]:
+        return Path(model["path"]).read_bytes()  # the stored file already decides so
+    return bundles.repack(model["path"], threshold=model["threshold"])
 
 
 # --------------------------------------------------------------------------- importing

@@ -350,7 +350,7 @@ def coverage(project: Project) -> str:
     tagged so far. The Report step is done while the last downloaded report covers this."""
     state = ProjectState(project)
     chosen = models.tagging_model(project)
-    parts = [*sorted(state.latest_run_ids.values()), chosen["id"] if chosen else "", str(models.threshold(project, chosen["id"]) if chosen else "")]
+    parts = [*sorted(state.latest_run_ids.values()), chosen["id"] if chosen else "", str(chosen["threshold"] if chosen else "")]
     run_id = state.tagging_run
     if run_id:
         try:
