@@ -44,3 +44,15 @@ def sample_photo_set(folder: Path, sources: dict[str, list], per_class: int = 12
             img.save(folder / f"{label}_{i:02d}.jpg", quality=88)
             rows.append(f"{label}_{i:02d}.jpg,{label}")
     return "\n".join(rows) + "\n"
+
+
+def photo_project(name: str, folder: Path, sheet: str | bytes):
+    """A new project holding the photos of ``folder`` (read in place) labelled by ``sheet``
+    (the text of a ``file,label`` sheet), as the Data step leaves it."""
+    from core.projects import intake, workspace
+
+    project = workspace.create_project(name)
+    intake.stage_folder(project, folder)
+    intake.process_staged(project)
+    intake.apply_sheet(project, filename="labels.csv", data=sheet.encode() if isinstance(sheet, str) else sheet)
+    return project

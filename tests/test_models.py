@@ -17,10 +17,10 @@ import pytest
 from core import cli, tagging
 from core.learning import bundles, extraction, models, predictor, runs, training
 from core.present import journey, report
-from core.projects import intake, jobs, workspace
+from core.projects import jobs
 from core.projects.state import ProjectState
 from core.vision import features
-from tests.conftest import REPO, sample_photo_set
+from tests.conftest import REPO, photo_project, sample_photo_set
 
 
 @pytest.fixture(scope="module")
@@ -33,10 +33,7 @@ def trained(tmp_path_factory):
     folder = home / "photos"
     sheet = sample_photo_set(folder, {"person": [data.astronaut()],
                                       "no_person": [data.coffee(), data.chelsea(), data.rocket()]})
-    project = workspace.create_project("Threshold")
-    intake.stage_folder(project, folder)
-    intake.process_staged(project)
-    intake.apply_sheet(project, filename="labels.csv", data=sheet.encode())
+    project = photo_project("Threshold", folder, sheet)
     extraction.extract_project(project, "efficientnet_lite0")
     run = training.train_frozen(project)
     names = sorted(p.name for p in folder.glob("*.jpg"))

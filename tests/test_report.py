@@ -14,9 +14,9 @@ from core import tagging
 from core.cli import main as cli
 from core.learning import extraction, runs, training
 from core.present import journey, report, report_html
-from core.projects import intake, workspace
+from core.projects import workspace
 from core.projects.state import ProjectState
-from tests.conftest import sample_photo_set
+from tests.conftest import photo_project, sample_photo_set
 
 
 @pytest.fixture(scope="module")
@@ -183,10 +183,7 @@ def test_a_relabelling_that_keeps_the_counts_is_still_a_change(demo):
 
 def test_report_without_a_tagged_catalog(home, binary_photos):
     folder, sheet = binary_photos
-    p = workspace.create_project("No catalog yet")
-    intake.stage_folder(p, folder)
-    intake.process_staged(p)
-    intake.apply_sheet(p, filename="labels.csv", data=sheet.read_bytes())
+    p = photo_project("No catalog yet", folder, sheet.read_bytes())
     with pytest.raises(Exception, match="trained model"):
         report.build_report(p)
     extraction.extract_project(p, "efficientnet_lite0")
@@ -205,10 +202,7 @@ def test_report_of_a_three_class_project(home):
 
     folder = home / "three"
     sheet = sample_photo_set(folder, {"astronaut": [data.astronaut()], "coffee": [data.coffee()], "cat": [data.chelsea()]}, 8)
-    p = workspace.create_project("Three classes")
-    intake.stage_folder(p, folder)
-    intake.process_staged(p)
-    intake.apply_sheet(p, filename="labels.csv", data=sheet.encode())
+    p = photo_project("Three classes", folder, sheet)
     extraction.extract_project(p, "efficientnet_lite0")
     training.train_frozen(p)
     built = report.build_report(p)

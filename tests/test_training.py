@@ -8,9 +8,9 @@ from PIL import Image
 
 from core import tasks
 from core.learning import explore, extraction, finetune, models, runs, training
-from core.projects import intake, jobs, workspace
+from core.projects import jobs
 from core.projects.state import ProjectState
-from tests.conftest import sample_photo_set
+from tests.conftest import photo_project, sample_photo_set
 
 
 def _photos(folder):
@@ -30,10 +30,7 @@ def project(tmp_path_factory):
     mp.setenv("CATALOG_LENS_HOME", str(home))
     folder = home / "photos"
     sheet = _photos(folder)
-    p = workspace.create_project("Person in photo")
-    intake.stage_folder(p, folder)
-    intake.process_staged(p)
-    intake.apply_sheet(p, filename="labels.csv", data=sheet.encode())
+    p = photo_project("Person in photo", folder, sheet)
     p.set_class_names({"person": "Person in photo"})
     summary = extraction.extract_project(p, "efficientnet_lite0")
     yield p, summary
