@@ -122,13 +122,25 @@ def test_exported_model_carries_the_chosen_threshold(trained, tmp_path):
     assert bundles.load_bundle(path)[0].threshold == run.threshold
 
 
-def test_report_states_the_threshold_that_tags(trained):
+def test_report_and_journey_follow_the_threshold_that_tags(trained):
+    """The report says a hand-set threshold is in force, and when the tagged catalog was made at
+    another setting it says so and the Tag step opens again (it said "tagged with it" before)."""
     project, run = trained["project"], trained["run"]
     models.set_threshold(project, run.id, trained["chosen"])
+    run_id = tagging.start_project_run(
+        project, catalog_name="catalog.csv", catalog_data=trained["catalog"].read_bytes(), bundle_path=run.bundle_path,
+        options=tagging.TagOptions(image_columns=["image"]), threshold=models.threshold(project, run.id))
+    tagging.run_tagging(tagging.project_run_folder(project, run_id), project_files=tagging.project_photo_files(project))
     limits = " ".join(report.build_report(project).limits)
-    assert "set by hand" in limits and "the catalog is tagged with it" in limits
-    models.set_threshold(project, run.id, None)
-    assert "set by hand" not in " ".join(report.build_report(project).limits)
+    assert "set by hand" in limits and "tag the catalog again" not in limits
+    assert journey.progress(project).done["tag"]
+    models.set_threshold(project, run.id, None)  # back to the model's own: the catalog is now out of date
+    limits = " ".join(report.build_report(project).limits)
+    assert "set by hand" not in limits
+    assert "at another confidence setting" in limits and "tag the catalog again" in limits
+    assert not journey.progress(project).done["tag"]
+    at = _app(project, "app_pages/steps/tag.py")
+    assert any("tagged at another confidence setting" in box.value for box in at.info)
 
 
 def test_a_threshold_belongs_to_one_model_not_to_a_kind(trained):

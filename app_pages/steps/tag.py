@@ -95,6 +95,9 @@ fixed = tagging.overrides(folder)
 final = tagging.final_labels(results, fixed)
 order = runs.class_order(project)
 st.subheader(f"{run['catalog_name']}: {len(results)} of {run['rows']} rows done")
+if stale := tagging.out_of_date(run, model):
+    st.info(f"These rows were tagged {stale} than the one chosen now. Start a new tagging run (above) with the "
+            "same catalog to apply it.", icon=":material/update:")
 st.plotly_chart(charts.share_figure(tagging.tag_counts(final, names=names, order=order), horizontal=True),
                 width="stretch", key="tag-share")
 original = tagging.catalog_rows(folder)

@@ -62,9 +62,13 @@ def _threshold(project: Project, run: runs.RunRecord, names: dict[str, str]) -> 
                  f"{effect['n_negative']}** photos without it are wrongly tagged.")
         st.caption(f"The model's own setting ({100 * (run.threshold or 0.5):.0f} %, chosen without the held-out "
                    f"photos) misses {effect['base_missed']} and wrongly tags {effect['base_flagged']}.")
-        if abs(value - current) > 1e-9 and st.button("Use this setting for tagging", key=f"use-thr-{run.kind}"):
-            models.set_threshold(project, run.id, value)
-            st.rerun()
+        if abs(value - current) > 1e-9:
+            if st.button("Use this setting for tagging", key=f"use-thr-{run.kind}"):
+                models.set_threshold(project, run.id, value)
+                st.rerun()
+        elif run.threshold is not None and abs(current - run.threshold) > 1e-9:
+            st.success(f"Tagging with this model uses {100 * current:.0f} %, set here. Tag the catalog again for "
+                       "it to apply to rows already tagged.", icon=":material/check:")
         for curve in ("roc", "pr"):
             fig = charts.curves_figure(run.test_report, kind=curve)
             if fig is not None:

@@ -57,7 +57,8 @@ def progress(project: Project | None) -> Progress:
 
 
 def _catalog_tagged(project: Project, state: ProjectState) -> bool:
-    """The current tagging run has every row and was made with the model now chosen for tagging."""
+    """The current tagging run has every row and was made with the model now chosen for tagging,
+    at the confidence setting chosen for it now."""
     run_id = state.tagging_run
     chosen = models.tagging_model(project)
     if not run_id or chosen is None:
@@ -68,4 +69,4 @@ def _catalog_tagged(project: Project, state: ProjectState) -> bool:
         finished = len(tagging.results_frame(folder)) >= int(run["rows"])
     except (OSError, ValueError, KeyError):
         return False
-    return finished and run.get("model_id") == chosen["id"]
+    return finished and tagging.out_of_date(run, chosen) is None

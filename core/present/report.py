@@ -72,6 +72,7 @@ class CatalogResult:
     category_columns: list[str]  # every column it can be split by, likeliest first
     by_category: pd.DataFrame | None  # rows: categories, columns: tags, cells: rows
     examples: dict[str, list[Photo]]
+    out_of_date: str | None = None  # how its tags differ from the chosen model's now (tagging.out_of_date)
 
     @property
     def finished(self) -> bool:
@@ -155,7 +156,7 @@ def _method(run: runs.RunRecord, names: dict[str, str], used: bool) -> MethodRes
 
 
 def _catalog(project: Project, names: dict[str, str], category: str | None,
-             model_titles: dict[str, str], order: list[str]) -> CatalogResult | None:
+             model_titles: dict[str, str], order: list[str], chosen: dict | None) -> CatalogResult | None:
     run_id = ProjectState(project).tagging_run
     if not run_id:
         return None
@@ -200,6 +201,7 @@ def _catalog(project: Project, names: dict[str, str], category: str | None,
         needs_review=int(results["needs_review"].sum()), answered=len(fixed),
         failed=int((results["predicted_label"] == "").sum()), model=str(model_name),
         category_column=column, category_columns=columns, by_category=by_category, examples=examples,
+        out_of_date=tagging.out_of_date(run, chosen),
     )
 
 
@@ -252,7 +254,7 @@ def build_report(project: Project, *, question: str | None = None, category: str
 
     titles = {m["id"]: METHOD_TITLES.get(m["kind"], m["name"]) + (" (imported)" if m["source"] != "trained" else "")
               for m in models.list_models(project)}
-    catalog = _catalog(project, names, category, titles, order)
+    catalog = _catalog(project, names, category, titles, order, chosen)
     backbone = backbones.get_backbone(main.backbone_id).name
     used = next(m for m in methods if m.kind == main.kind)
     in_short = [
@@ -318,14 +320,16 @@ def _limits(project: Project, report: Report, main: runs.RunRecord, latest: dict
         effect = training.threshold_effect(project, main, used)
         pos = project.class_names().get(main.positive, main.positive)
         limits.append(f"The confidence needed to tag a photo “{pos}” was set by hand to {percent(used)} (the model's "
-                      f"own setting was {percent(own)}); the catalog is tagged with it. The scores above use the model's "
-                      f"own; at {percent(used)}, of the {effect['n']} held-out photos, {effect['missed']} of "
+                      f"own setting was {percent(own)}). The scores above use the model's own; at {percent(used)}, of the {effect['n']} held-out photos, {effect['missed']} of "
                       f"{effect['n_positive']} with “{pos}” would be missed and {effect['flagged']} of "
                       f"{effect['n_negative']} without it wrongly tagged.")
+    cat = report.catalog
+    if cat is not None and cat.out_of_date:
+        limits.append(f"The catalog figures above were tagged {cat.out_of_date} than the one chosen now: tag the "
+                      "catalog again on the Tag catalog step to see what the chosen model and setting give.")
     if chosen is not None and chosen.get("source") == "imported":
         limits.append(f"The catalog is tagged with an imported model ({chosen['name']}); the scores above are those of "
                       "this project's own models.")
-    cat = report.catalog
     if cat is not None:
         if not cat.finished:
             limits.append(f"Tagging is not finished: {cat.done:,} of {cat.rows:,} rows so far.")

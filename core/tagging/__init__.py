@@ -17,7 +17,7 @@ from core.tagging.output import (
     write_output,
 )
 from core.tagging.photos import IMAGE_ROOTS_ENV, PhotoFinder, project_photo_files
-from core.tagging.project import add_reviews_to_training, project_run_folder, start_project_run
+from core.tagging.project import add_reviews_to_training, out_of_date, project_run_folder, start_project_run
 from core.tagging.run import (
     Progress,
     TagOptions,
@@ -44,7 +44,7 @@ from core.tagging.tags import (
 __all__ = [
     "COMBINE_RULES", "IMAGE_ROOTS_ENV", "NOT_TAGGED", "OUTPUT_COLUMNS", "PhotoFinder", "Progress", "TagOptions",
     "TagSummary", "add_reviews_to_training", "catalog_rows", "catalog_sheet", "combine", "combine_scored",
-    "create_run", "final_labels", "iter_rows_needing_review", "load_run", "overrides", "project_photo_files",
+    "create_run", "final_labels", "iter_rows_needing_review", "load_run", "out_of_date", "overrides", "project_photo_files",
     "project_run_folder", "results_frame", "resume_conflict", "review_photos", "review_thumbnails", "run_tagging",
     "set_override", "share_by", "split_columns", "start_project_run", "tag_counts", "write_output",
 ]

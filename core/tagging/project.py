@@ -13,7 +13,21 @@ from core.projects.state import ProjectState
 from core.tagging.output import overrides, review_photos
 from core.tagging.run import TagOptions, create_run, results_frame
 
-__all__ = ["add_reviews_to_training", "project_run_folder", "start_project_run"]
+__all__ = ["add_reviews_to_training", "out_of_date", "project_run_folder", "start_project_run"]
+
+
+def out_of_date(run: dict, model: dict | None) -> str | None:
+    """How a run's tags differ from what ``model`` (the one chosen for tagging now, an entry of
+    :func:`core.learning.models.list_models`) would give: "with another model", "at another
+    confidence setting (50 %)", or None when they are its tags."""
+    if model is None:
+        return None
+    if run.get("model_id") != model["id"]:
+        return "with another model"
+    then, now = run.get("threshold"), model["threshold"]
+    if then is not None and now is not None and abs(then - now) > 1e-6:
+        return f"at another confidence setting ({100 * then:.0f} %)"
+    return None
 
 
 def project_run_folder(project, run_id: str) -> Path:
