@@ -20,6 +20,7 @@ from typing import Any, BinaryIO
 
 from core.base.problems import InputError
 from core.vision.backbones import get_backbone
+from core.vision.networks import build_classifier_model
 
 __all__ = ["MAX_CLASSES", "BundleError", "check_classes", "check_head", "check_network", "parse_json", "read_header"]
 
@@ -128,8 +129,6 @@ def read_header(stream: BinaryIO, size: int, name: str) -> dict[str, tuple[str, 
 @functools.lru_cache(maxsize=16)
 def _network_shapes(backbone_id: str, n_classes: int) -> dict[str, tuple[int, ...]]:
     import torch
-
-    from core.vision.networks import build_classifier_model
 
     with torch.device("meta"):  # shapes only: no memory, no weights
         model = build_classifier_model(backbone_id, n_classes, pretrained=False)
