@@ -51,3 +51,20 @@ def test_a_second_upload_staged_while_intake_runs_is_processed(monkeypatch):
     names = set(project.names()["name"])
     assert {f"a-{i}.jpg" for i in range(3)} | {f"bb-{i}.jpg" for i in range(4)} <= names
     assert project.uploads(status="staged").empty
+
+
+def test_a_big_sheet_stores_a_summary_and_the_download_has_every_row():
+    import csv
+
+    project = workspace.create_project("Big sheet")
+    intake.stage_upload(project, filename="photos.zip", data=_zip("a", 2))
+    job = jobs.submit(project, "intake", start=False)
+    assert jobs.run(project, job.id).status == "done"
+    sheet = "file,label\na-0.jpg,cat\na-1.jpg,dog\n" + "".join(f"gone-{i}.jpg,cat\n" for i in range(3000))
+    intake.apply_sheet(project, filename="big.csv", data=sheet.encode())
+    stored = project.problems()
+    assert (stored["kind"] == "missing_photo").sum() == 21  # 20 rows + one line counting the rest
+    full = list(csv.DictReader(io.StringIO(intake.problem_list_csv(project).decode("utf-8-sig"))))
+    missing = [r for r in full if r["kind"] == "missing_photo"]
+    assert len(missing) == 3000 and missing[-1]["row"] == "3003" and "gone-2999.jpg" in missing[-1]["message"]
+    assert set(stored["kind"]) <= {r["kind"] for r in full}  # the notes and blockers too
