@@ -91,3 +91,4 @@ def test_durations_read_as_people_say_them():
         "12 min",
         "1 h 5 min",
     ]
+    assert [duration_text(s, rough=True) for s in (2, 28, 421, 1321)] == ["5 s", "30 s", "7 min", "22 min"]

@@ -43,7 +43,7 @@ for b in entries:
         "Good for": b.good_for,
     })
 st.dataframe(pd.DataFrame(rows), hide_index=True, width="stretch",
-             column_config={"Network": st.column_config.TextColumn(width="medium"),
+             column_config={"Network": st.column_config.TextColumn(width=230),
                             "Good for": st.column_config.TextColumn(width="large")})
 with st.expander("What do these columns mean?"):
     st.markdown("**ImageNet accuracy**: how often the network named the right object among 1,000 kinds in a standard test; "

@@ -129,7 +129,7 @@ def finetune_length(project: Project) -> str:
     def label(name: str) -> str:
         text = f"{name.capitalize()}: up to {lengths[name]} rounds"
         if estimates:
-            text += f", about {duration_text(estimates['lengths'][name]['seconds'])} here"
+            text += f", about {duration_text(estimates['lengths'][name]['seconds'], rough=True)} here"
         return text
 
     names = list(lengths)
