@@ -8,6 +8,7 @@ from PIL import Image
 
 from core import tasks
 from core.learning import bundles, explore, extraction, finetune, models, runs, training
+from core.present import charts
 from core.projects import jobs
 from core.projects.state import ProjectState
 from tests.conftest import photo_project, sample_photo_set
@@ -140,6 +141,8 @@ def test_a_finetune_that_keeps_its_start_is_the_quick_model(project):
     assert "epoch" not in run.headline.lower()
     rounds = [m for m in messages if m.startswith("Fine-tuning")]
     assert rounds and set(rounds) == {"Fine-tuning, round 1 of 1"}
+    figure = charts.history_figure(run.extra["history"])  # the live chart counts the same rounds
+    assert figure.layout.xaxis.title.text == "Round" and list(figure.data[0].x) == [1]
 
 
 def test_finetune_length_is_chosen_with_its_time_estimate_shown_first(project):
