@@ -79,7 +79,8 @@ def run_train_finetune(ctx: JobContext) -> dict:
     """Fine-tune the backbone, scored on the same held-out photos as the frozen head."""
     record = training.train_finetuned(
         ctx.project, backbone_id=ctx.params.get("backbone"), seed=int(ctx.params.get("seed", 0)),
-        device=ctx.params.get("device"), on_progress=_progress(ctx), on_epoch=lambda epoch: ctx.event(**epoch),
+        length=ctx.params.get("length"), device=ctx.params.get("device"), on_progress=_progress(ctx),
+        on_epoch=lambda epoch: ctx.event(**epoch),
         should_cancel=ctx.cancelled,
     )
     return {"run": record.id, "headline": record.headline} if record else {"cancelled": True}

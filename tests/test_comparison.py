@@ -20,7 +20,10 @@ def test_equal_methods_are_not_measurably_different_and_the_cheaper_wins():
     b = noisy_proba(y, classes, accuracy=0.85, seed=2)
     c = compare_methods(y, a, b, classes=classes, cost_a_seconds=3, cost_b_seconds=120)
     assert c.better is None and c.recommended == "Frozen"
-    assert "Fine-tuned is not measurably better" in c.verdict and "40× faster: use it" in c.verdict
+    assert "Fine-tuned is not measurably better" in c.verdict
+    # what the user waited for, in time, not a ratio of fit times ("609× faster" before)
+    assert "Frozen took 3 s to train, Fine-tuned 2 min: use Frozen." in c.verdict and "×" not in c.verdict
+    assert "95 % range \u2212" in c.verdict and " points" in c.verdict  # the range is written as everywhere
     assert c.difference.low < 0 < c.difference.high and c.p_value > 0.05
     assert not c.warnings
     json.dumps(c.to_dict(), allow_nan=False)
@@ -76,3 +79,16 @@ def test_flipped_labels_rank_at_the_top(k):
     assert first["suggested_label"] != first["given_label"] and first["likely_issue"]
     assert issues["self_confidence"].is_monotonic_increasing
     assert issues["likely_issue"].sum() < 40  # flags the doubtful few, not everything
+
+
+def test_durations_read_as_people_say_them():
+    from core.base.durations import duration_text
+
+    assert [duration_text(s) for s in (0.4, 28, 349, 725, 3900)] == [
+        "under 1 s",
+        "28 s",
+        "5 min 49 s",
+        "12 min",
+        "1 h 5 min",
+    ]
+    assert [duration_text(s, rough=True) for s in (2, 28, 421, 1321)] == ["5 s", "30 s", "7 min", "22 min"]

@@ -14,6 +14,7 @@ from core.learning.evaluation import (
     choose_threshold,
     evaluate_predictions,
     predict_labels,
+    range_text,
 )
 from core.learning.heads import make_frozen_head
 from core.learning.splits import plan_split
@@ -59,6 +60,15 @@ def test_small_test_set_is_flagged_and_threshold_is_used():
     rep = evaluate_predictions(y, p, classes=NAMES[:2], threshold=0.9)
     assert any("23 photos is not evidence" in w for w in rep.warnings)
     assert rep.confusion[1, 1] == int(np.sum(p[:, 1] >= 0.9))
+    # one figure, one range, one wording: the warning quotes the headline's (balanced accuracy)
+    # range as every caption writes it; it said "accuracy anywhere from 63 % to 100 %" beside
+    # "95 % range 66.7 – 100.0 %" before
+    bal = rep.balanced_accuracy
+    assert bal.low != rep.accuracy.low  # the two figures' ranges differ here, so the test can tell them apart
+    warning = next(w for w in rep.warnings if "not evidence" in w)
+    assert f"balanced accuracy {range_text(bal.low, bal.high)}" in warning and "anywhere" not in warning
+    assert range_text(0.667, 1.0) == "95 % range 66.7 to 100.0 %" and range_text(None, 1.0) == ""
+    assert range_text(-3.3, 6.7, points=True) == "95 % range \u22123.3 to +6.7 points"
     with pytest.raises(ValueError, match="only applies to two-class"):
         predict_labels(np.full((2, 3), 1 / 3), classes=NAMES, threshold=0.5)
 

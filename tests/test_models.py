@@ -71,7 +71,9 @@ def _app(project, page: str):
 def test_train_page_keeps_the_chosen_setting_for_that_model(trained):
     project, run = trained["project"], trained["run"]
     at = _app(project, "app_pages/steps/train.py")
-    at.slider(key="thr-frozen").set_value(0.9).run()
+    slider = at.slider(key="thr-frozen")  # confidence is shown in % everywhere (it showed 0.49 before)
+    assert "%" in slider.proto.format and slider.value == round(100 * run.threshold)
+    slider.set_value(90).run()
     next(b for b in at.button if b.label == "Use this setting for tagging").click().run()
     assert not at.exception, at.exception
     assert models.threshold(project, run.id) == pytest.approx(0.9)
@@ -84,11 +86,15 @@ def test_tag_page_tags_with_the_chosen_threshold(trained):
     models.set_threshold(project, run.id, trained["chosen"])
     at = _app(project, "app_pages/steps/tag.py")
     at.file_uploader[0].set_value([("catalog.csv", trained["catalog"].read_bytes(), "text/csv")]).run()
+    review = at.slider(key="review_below")
+    assert "%" in review.proto.format and review.value == 75  # in %, as confidence is explained
+    review.set_value(80).run()
     next(b for b in at.button if b.label == "Start tagging").click().run()
     assert not at.exception, at.exception
     done = jobs.wait(project, jobs.latest(project, "tag").id, timeout=300)
     assert done.status == "done", done.error
     folder = tagging.project_run_folder(project, ProjectState(project).tagging_run)
+    assert tagging.load_run(folder)["options"]["review_below"] == pytest.approx(0.8)
     assert tagging.load_run(folder)["threshold"] == pytest.approx(trained["chosen"])
     assert tagging.results_frame(folder)["predicted_label"].tolist() == trained["expected"]
     assert journey.progress(project).done["tag"]

@@ -146,3 +146,15 @@ def test_theme_charts_and_report_share_one_palette():
     assert theme["chartCategoricalColors"] == charts.PALETTE
     assert theme["primaryColor"] == charts.PALETTE[0]
     assert (REPO / "assets" / "logo.png").is_file()
+
+
+@pytest.mark.parametrize("page", ["backbone", "train", "explore", "tag", "report"])
+def test_a_step_that_is_not_ready_links_to_the_step_it_asks_for(project, page):
+    """The empty Report said "First: train a model on the Train & compare step" and linked to
+    the Tag catalog step (the previous one); the link goes where the sentence sends you."""
+    at = _app(project.slug).run()
+    at.switch_page(f"app_pages/steps/{page}.py").run()
+    assert not at.exception, at.exception
+    first = next(i.value for i in at.info if "**First:**" in i.value)
+    go = [e.proto.label for e in at.get("page_link") if e.proto.label.startswith("Go to ")]
+    assert len(go) == 1 and go[0].split(" · ", 1)[1] in first, (go, first)

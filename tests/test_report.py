@@ -164,6 +164,21 @@ def test_analysts_answers_and_wording_reach_the_report(demo):
         ProjectState(demo).save_report_choices(question="", category="category")
 
 
+def test_a_failed_row_answered_by_hand_is_tagged_everywhere_in_the_report(demo):
+    """After a review answer for a row that could not be tagged, the catalog figures said
+    "could not be tagged: 0" while "What was not checked" still said "1 row could not be tagged"."""
+    folder = tagging.project_run_folder(demo, ProjectState(demo).tagging_run)
+    results = tagging.results_frame(folder)
+    row = int(results.index[results["predicted_label"] == ""][0])
+    tagging.set_override(folder, row, "no_person")
+    try:
+        built = report.build_report(demo)
+        assert built.catalog.counts.get(report.NOT_TAGGED, 0) == 0 and built.catalog.failed == 0
+        assert not any("could not be tagged" in line for line in [*built.limits, *built.in_short, built.catalog.summary])
+    finally:
+        tagging.set_override(folder, row, None)
+
+
 def test_a_relabelling_that_keeps_the_counts_is_still_a_change(demo):
     frozen = runs.latest_runs(demo)["frozen"]
     assert runs.labels_changed(demo, frozen) is None

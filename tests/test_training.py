@@ -7,7 +7,8 @@ import pytest
 from PIL import Image
 
 from core import tasks
-from core.learning import explore, extraction, finetune, models, runs, training
+from core.learning import bundles, explore, extraction, finetune, models, runs, training
+from core.present import charts
 from core.projects import jobs
 from core.projects.state import ProjectState
 from tests.conftest import photo_project, sample_photo_set
@@ -107,6 +108,76 @@ def test_finetune_run_is_compared_on_the_same_photos(project):
     assert models.tagging_model(p)["kind"] == "frozen"  # not better, and much cheaper
 
 
+def test_a_finetune_that_keeps_its_start_is_the_quick_model(project):
+    """"No round beat its starting point (the quick model's classifier), so that is what is
+    kept" came with another score and other mistakes than the quick model's: the start was a
+    classifier fitted on the training photos alone, with a threshold chosen on the validation
+    photos. Now the kept start is the quick model itself: same probabilities, same threshold,
+    same score, same mistakes. The run's words: rounds, never epochs; true round counts."""
+    p, _ = project
+    quick = training.train_frozen(p)
+    messages = []
+    never = finetune.FinetuneConfig(epochs=1, min_delta=1e3)  # no round can beat the start by that much
+    run = training.train_finetuned(p, config=never, on_progress=lambda d, t, m: messages.append(m))
+    assert run.extra["best_epoch"] == -1
+    _, a = runs.load_run(p, quick.id)
+    _, b = runs.load_run(p, run.id)
+    order = [list(map(str, b["test_ids"])).index(str(i)) for i in a["test_ids"]]
+    np.testing.assert_allclose(b["test_proba"][order], a["test_proba"], atol=1e-4)
+    # the probabilities of these easy photos are all near 0 or 1: compare the log-odds too,
+    # the quick model's on its cached features against the kept network's on the photos
+    bundle, arrays = bundles.load_bundle(quick.bundle_path)
+    X, _, ids = extraction.load_training_features(p, "efficientnet_lite0")
+    rows = [ids.index(str(i)) for i in a["test_ids"]]
+    quick_odds = bundles.frozen_head_from_bundle(bundle, arrays).decision_function(X[rows])
+    kept = b["test_proba"][order]
+    np.testing.assert_allclose(np.log(kept[:, 1]) - np.log(kept[:, 0]), quick_odds, atol=0.02)
+    assert run.test_report["balanced_accuracy"] == quick.test_report["balanced_accuracy"]
+    assert run.test_report["confusion"] == quick.test_report["confusion"]
+    mistakes = [runs.test_predictions(p, r).query("label != predicted")["sha"].tolist() for r in (quick, run)]
+    assert mistakes[0] == mistakes[1]
+    assert run.threshold == quick.threshold and run.extra["quick_model_kept"] == quick.id
+    assert "the same answers as the quick model" in run.headline and "Trained for all 1 round;" in run.headline
+    assert "epoch" not in run.headline.lower()
+    rounds = [m for m in messages if m.startswith("Fine-tuning")]
+    assert rounds and set(rounds) == {"Fine-tuning, round 1 of 1"}
+    figure = charts.history_figure(run.extra["history"])  # the live chart counts the same rounds
+    assert figure.layout.xaxis.title.text == "Round" and list(figure.data[0].x) == [1]
+
+
+def test_finetune_length_is_chosen_with_its_time_estimate_shown_first(project):
+    """Quick / thorough, each with how long it takes on this computer, before starting; the
+    estimate comes from this computer's measured speed, and the job runs at that length."""
+    from streamlit.testing.v1 import AppTest
+
+    from tests.conftest import REPO
+
+    p, _ = project
+    if "frozen" not in runs.latest_runs(p):
+        training.train_frozen(p)
+    estimates = training.finetune_estimates(p)
+    assert estimates is not None and estimates["train_photos"] > 0
+    quick, thorough = estimates["lengths"]["quick"], estimates["lengths"]["thorough"]
+    assert 0 < quick["seconds"] < thorough["seconds"] and quick["rounds"] < thorough["rounds"]
+    if "finetuned" in runs.latest_runs(p):  # measured by fine-tuning here, in the run's own rounds
+        assert estimates["measured"]
+    at = AppTest.from_file(str(REPO / "app.py"), default_timeout=120)
+    at.query_params["project"] = p.slug
+    at.run()
+    at.switch_page("app_pages/steps/train.py").run()
+    assert not at.exception, at.exception
+    length = at.radio(key="finetune_length")
+    shown = list(length.options)
+    assert len(shown) == 2 and all("here" in o and "rounds" in o for o in shown), shown
+    length.set_value("quick").run()
+    at.button(key="train_finetune").click().run()
+    assert not at.exception, at.exception
+    job = jobs.latest(p, "train-finetune")
+    assert job.params["length"] == "quick"
+    jobs.cancel(p, job.id)
+    jobs.wait(p, job.id, timeout=300)
+
+
 def test_training_as_a_background_job(project):
     p, _ = project
     job = tasks.submit(p, "train-frozen", {"backbone": "efficientnet_lite0"})
@@ -166,6 +237,12 @@ def test_backbone_page_offline_network_explains_itself(project, monkeypatch, tmp
     at.switch_page("app_pages/steps/backbone.py").run()
     assert not at.exception, at.exception
     assert any("Features are ready for all 24 photos" in s.value for s in at.success)
+    # whether a network is ready comes right after its name (it was the last column, off-screen at 1400 px)
+    assert list(at.dataframe[0].value.columns[:2]) == ["Network", "Ready to use"]
+    # and the dropdown says which networks need a download on this machine
+    options = next(s for s in at.selectbox if s.label == "Network to use").options
+    assert any("EfficientNet-Lite0" in o and "works offline" in o for o in options), options
+    assert any("ResNet-50" in o and "needs a" in o and "MB download" in o for o in options), options
     next(s for s in at.selectbox if s.label == "Network to use").set_value("resnet50").run()
     assert not at.exception, at.exception
     message = " ".join(w.value for w in at.warning)

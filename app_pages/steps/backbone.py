@@ -19,28 +19,32 @@ ui.explain("backbone", "features")
 project = ui.require_project()
 if not journey.progress(project).done["data"]:
     ui.not_ready("backbone", what="This step turns every photo into features with a pretrained network.",
-                 needs="upload photos and a label sheet with at least two classes (3 photos each) on the Data step.")
+                 needs="upload photos and a label sheet with at least two classes (3 photos each) on the Data step.", on="data")
     st.stop()
 
 entries = backbones.list_backbones()
 device = st.session_state.get("device_choice", "auto")
 state = ProjectState(project)
 last = state.last_extraction
-rows = []
+rows, ready = [], {}
 for b in entries:
     status = weights.weights_status(b)
+    ready[b.id] = ("works offline" if b.offline else "ready, downloaded" if status.available
+                   else f"needs a {status.size_mb:.0f} MB download")
     speed = extraction.known_speed(b.id, device=None if device == "auto" else device)
     if not speed and last.get("backbone") == b.id and last.get("photos_per_s"):
         speed = last["photos_per_s"]  # this project's last extraction, photo decoding included
-    rows.append({
+    rows.append({  # what decides first on the left; the long description last, so nothing needed is off-screen
         "Network": b.name + ("  ★ recommended" if b.id == backbones.DEFAULT_BACKBONE_ID else ""),
-        "Good for": b.good_for,
+        "Ready to use": "yes (works offline)" if b.offline else ("yes" if status.available else f"downloads {status.size_mb:.0f} MB"),
+        "Speed here": f"{speed:.0f} photos/s" if speed else "not measured",
         "ImageNet accuracy": f"{b.imagenet_top1:.1f} %",
         "Size": f"{b.params_features / 1e6:.1f} M numbers",
-        "Speed here": f"{speed:.0f} photos/s" if speed else "not measured",
-        "Ready to use": "yes (works offline)" if b.offline else ("yes" if status.available else f"downloads {status.size_mb:.0f} MB"),
+        "Good for": b.good_for,
     })
-st.dataframe(pd.DataFrame(rows), hide_index=True, width="stretch")
+st.dataframe(pd.DataFrame(rows), hide_index=True, width="stretch",
+             column_config={"Network": st.column_config.TextColumn(width=230),
+                            "Good for": st.column_config.TextColumn(width="large")})
 with st.expander("What do these columns mean?"):
     st.markdown("**ImageNet accuracy**: how often the network named the right object among 1,000 kinds in a standard test; "
                 "higher usually means better features.  \n**Size**: how many learned numbers it has; bigger is slower.  \n"
@@ -51,7 +55,8 @@ if st.button("Measure speeds on this computer", help="Times each network on this
 ui.job_panel(project, "speeds", noun="networks")
 
 ids = [b.id for b in entries]
-names = {b.id: b.name + (" (recommended)" if b.id == backbones.DEFAULT_BACKBONE_ID else "") for b in entries}
+names = {b.id: b.name + (" (recommended)" if b.id == backbones.DEFAULT_BACKBONE_ID else "") + f" · {ready[b.id]}"
+         for b in entries}
 current = state.backbone or backbones.DEFAULT_BACKBONE_ID
 chosen = st.selectbox("Network to use", ids, index=ids.index(current) if current in ids else 0, format_func=names.get)
 status = weights.weights_status(chosen)

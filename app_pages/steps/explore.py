@@ -13,7 +13,7 @@ ui.explain("umap", "confidence")
 project = ui.require_project()
 if not journey.progress(project).done["train"]:
     ui.not_ready("explore", what="This step shows your photos on a map and lists likely label mistakes.",
-                 needs="train the quick model on the Train & compare step.")
+                 needs="train the quick model on the Train & compare step.", on="train")
     st.stop()
 
 names = project.class_names()

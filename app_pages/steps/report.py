@@ -4,6 +4,7 @@ import streamlit as st
 
 from app_pages import ui
 from core.learning import runs
+from core.learning.evaluation import range_text
 from core.present import charts, report, report_html
 from core.projects.state import ProjectState
 
@@ -13,7 +14,7 @@ st.caption("One page for management: the question, the photos it learned from, h
 project = ui.require_project()
 if not runs.latest_runs(project):
     ui.not_ready("report", what="This step writes a one-page summary for management that you can download and print.",
-                 needs="train a model on the Train & compare step (tagging a catalog adds the catalog's figures).")
+                 needs="train a model on the Train & compare step (tagging a catalog adds the catalog's figures).", on="train")
     st.stop()
 
 with st.spinner("Writing the report…"):
@@ -66,8 +67,8 @@ for col, method in zip(st.columns(len(built.methods)), built.methods):
         acc = method.accuracy
         st.metric("Right answers (each class counting equally)", report.percent(acc["value"]),
                   help="Balanced accuracy on photos the model never saw while learning.")
-        st.caption(f"95 % range {report.percent(acc['low'])} – {report.percent(acc['high'])} on {method.n_test} "
-                   f"held-out photos · trained {method.trained_on}")
+        st.caption(f"{range_text(acc['low'], acc['high'])} on {method.n_test} held-out photos · "
+                   f"trained {method.trained_on}")
         st.write(method.detail)
         table = method.per_class.rename(columns=report.PER_CLASS_COLUMNS)
         st.dataframe(table.style.format({c: "{:.0%}" for c in table.columns[:2]}), width="stretch")

@@ -32,7 +32,7 @@ model = models.tagging_model(project)
 state = ProjectState(project)
 if model is None:
     ui.not_ready("tag", what="This step runs your model over every photo of a catalog export.",
-                 needs="train a model on the Train & compare step.")
+                 needs="train a model on the Train & compare step.", on="train")
     st.stop()
 names = project.class_names()
 st.caption(f"Model: **{model['name'] or model['id']}** (change it on the Train & compare step).")
@@ -55,7 +55,8 @@ with st.expander("New tagging run", expanded=not state.tagging_run):
                         horizontal=True, format_func={"any": "any photo shows it", "all": "all photos show it",
                                                       "first": "the first photo shows it",
                                                       "majority": "most photos show it"}.get)
-        review = st.slider("Flag for review when the model is less sure than", 0.5, 0.99, 0.75, 0.01)
+        review = st.slider("Flag for review when the model is less sure than", 50, 99, 75, 1, format="%d %%",
+                           key="review_below") / 100
         if st.button("Start tagging", type="primary", disabled=not image_columns):
             try:
                 run_id = tagging.start_project_run(

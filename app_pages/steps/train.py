@@ -18,7 +18,7 @@ progress = journey.progress(project)
 backbone = ProjectState(project).backbone
 if not progress.done["backbone"] or not backbone or not extraction.status(project, backbone).complete:
     ui.not_ready("train", what="This step trains two models on your labelled photos and compares them.",
-                 needs="extract the features of your photos on the Backbone step.")
+                 needs="extract the features of your photos on the Backbone step.", on="backbone")
     st.stop()
 
 names = project.class_names()
@@ -36,11 +36,12 @@ with right:
     st.caption("Also adjusts the backbone itself to your photos. Minutes on a laptop; worth it when the quick model "
                "is not good enough.  \n" + training.what_is_learned(backbone, "finetuned", len(progress.classes)))
     latest = runs.latest_runs(project)
+    length = results.finetune_length(project)
     if st.button("Fine-tune the network", key="train_finetune", disabled="frozen" not in latest,
                  help="Starts from the quick model, so train that first."):
-        tasks.submit(project, "train-finetune", {"backbone": backbone})
+        tasks.submit(project, "train-finetune", {"backbone": backbone, "length": length})
         st.rerun()
-    job = ui.job_panel(project, "train-finetune", noun="epochs")
+    job = ui.job_panel(project, "train-finetune", noun="steps")
     if job and job.active and (history := jobs.events(project, job.id)):
         st.plotly_chart(charts.history_figure(history), width="stretch", key="live-history")
 

@@ -93,12 +93,14 @@ def explain(*words: str) -> None:
     st.caption("  \n".join(f"**{'UMAP' if w == 'umap' else w.capitalize()}**: {GLOSSARY[w]}" for w in words))
 
 
-def not_ready(step: str, *, what: str, needs: str) -> None:
-    """A step that cannot run yet says what it will do and what it needs first."""
+def not_ready(step: str, *, what: str, needs: str, on: str) -> None:
+    """A step that cannot run yet says what it will do and what it needs first, and links
+    to the step ``on`` which that is done (not merely the previous one)."""
     st.info(f"{what}  \n**First:** {needs}")
-    prev = journey.STEPS[max(0, journey.STEPS.index(step) - 1)] if step in journey.STEPS else "data"
-    if page(prev):
-        st.page_link(page(prev), label=f"Go to {STEP_TITLES[prev]}", icon=":material/arrow_forward:")
+    if on not in STEP_TITLES or on == step:
+        raise ValueError(f"not_ready({step!r}) must link to another step, got {on!r}.")
+    if page(on):
+        st.page_link(page(on), label=f"Go to {STEP_TITLES[on]}", icon=":material/arrow_forward:")
 
 
 def next_step(step: str, *, ready: bool, hint: str) -> None:

@@ -9,8 +9,10 @@ import pandas as pd
 import streamlit as st
 
 from app_pages.ui import thumb_grid
+from core.base.durations import duration_text
 from core.base.problems import InputError
-from core.learning import models, predictor, runs, training
+from core.learning import finetune_config, models, predictor, runs, training
+from core.learning.evaluation import range_text
 from core.present import charts
 from core.projects.workspace import Project
 
@@ -25,7 +27,7 @@ def run_panel(project: Project, run: runs.RunRecord, names: dict[str, str]) -> N
     acc = report["balanced_accuracy"]
     st.metric("Balanced accuracy on held-out photos", f"{100 * acc['value']:.1f} %",
               help="The average of the share found in each class, so a rare class counts as much as a common one.")
-    st.caption(f"95 % range {100 * acc['low']:.1f} – {100 * acc['high']:.1f} % on {report['n']} photos. {run.headline}")
+    st.caption(f"{range_text(acc['low'], acc['high'])} on {report['n']} photos. {run.headline}")
     for warning in report.get("warnings", []):
         st.warning(warning)
     rep = report["report"]
@@ -54,8 +56,9 @@ def _threshold(project: Project, run: runs.RunRecord, names: dict[str, str]) -> 
     pos = names.get(run.positive, run.positive)
     with st.expander("How sure must the model be to tag a photo?"):
         current = models.threshold(project, run.id) or 0.5
-        value = st.slider(f"Tag “{pos}” from this confidence", 0.05, 0.95, float(round(current, 2)), 0.01,
-                          key=f"thr-{run.kind}")
+        shown = min(95, max(5, round(100 * current)))
+        pct = st.slider(f"Tag “{pos}” from this confidence", 5, 95, shown, 1, format="%d %%", key=f"thr-{run.kind}")
+        value = current if pct == shown else pct / 100  # untouched: exactly the setting in force
         effect = training.threshold_effect(project, run, value)
         st.write(f"At this setting, on the {effect['n']} held-out photos: **{effect['missed']} of "
                  f"{effect['n_positive']}** photos with “{pos}” are missed and **{effect['flagged']} of "
@@ -116,3 +119,25 @@ def import_model(project: Project) -> None:
                 st.error(f"{upload.name}: {exc}")
             else:
                 st.success(f"Imported model {model_id}. Choose it above to tag with it.")
+
+
+def finetune_length(project: Project) -> str:
+    """The quick / thorough choice for fine-tuning, each with how long it takes here."""
+    estimates = training.finetune_estimates(project)
+    lengths = finetune_config.LENGTHS
+
+    def label(name: str) -> str:
+        text = f"{name.capitalize()}: up to {lengths[name]} rounds"
+        if estimates:
+            text += f", about {duration_text(estimates['lengths'][name]['seconds'], rough=True)} here"
+        return text
+
+    names = list(lengths)
+    length = st.radio("How long to fine-tune", names, index=names.index(finetune_config.DEFAULT_LENGTH),
+                      format_func=label, key="finetune_length")
+    if estimates:
+        basis = ("the last fine-tuning on this computer" if estimates["measured"] else
+                 "the feature-extraction speed on this computer (the first fine-tuning measures it better)")
+        st.caption(f"A round is one pass over the {estimates['train_photos']} training photos; it stops sooner once "
+                   f"a round no longer improves. Times estimated from {basis}.")
+    return length

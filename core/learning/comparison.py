@@ -15,7 +15,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from core.learning.evaluation import MIN_TEST_PHOTOS, Estimate, predict_labels
+from core.base.durations import duration_text
+from core.learning.evaluation import MIN_TEST_PHOTOS, Estimate, predict_labels, range_text
 
 __all__ = ["Comparison", "align_proba", "compare_methods", "rank_label_issues"]
 
@@ -75,10 +76,6 @@ def _pts(v: float) -> str:
     return f"{v:+.1f}".replace("-", "\u2212")
 
 
-def _times(ratio: float) -> str:
-    return f"{ratio:.0f}\u00d7" if ratio >= 10 else f"{ratio:.1f}\u00d7"
-
-
 def compare_methods(
     y_true: Sequence[str],
     proba_a,
@@ -100,8 +97,8 @@ def compare_methods(
     Rows of both probability arrays must be the same photos in the same order (see
     :func:`align_proba`). "Better" needs both the exact McNemar test (p < ``alpha``)
     and the paired-bootstrap 95 % range of the accuracy difference to agree. When the
-    two are not measurably different, the cheaper one (``cost_*_seconds``, training
-    time), else A, is recommended.
+    two are not measurably different, the cheaper one (``cost_*_seconds``: how long the
+    user waited for each training job, start to finish), else A, is recommended.
     """
     from scipy.stats import binomtest
 
@@ -131,16 +128,16 @@ def compare_methods(
         better = name_b
     elif p_value < alpha and hi < 0:
         better = name_a
-    rng = f"95 % range {_pts(lo)} to {_pts(hi)}"
+    rng = range_text(lo, hi, points=True)
     costs = cost_a_seconds is not None and cost_b_seconds is not None and min(cost_a_seconds, cost_b_seconds) > 0
     if better == name_b:
         verdict = f"{name_b} is better: {diff:.1f} points more photos right ({rng}). Use {name_b}."
         if costs and cost_b_seconds > 1.2 * cost_a_seconds:
-            verdict += f" It took {_times(cost_b_seconds / cost_a_seconds)} longer to train."
+            verdict += f" It took {duration_text(cost_b_seconds)} to train, {name_a} {duration_text(cost_a_seconds)}."
     elif better == name_a:
         verdict = (
             f"{name_a} is better: {-diff:.1f} points more photos right than {name_b} "
-            f"(95 % range {_pts(-hi)} to {_pts(-lo)}). Use {name_a}."
+            f"({range_text(-hi, -lo, points=True)}). Use {name_a}."
         )
     else:
         verdict = f"{name_b} is not measurably better than {name_a} here ({_pts(diff)} points, {rng})."
@@ -150,7 +147,8 @@ def compare_methods(
             ratio = max(cost_a_seconds, cost_b_seconds) / min(cost_a_seconds, cost_b_seconds)
             recommended = name_a if cost_a_seconds <= cost_b_seconds else name_b
             verdict += (
-                f" {recommended} trained {_times(ratio)} faster: use it."
+                f" {name_a} took {duration_text(cost_a_seconds)} to train, {name_b} {duration_text(cost_b_seconds)}: "
+                f"use {recommended}."
                 if ratio >= 1.2
                 else f" Both train about as fast: use {recommended}."
             )

@@ -27,6 +27,7 @@ from core.learning.evaluation import (
     evaluate_predictions,
     positive_index,
     predict_labels,
+    range_text,
     scores_from_confusion,
 )
 from core.learning.heads import make_frozen_head, single_threaded_blas
@@ -67,8 +68,8 @@ class CVResult:
         name = METRIC_NAMES[metric].capitalize()
         if not s:
             e = getattr(self.test_report, metric)
-            return f"{name} {100 * e.value:.1f} % on {self.test_report.n} test photos (95 % range {100 * e.low:.1f} to {100 * e.high:.1f} %)."
-        rng = "" if s["low"] is None else f" (95 % range {100 * s['low']:.1f} to {100 * s['high']:.1f} %)"
+            return f"{name} {100 * e.value:.1f} % on {self.test_report.n} test photos ({range_text(e.low, e.high)})."
+        rng = "" if s["low"] is None else f" ({range_text(s['low'], s['high'])})"
         return f"{name} {100 * s['mean']:.1f} %{rng}, from {self.n_repeats}× repeated {self.n_splits}-fold cross-validation."
 
     def to_dict(self) -> dict[str, Any]:

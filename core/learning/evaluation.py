@@ -32,6 +32,7 @@ __all__ = [
     "choose_threshold",
     "evaluate_predictions",
     "predict_labels",
+    "range_text",
 ]
 
 MIN_TEST_PHOTOS = 50  # below this a test set is "not evidence" (DESIGN.md)
@@ -55,6 +56,21 @@ class Estimate:
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> Estimate:
         return cls(float(d["value"]), _opt_float(d.get("low")), _opt_float(d.get("high")))
+
+
+def range_text(low: float | None, high: float | None, *, points: bool = False) -> str:
+    """The one way every 95 % range is written, e.g. ``"95 % range 66.7 to 100.0 %"``.
+
+    ``low``/``high`` are shares (0 to 1) shown as percentages, or with ``points=True``
+    differences in percentage points, shown signed (``"95 % range −3.3 to +6.7 points"``).
+    Empty when the range is unknown.
+    """
+    if low is None or high is None:
+        return ""
+    if points:
+        lo, hi = (f"{v:+.1f}".replace("-", "\u2212") for v in (low, high))
+        return f"95 % range {lo} to {hi} points"
+    return f"95 % range {100 * low:.1f} to {100 * high:.1f} %"
 
 
 def _opt_float(v: Any) -> float | None:
@@ -310,9 +326,9 @@ def evaluate_predictions(
 
 def _small_sample_warnings(report: EvalReport) -> list[str]:
     out = []
-    acc = report.accuracy
+    acc = report.balanced_accuracy  # the headline figure, so the warning quotes the range shown beside it
     if report.n < MIN_TEST_PHOTOS:
-        swing = "" if acc.low is None else f" (accuracy anywhere from {100 * acc.low:.0f} % to {100 * acc.high:.0f} %)"
+        swing = "" if acc.low is None else f" (balanced accuracy {range_text(acc.low, acc.high)})"
         out.append(
             f"A test set of {report.n} photos is not evidence{swing}: label more photos, "
             f"at least {MIN_TEST_PHOTOS} for testing, before trusting these numbers."

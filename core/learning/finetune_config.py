@@ -27,8 +27,9 @@ if TYPE_CHECKING:
 
 
 __all__ = [
-    "FinetuneConfig", "build_train_transform", "default_batch_size", "depth_groups", "init_head_from_frozen",
-    "make_scheduler", "param_groups", "set_trainable",
+    "DEFAULT_LENGTH", "LENGTHS", "FinetuneConfig", "build_train_transform", "config_for_length", "default_batch_size",
+    "depth_groups", "estimate_seconds", "init_head_from_frozen", "make_scheduler", "param_groups", "seconds_per_photo",
+    "set_trainable",
 ]
 
 # Augmentation strength. Product photos are framed on purpose, so crops stay mild (a
@@ -108,6 +109,56 @@ class FinetuneConfig:
             raise ValueError(f"Fine-tuning setting label_smoothing must be in [0, 1), got {self.label_smoothing!r}.")
         if self.class_weight not in (None, "balanced"):
             raise ValueError(f"class_weight must be None or 'balanced', got {self.class_weight!r}.")
+
+
+# How long fine-tuning may run, as the user chooses it: the most rounds (passes over the
+# training photos; early stopping can end sooner). "quick" is the shortest full recipe:
+# one round each for the classifier alone, the last layers, and everything.
+LENGTHS = {"quick": 3, "thorough": 8}
+DEFAULT_LENGTH = "thorough"
+
+# A training step (forward, backward, update) costs this many forward passes per photo:
+# measured on the 2-core CPU with EfficientNet-Lite0, batch 8, channels_last, 4.15x
+# (textbook: backward ~2x forward, plus the optimizer). Used only until a fine-tuning run
+# on this computer has measured its own speed.
+TRAIN_STEP_VS_FORWARD = 4.0
+
+
+def config_for_length(length: str | None = None, *, seed: int = 0) -> FinetuneConfig:
+    """The settings for a fine-tuning length ("quick" or "thorough"; None: the default)."""
+    length = length or DEFAULT_LENGTH
+    if length not in LENGTHS:
+        raise ValueError(f"Fine-tuning length must be one of {sorted(LENGTHS)}, got {length!r}.")
+    return FinetuneConfig(epochs=LENGTHS[length], seed=seed)
+
+
+def seconds_per_photo(history: Sequence[Mapping[str, Any]] | None = None,
+                      forward_photos_per_s: float | None = None) -> tuple[float, bool] | None:
+    """Seconds one training photo costs on this computer, and whether it was measured by
+    fine-tuning itself: the median over an earlier run's rounds (``history`` of a
+    :class:`core.learning.finetune.FinetuneResult`) in which the network trained (those
+    where only the classifier trained ran forward passes: they count
+    :data:`TRAIN_STEP_VS_FORWARD` times), else the measured feature-extraction speed
+    (photos per second) made that many times slower; None when neither is known."""
+    for phases, factor in ((("all", "top"), 1.0), (("head",), TRAIN_STEP_VS_FORWARD)):
+        rates = [float(h["photos_per_s"]) for h in history or ()
+                 if h.get("phase") in phases and (h.get("photos_per_s") or 0) > 0]
+        if rates:
+            return float(np.median([factor / r for r in rates])), True
+    if forward_photos_per_s and forward_photos_per_s > 0:
+        return TRAIN_STEP_VS_FORWARD / forward_photos_per_s, False
+    return None
+
+
+def estimate_seconds(config: FinetuneConfig, *, n_train: int, n_val: int, photo_seconds: float) -> float:
+    """How long fine-tuning runs at most with ``config``, if one training photo costs
+    ``photo_seconds``: rounds where only the classifier trains cost a forward pass per
+    photo, the others a full step; the validation photos are scored after every round
+    and once at the start (a forward pass each)."""
+    forward = photo_seconds / TRAIN_STEP_VS_FORWARD
+    head_rounds = min(config.epochs, config.head_only_epochs)
+    train = head_rounds * n_train * forward + (config.epochs - head_rounds) * n_train * photo_seconds
+    return train + (config.epochs + 1) * n_val * forward
 
 
 def build_train_transform(backbone_id: str) -> Callable:

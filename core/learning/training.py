@@ -31,8 +31,9 @@ from core.learning import (
 from core.projects.state import ProjectState
 from core.projects.workspace import Project
 from core.vision import backbones, weights
+from core.vision.device import pick_device
 
-__all__ = ["compare", "threshold_effect", "train_finetuned", "train_frozen", "what_is_learned"]
+__all__ = ["compare", "finetune_estimates", "threshold_effect", "train_finetuned", "train_frozen", "what_is_learned"]
 
 Progress = Callable[[int, int, str], None]
 
@@ -86,6 +87,7 @@ def train_frozen(
     on_progress: Progress | None = None,
 ) -> runs.RunRecord:
     """Cross-validate and fit the frozen-backbone classifier on the cached features."""
+    job_started = time.time()
     report = on_progress or (lambda d, t, m: None)
     data = _training_data(project, backbone_id, seed)
     backbone_id, X, y, ids, names, positive, plan = (data.backbone_id, data.X, data.y, data.ids, data.names,
@@ -116,8 +118,8 @@ def train_frozen(
         id=bundle.id, kind="frozen", backbone_id=backbone_id, bundle_path=str(path),
         classes=list(cv.classes), positive=cv.positive, threshold=cv.threshold,
         test_ids=list(cv.test_ids), test_report=cv.test_report.to_dict(), headline=cv.headline(),
-        seconds=round(cv.fit_seconds, 3), created_at=time.time(),
-        extra={"cv": cv.to_dict(), "cv_seconds": round(seconds, 2),
+        seconds=round(time.time() - job_started, 1), created_at=time.time(),  # what the user waited for
+        extra={"cv": cv.to_dict(), "cv_seconds": round(seconds, 2), "fit_seconds": round(cv.fit_seconds, 3),
                "labels_signature": runs.labels_signature(ids, list(y), 0)},
     )
     runs.save_run(project, record, {
@@ -133,6 +135,7 @@ def train_finetuned(
     backbone_id: str | None = None,
     seed: int = 0,
     config=None,
+    length: str | None = None,
     device: str | None = None,
     on_progress: Progress | None = None,
     on_epoch: Callable[[dict], None] | None = None,
@@ -141,12 +144,17 @@ def train_finetuned(
     """Fine-tune the backbone on the plan's training photos, early-stop on its validation
     photos, and score it on the same held-out photos as the frozen head.
 
-    The new head starts from a frozen head fit on the training photos only (a linear
-    probe), so fine-tuning starts where the quick model is. Returns None when cancelled
-    before anything useful was learned. A run that was cancelled or whose process died
-    continues from its last completed epoch when asked again with the same photos, labels
-    and settings (the checkpoint is kept in the project's ``runs/finetune-checkpoint``).
+    ``length`` ("quick" or "thorough", :data:`core.learning.finetune_config.LENGTHS`)
+    sets how many rounds at most when no ``config`` is given. The new head starts from a
+    frozen head fit on the training photos only (a linear probe, so the validation photos
+    stay honest). When no round beats that start, the fine-tuned network is given the
+    quick model's own classifier and threshold: it then is the quick model (same answers,
+    same score), as its story says. Returns None when cancelled before anything useful
+    was learned. A run that was cancelled or whose process died continues from its last
+    completed round when asked again with the same photos, labels and settings (the
+    checkpoint is kept in the project's ``runs/finetune-checkpoint``).
     """
+    job_started = time.time()
     report = on_progress or (lambda d, t, m: None)
     data = _training_data(project, backbone_id, seed)
     backbone_id, X, y, ids, classes, names, positive, plan = (
@@ -156,30 +164,38 @@ def train_finetuned(
     train_rows = [row[i] for i in plan.train_ids]
     probe = heads.make_frozen_head(random_state=seed).fit(X[train_rows], y[train_rows])
     items = lambda part: [(sha, project.image_path(sha), label[sha]) for sha in part]  # noqa: E731
+    config = config or finetune_config.config_for_length(length, seed=seed)
     started = time.time()
     result = finetune.finetune(
         items(plan.train_ids), items(plan.val_ids), backbone_id=backbone_id, classes=classes,
-        config=config or finetune_config.FinetuneConfig(seed=seed), head_arrays=heads.head_to_arrays(probe),
+        config=config, head_arrays=heads.head_to_arrays(probe),
         head_classes=list(probe.classes_), positive=positive, device=device, on_epoch=on_epoch,
-        on_progress=lambda done, total: report(done, total, "Fine-tuning"), should_cancel=should_cancel,
-        checkpoint_dir=project.path("runs", "finetune-checkpoint"),
+        on_progress=lambda done, total: report(done, total, _round_message(done, total, config.epochs)),
+        should_cancel=should_cancel, checkpoint_dir=project.path("runs", "finetune-checkpoint"),
     )
     if result.cancelled and result.best_epoch < 0:
         return None
+    earlier_attempts = max(0.0, result.seconds - (time.time() - started))  # a resumed run's earlier processes
+    threshold, quick = result.threshold, None
+    if result.best_epoch < 0:
+        quick = _quick_model_on(project, data)
+        if quick is not None:  # the start is kept: make it the quick model itself, not a cousin fit on fewer photos
+            finetune_config.init_head_from_frozen(result.model, quick[1], quick[0].classes)
+            threshold = quick[0].threshold
     report(0, len(plan.test_ids), "Scoring the held-out photos")
     test_items = [(sha, project.image_path(sha)) for sha in plan.test_ids]
     proba = finetune_loop.predict_proba(result.model, test_items, backbone_id=backbone_id, device=device)
     keep = ~np.isnan(proba).any(axis=1)
     test_ids = [sha for sha, ok in zip(plan.test_ids, keep) if ok]
     test_report = evaluation.evaluate_predictions(
-        [label[i] for i in test_ids], proba[keep], classes=classes, positive=positive, threshold=result.threshold,
+        [label[i] for i in test_ids], proba[keep], classes=classes, positive=positive, threshold=threshold,
     )
-    seconds = time.time() - started
+    seconds = time.time() - job_started + earlier_attempts  # what the user waited for
     bundle = bundles.ModelBundle(
         kind="finetuned", backbone_id=backbone_id, weights_hash=weights.weights_hash(backbone_id),
         preprocessing=backbones.preprocessing_record(backbone_id), classes=classes,
         class_display_names={c: names[c] for c in classes if c in names}, positive=positive,
-        threshold=result.threshold, metrics={"test": test_report.to_dict(), "history": result.history}, seed=seed,
+        threshold=threshold, metrics={"test": test_report.to_dict(), "history": result.history}, seed=seed,
         split=plan.to_dict(),
         training_manifest=bundles.training_manifest(plan.train_ids, [label[i] for i in plan.train_ids]),
         name=f"{project.name} · fine-tuned {backbones.get_backbone(backbone_id).name}",
@@ -189,11 +205,14 @@ def train_finetuned(
     acc = test_report.balanced_accuracy
     record = runs.RunRecord(
         id=bundle.id, kind="finetuned", backbone_id=backbone_id, bundle_path=str(path), classes=classes,
-        positive=positive, threshold=result.threshold, test_ids=test_ids, test_report=test_report.to_dict(),
-        headline=f"Balanced accuracy {100 * acc.value:.1f} % on {test_report.n} held-out photos. " + _story(result),
+        positive=positive, threshold=threshold, test_ids=test_ids, test_report=test_report.to_dict(),
+        headline=f"Balanced accuracy {100 * acc.value:.1f} % on {test_report.n} held-out photos. "
+                 + _story(result, quick_kept=quick is not None),
         seconds=round(seconds, 1), created_at=time.time(),
         extra={"history": result.history, "best_epoch": result.best_epoch, "failures": len(result.failures),
-               "resumed_epochs": result.resumed_epochs,
+               "resumed_epochs": result.resumed_epochs, "quick_model_kept": quick[0].id if quick else None,
+               "length": length, "rounds": config.epochs, "train_photos": len(plan.train_ids),
+               "val_photos": len(plan.val_ids),
                "labels_signature": runs.labels_signature(ids, list(y), 0),
                "device": str(result.device)},
     )
@@ -201,10 +220,74 @@ def train_finetuned(
     return record
 
 
-def _story(result) -> str:
+def _round_message(done: int, total: int, rounds: int) -> str:
+    """The progress line of fine-tuning: which round it is in (the bar counts its steps)."""
+    if total <= 0:
+        return "Fine-tuning"
+    current = min(rounds, done * rounds // total + 1)
+    return f"Fine-tuning, round {current} of {rounds}"
+
+
+def _quick_model_on(project: Project, data: _TrainingData) -> tuple[bundles.ModelBundle, dict] | None:
+    """The latest quick model, with its head arrays, if it was trained on exactly these
+    labelled photos with this backbone and split (else None)."""
+    run = runs.latest_runs(project).get("frozen")
+    if run is None or run.backbone_id != data.backbone_id:
+        return None
+    if run.extra.get("labels_signature") != runs.labels_signature(data.ids, list(data.y), 0):
+        return None
+    try:
+        bundle, arrays = bundles.load_bundle(run.bundle_path)
+    except (OSError, ValueError):
+        return None
+    plan = data.plan
+    same_split = all(list(bundle.split.get(k, [])) == list(getattr(plan, k)) for k in ("train_ids", "val_ids", "test_ids"))
+    if not same_split or set(bundle.classes) != set(data.classes):
+        return None
+    return bundle, arrays
+
+
+def finetune_estimates(project: Project, *, device: str | None = None) -> dict | None:
+    """Before fine-tuning: for each length ("quick", "thorough") the most rounds and about
+    how many seconds it takes on this computer, and whether the speed behind it was
+    measured by fine-tuning here (else derived from the feature-extraction speed).
+    None until the quick model exists (fine-tuning starts from it) or no speed is known."""
+    latest = runs.latest_runs(project)
+    quick = latest.get("frozen")
+    if quick is None:
+        return None
+    try:
+        split = bundles.load_bundle(quick.bundle_path)[0].split
+    except (OSError, ValueError):
+        return None
+    n_train, n_val = len(split.get("train_ids", [])), len(split.get("val_ids", []))
+    backbone_id = quick.backbone_id
+    device_type = pick_device(device).type
+    earlier = latest.get("finetuned")
+    history = None
+    if earlier is not None and earlier.backbone_id == backbone_id and \
+            str(earlier.extra.get("device", "")).split(":")[0] == device_type:
+        history = earlier.extra.get("history")
+    last = ProjectState(project).last_extraction
+    # the project's own extraction counts photo decoding too, as training does
+    forward = last.get("photos_per_s") if last.get("backbone") == backbone_id else None
+    forward = forward or extraction.known_speed(backbone_id, device=device)
+    speed = finetune_config.seconds_per_photo(history, forward)
+    if speed is None or not n_train:
+        return None
+    photo_seconds, measured = speed
+    lengths = {}
+    for name, rounds in finetune_config.LENGTHS.items():
+        config = finetune_config.config_for_length(name)
+        lengths[name] = {"rounds": rounds, "seconds": finetune_config.estimate_seconds(
+            config, n_train=n_train, n_val=n_val, photo_seconds=photo_seconds)}
+    return {"lengths": lengths, "measured": measured, "train_photos": n_train, "val_photos": n_val}
+
+
+def _story(result, *, quick_kept: bool = False) -> str:
     """How a fine-tuning run went, in one plain sentence."""
     n = len(result.history)
-    rounds = f"{n} round{'' if n == 1 else 's'} (epochs)"
+    rounds = f"{n} round{'' if n == 1 else 's'}"
     how = {"completed": f"Trained for all {rounds}",
            "early_stopping": f"Stopped after {rounds}, once it no longer improved",
            "time_budget": f"Stopped after {rounds} at the time limit",
@@ -214,7 +297,11 @@ def _story(result) -> str:
         how += f" (continued after an interruption, {done} round{'' if done == 1 else 's'} already done)"
     if result.best_epoch >= 0:
         return f"{how}; the version kept is the one from round {result.best_epoch + 1}."
-    return f"{how}; no round beat its starting point (the quick model's classifier), so that is what is kept."
+    if quick_kept:
+        return (f"{how}; no round beat its starting point, so it keeps the quick model's classifier and "
+                "confidence setting unchanged: the same answers as the quick model.")
+    return (f"{how}; no round beat its starting point (a quick classifier fitted on the training photos alone), "
+            "so that is what is kept.")
 
 
 def compare(project: Project, *, names: tuple[str, str] = ("Frozen", "Fine-tuned")) -> comparison.Comparison | None:

@@ -46,13 +46,13 @@ def curves_figure(report: Mapping, *, kind: str = "roc") -> go.Figure | None:
 
 
 def history_figure(history: Sequence[Mapping]) -> go.Figure:
-    """Training and validation loss per epoch of a fine-tuning run."""
+    """Training and validation loss per round (pass over the training photos, counted from 1) of a fine-tuning run."""
     fig = go.Figure()
-    epochs = [h["epoch"] for h in history]
+    rounds = [h["epoch"] + 1 for h in history]
     for key, label, colour in (("train_loss", "Training loss", PALETTE[0]), ("val_loss", "Validation loss", PALETTE[1])):
-        fig.add_trace(go.Scatter(x=epochs, y=[h.get(key) for h in history], name=label, mode="lines+markers",
+        fig.add_trace(go.Scatter(x=rounds, y=[h.get(key) for h in history], name=label, mode="lines+markers",
                                  line=dict(color=colour)))
-    fig.update_layout(xaxis_title="Epoch", yaxis_title="Loss", height=300, margin=dict(l=10, r=10, t=10, b=10))
+    fig.update_layout(xaxis_title="Round", yaxis_title="Loss", height=300, margin=dict(l=10, r=10, t=10, b=10))
     return fig
 
 

@@ -199,7 +199,7 @@ def _catalog(project: Project, names: dict[str, str], category: str | None,
     return CatalogResult(
         name=run.get("catalog_name", "catalog"), rows=int(run["rows"]), done=len(results), counts=counts,
         needs_review=int(results["needs_review"].sum()), answered=len(fixed),
-        failed=int((results["predicted_label"] == "").sum()), model=str(model_name),
+        failed=int((final == "").sum()), model=str(model_name),  # a row answered by hand is tagged now
         category_column=column, category_columns=columns, by_category=by_category, examples=examples,
         out_of_date=tagging.out_of_date(run, chosen),
     )

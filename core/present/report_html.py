@@ -15,6 +15,7 @@ from pathlib import Path
 import pandas as pd
 
 from core.base.files import atomic_write_text
+from core.learning.evaluation import range_text
 from core.present.charts import PALETTE
 from core.present.report import (
     PER_CLASS_COLUMNS,
@@ -47,7 +48,8 @@ section { break-inside:avoid-page; }
 .grid { display:flex; flex-wrap:wrap; gap:10px; }
 figure { margin:0; width:150px; }
 figure img { width:150px; height:150px; object-fit:contain; background:var(--soft); border:1px solid var(--line); border-radius:6px; }
-figcaption { font-size:12px; color:var(--muted); line-height:1.3; margin-top:3px; }
+figcaption { font-size:12px; color:var(--muted); line-height:1.3; margin-top:3px; overflow-wrap:anywhere;
+  display:-webkit-box; -webkit-box-orient:vertical; -webkit-line-clamp:3; line-clamp:3; overflow:hidden; }
 table { border-collapse:collapse; margin:6px 0 12px; font-size:14px; }
 th, td { border:1px solid var(--line); padding:5px 10px; text-align:right; }
 th:first-child, td:first-child { text-align:left; }
@@ -87,7 +89,8 @@ def _photos(photos: list[Photo]) -> str:
     if not photos:
         return '<p class="muted">No photo to show.</p>'
     return '<div class="grid">' + "".join(
-        f"<figure>{_img(p.jpeg, p.caption)}<figcaption>{_e(p.caption)}</figcaption></figure>" for p in photos) + "</div>"
+        f"<figure>{_img(p.jpeg, p.caption)}<figcaption title=\"{_e(p.caption)}\">{_e(p.caption)}</figcaption></figure>"
+        for p in photos) + "</div>"
 
 
 def _colour(i: int) -> str:
@@ -168,8 +171,8 @@ def to_html(report: Report) -> str:
         acc = m.accuracy
         used = " · <b>used for tagging</b>" if m.used_for_tagging else ""
         out.append(f"<div><h3>{_e(m.title)}</h3><p class='metric'>{percent(acc['value'])}</p>"
-                   f"<p class='muted'>right (each class counting equally) · 95 % range {percent(acc['low'])} – "
-                   f"{percent(acc['high'])} · {m.n_test} held-out photos · trained {m.trained_on}{used}</p>"
+                   f"<p class='muted'>right (each class counting equally) · {range_text(acc['low'], acc['high'])}"
+                   f" · {m.n_test} held-out photos · trained {m.trained_on}{used}</p>"
                    f"<p>{_e(m.detail)}</p>{_per_class(m)}{_confusion(m)}</div>")
     out.append("</div>")
     out.append("<p class='muted'><b>Recall</b>: of the photos that really have a label, the share the model found. "
