@@ -74,7 +74,7 @@ def test_default_is_first_and_the_lites_are_the_offline_ones():
         assert lite.weights.source == "package" and not lite.self_supervised
         p = lite.preprocessing  # the facts checked in STACK.md (Lite0) and the timm configs
         assert (p.crop_size, p.interpolation, p.mean, p.std) == (sizes[backbone_id], "bicubic", (0.5,) * 3, (0.5,) * 3)
-        assert p.crop_mode == "squash"  # the whole photo: it measured best on everyday photos
+        assert p.crop_mode == "squash"  # the whole photo; no variant measured clearly better
         assert wt.weights_status(lite).available
 
 

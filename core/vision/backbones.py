@@ -298,7 +298,7 @@ def _dinov2_entry() -> Backbone:
 # of 87.5-89 %. That is the preprocessing checked in STACK.md (chelsea → "Egyptian cat"
 # p ≈ 0.77, coffee → "espresso" p ≈ 0.90; with the centre crop chelsea becomes "tiger cat"
 # 0.39), it keeps what sits near the edges (a hand, a model's shoulder, a small person at
-# the side of a scene) and it measured best on everyday photos (benchmarks/bench_backbones.py).
+# the side of a scene); no other input measured clearly better (benchmarks/bench_backbones.py).
 _LITE_KWARGS = {"pretrained_cfg_overlay": {"crop_pct": 1.0, "crop_mode": "squash"}}
 
 
@@ -318,12 +318,12 @@ _LITE_FACTS = {
     ),
     1: _LiteFacts(
         "efficientnet-lite1-77cc7160.pth", 21_946_926, 5_416_680, 76.7,
-        "A little larger than Lite0 and sees a little more detail (240 px). Works offline.",
+        "A little larger than Lite0 (240 px); it did not beat Lite0 on our everyday photos. Works offline.",
     ),
     2: _LiteFacts(
         "efficientnet-lite2-9656183e.pth", 24_666_229, 6_092_072, 77.4,
-        "The largest offline network here (260 px): finds more small people in everyday "
-        "photos, about half the speed of Lite0. Works offline.",
+        "The largest offline network here (260 px); slower, and no better than Lite0 on our "
+        "everyday photos. Works offline.",
     ),
 }
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import math
 from collections.abc import Mapping, Sequence
 from functools import cache
 from pathlib import Path
@@ -106,10 +107,15 @@ def measured_figures(path: Path = FIGURES_PATH) -> dict[str, Any] | None:
     return data if isinstance(data, dict) and data.get("version") == _VERSION else None
 
 
+def _pc(v: float) -> str:
+    # One decimal near 100 %, rounded down, so 99.6 % never reads as 100 %.
+    return f"{math.floor(1000 * v) / 10:.1f} %" if 0.99 < v < 1 else f"{100 * v:.0f} %"
+
+
 def _share(d: Mapping[str, Any]) -> str:
     if d.get("low") is None:
-        return f"{100 * d['mean']:.0f} %"
-    return f"{100 * d['mean']:.0f} % (95 % range {100 * d['low']:.0f} to {100 * d['high']:.0f} %)"
+        return _pc(d["mean"])
+    return f"{_pc(d['mean'])} (95 % range {_pc(d['low'])[:-2]} to {_pc(d['high'])})"
 
 
 def figures_table(path: Path = FIGURES_PATH) -> pd.DataFrame | None:
