@@ -11,7 +11,7 @@ from core import tasks
 from core.learning import extraction
 from core.present import journey
 from core.projects.state import ProjectState
-from core.vision import backbones, weights
+from core.vision import backbones, figures, weights
 
 st.title("2 · Backbone")
 st.caption("Pick the network that will describe your photos. The recommended one is a good start everywhere.")
@@ -49,6 +49,11 @@ with st.expander("What do these columns mean?"):
     st.markdown("**ImageNet accuracy**: how often the network named the right object among 1,000 kinds in a standard test; "
                 "higher usually means better features.  \n**Size**: how many learned numbers it has; bigger is slower.  \n"
                 "**Speed here**: photos per second on this computer.")
+measured = figures.figures_table()
+if measured is not None:
+    st.subheader("How well the offline networks find people (measured)")
+    st.dataframe(measured, hide_index=True, width="stretch")
+    st.caption(figures.figures_note())
 if st.button("Measure speeds on this computer", help="Times each network on this machine (about a minute)."):
     tasks.submit(project, "speeds", {"device": None if device == "auto" else device})
     st.rerun()

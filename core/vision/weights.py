@@ -3,7 +3,7 @@
 Weights live in the standard caches, so files placed there by other tools are found and
 files placed there by this module are found by torchvision and timm:
 ``torch.hub.get_dir()/checkpoints`` for torchvision, the Hugging Face cache for timm, the
-installed package for EfficientNet-Lite0 (the one backbone that works with no download).
+installed packages for EfficientNet-Lite0/1/2 (the backbones that work with no download).
 A download is checked before it is kept (the file must hold the network's tensors, and
 where the publisher gives a SHA-256 prefix in the file name, the file must match it);
 a weights file a user imports is read without unpickling anything.
