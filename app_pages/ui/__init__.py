@@ -5,6 +5,8 @@ Only drawing and session plumbing lives here; the work is in ``core``.
 
 from __future__ import annotations
 
+import re
+import string
 import time
 
 import streamlit as st
@@ -38,6 +40,16 @@ GLOSSARY = {
 }
 
 _PROJECT_KEY = "project_slug"
+_MARKDOWN_SIGNS = re.compile("([" + re.escape(string.punctuation) + "])")
+
+
+def plain(value: object) -> str:
+    """User text (class, project, file, column and catalog values, and core's sentences quoting
+    them) to put inside a page's markdown so it shows as the very same text: no link, image,
+    heading, list, emphasis, ``:icon:`` or formula sign can come alive. Every ASCII punctuation
+    sign is backslash-escaped (CommonMark's own way); line breaks become spaces."""
+    return _MARKDOWN_SIGNS.sub(r"\\\1", " ".join(str(value).split()))
+
 _PAGES_KEY = "_pages"
 
 
@@ -144,7 +156,7 @@ def job_panel(project: workspace.Project, kind: str, *, noun: str = "photos", wh
     if job.active:
         _live_panel(project, job.id, noun)
     elif job.status == "failed":
-        st.error(f"The last run failed: {job.error}")
+        st.error(f"The last run failed: {plain(job.error)}")
     elif job.status == "interrupted":
         st.warning(f"The last run was interrupted ({job.done} of {job.total} {noun} done). Start it again to resume.")
     elif job.status == "cancelled":
@@ -173,10 +185,7 @@ def thumb_grid(project: workspace.Project, shas: list[str], captions: list[str],
     for start in range(0, len(shas), per_row):
         cols = st.columns(per_row)
         for col, sha, caption in zip(cols, shas[start:start + per_row], captions[start:start + per_row]):
-            try:
-                col.image(project.thumbnail(sha), caption=caption, width="stretch")
-            except Exception:  # a missing preview must never break the page
-                col.caption(f"(no preview) {caption}")
+            col.image(project.thumbnail(sha), caption=caption, width="stretch")  # a placeholder if broken
 
 
 def paged(items: list, *, key: str, per_page: int = 24) -> list:

@@ -8,8 +8,9 @@ from pathlib import Path
 import pandas as pd
 import streamlit as st
 
-from app_pages.ui import thumb_grid
+from app_pages.ui import plain, thumb_grid
 from core.base.problems import InputError
+from core.inputs import images
 from core.learning import models, predictor, runs, training
 from core.present import charts
 from core.projects.workspace import Project
@@ -25,9 +26,10 @@ def run_panel(project: Project, run: runs.RunRecord, names: dict[str, str]) -> N
     acc = report["balanced_accuracy"]
     st.metric("Balanced accuracy on held-out photos", f"{100 * acc['value']:.1f} %",
               help="The average of the share found in each class, so a rare class counts as much as a common one.")
-    st.caption(f"95 % range {100 * acc['low']:.1f} – {100 * acc['high']:.1f} % on {report['n']} photos. {run.headline}")
+    st.caption(f"95 % range {100 * acc['low']:.1f} – {100 * acc['high']:.1f} % on {report['n']} photos. "
+               f"{plain(run.headline)}")
     for warning in report.get("warnings", []):
-        st.warning(warning)
+        st.warning(plain(warning))
     rep = report["report"]
     table = pd.DataFrame(rep["data"], index=rep["index"], columns=rep["columns"]).rename(
         index={**names, "macro avg": "Average (classes equal)", "weighted avg": "Average (by photos)"},
@@ -41,7 +43,7 @@ def run_panel(project: Project, run: runs.RunRecord, names: dict[str, str]) -> N
     wrong = runs.test_predictions(project, run)
     wrong = wrong[wrong["label"] != wrong["predicted"]]
     with st.expander(f"Photos it got wrong ({len(wrong)})", expanded=0 < len(wrong) <= 8):
-        captions = [f"{r.name}: {names.get(r.label, r.label)} → {names.get(r.predicted, r.predicted)} "
+        captions = [f"{plain(r.name)}: {plain(names.get(r.label, r.label))} → {plain(names.get(r.predicted, r.predicted))} "
                     f"({100 * r.confidence:.0f} %)" for r in wrong.itertuples()]
         thumb_grid(project, list(wrong["sha"]), captions, per_row=4)
     st.download_button("Download this model", models.export_bundle(project, run.id),
@@ -51,7 +53,7 @@ def run_panel(project: Project, run: runs.RunRecord, names: dict[str, str]) -> N
 
 
 def _threshold(project: Project, run: runs.RunRecord, names: dict[str, str]) -> None:
-    pos = names.get(run.positive, run.positive)
+    pos = plain(names.get(run.positive, run.positive))
     with st.expander("How sure must the model be to tag a photo?"):
         current = models.threshold(project, run.id) or 0.5
         value = st.slider(f"Tag “{pos}” from this confidence", 0.05, 0.95, float(round(current, 2)), 0.01,
@@ -78,7 +80,7 @@ def _threshold(project: Project, run: runs.RunRecord, names: dict[str, str]) -> 
 def try_a_photo(project: Project, models: list[dict]) -> None:
     """Drop any photo and see each model's answer."""
     with st.expander("Try a photo"):
-        upload = st.file_uploader("Any photo", type=["jpg", "jpeg", "png", "webp", "gif", "bmp", "tif", "tiff"],
+        upload = st.file_uploader("Any photo", type=sorted(e.lstrip(".") for e in images.IMAGE_EXTENSIONS),
                                   key="try_photo")
         if upload is None:
             return
@@ -87,17 +89,17 @@ def try_a_photo(project: Project, models: list[dict]) -> None:
             path = Path(tmp) / Path(upload.name).name
             path.write_bytes(upload.getvalue())
             left, right = st.columns([1, 2])
-            left.image(upload.getvalue(), width=220)
+            left.image(images.preview(upload.getvalue(), size=440), width=220)  # never the raw upload
             for model in models[:3]:
                 with st.spinner(f"Asking {TITLES.get(model['kind'], model['kind'])}…"):
                     row = predictor.predict_images(model["path"], [(upload.name, path)],
                                                    threshold=model["threshold"] if model["positive"] else None).iloc[0]
                 title = TITLES.get(model["kind"], model["kind"])
                 if row["error"]:
-                    right.error(f"{upload.name}: {row['error']}")
+                    right.error(f"{plain(upload.name)}: {plain(row['error'])}")
                     return
                 label = names.get(row["predicted_label"], row["predicted_label"])
-                right.markdown(f"**{title}:** {label} — {100 * row['confidence']:.0f} % sure")
+                right.markdown(f"**{title}:** {plain(label)} — {100 * row['confidence']:.0f} % sure")
 
 
 def import_model(project: Project) -> None:
@@ -113,6 +115,6 @@ def import_model(project: Project) -> None:
             try:
                 model_id = models.import_bundle(project, path)
             except (InputError, ValueError) as exc:
-                st.error(f"{upload.name}: {exc}")
+                st.error(f"{plain(upload.name)}: {plain(exc)}")
             else:
                 st.success(f"Imported model {model_id}. Choose it above to tag with it.")

@@ -193,13 +193,15 @@ def match_labels(
     image_column: str,
     label_column: str,
     image_names: Iterable[str],
+    unusable_names: Iterable[str] = (),
 ) -> MatchResult:
     """Give each uploaded photo its label from the sheet, and report every row that can't.
 
     Matching ignores case, image extension, folders and URL parts; when two uploaded photos
     share a name in different folders, the row must name the folder too. Duplicated rows are
     counted once; contradicting rows leave the photo unlabelled. Labels differing only in
-    capitals/spaces are merged into their most common spelling.
+    capitals/spaces are merged into their most common spelling. A row naming one of the
+    ``unusable_names`` (files uploaded but not readable as photos) says so, not "not uploaded".
     """
     for column in (image_column, label_column):
         if column not in sheet.frame.columns:
@@ -212,16 +214,8 @@ def match_labels(
         )
 
     uploads = list(dict.fromkeys(image_names))
-    by_path: dict[tuple[str, ...], list[str]] = defaultdict(list)
-    by_base: dict[str, list[str]] = defaultdict(list)
-    upload_parts: dict[str, list[str]] = {}
-    for name in uploads:
-        parts = _ref_parts(name)
-        if not parts:
-            continue
-        upload_parts[name] = parts
-        by_path[tuple(parts)].append(name)
-        by_base[parts[-1]].append(name)
+    by_path, by_base, upload_parts = _name_index(uploads)
+    unusable = _name_index(dict.fromkeys(unusable_names))
 
     file = sheet.filename
     problems: list[Problem] = []
@@ -254,6 +248,13 @@ def match_labels(
                 f"Row {row}: '{ref}' could be any of these uploaded photos: {listed}. None of them got this "
                 f"row's label. Write the folder too (for example '{candidates[0]}') so it is clear which "
                 "photo is meant.",
+            )
+        elif not candidates and (bad := _candidates(_ref_parts(ref), *unusable)):
+            warn(
+                "unusable_photo",
+                row,
+                f"Row {row}: photo '{ref}' was uploaded but could not be read as a photo (see the problem "
+                f"listed for '{bad[0]}'), so its label is not used. Replace the file and upload it again.",
             )
         elif not candidates:
             warn(
@@ -322,6 +323,21 @@ def match_labels(
         rows_unmatched=len(refs) - matched,
         images_unlabelled=[name for name in uploads if name not in result],
     )
+
+
+def _name_index(names: Iterable[str]) -> tuple[dict, dict, dict]:
+    """Uploaded names by their whole path and by their base name, and each name's parts."""
+    by_path: dict[tuple[str, ...], list[str]] = defaultdict(list)
+    by_base: dict[str, list[str]] = defaultdict(list)
+    name_parts: dict[str, list[str]] = {}
+    for name in names:
+        parts = _ref_parts(name)
+        if not parts:
+            continue
+        name_parts[name] = parts
+        by_path[tuple(parts)].append(name)
+        by_base[parts[-1]].append(name)
+    return by_path, by_base, name_parts
 
 
 def _candidates(

@@ -23,11 +23,12 @@ import pandas as pd
 
 from core.base.files import atomic_file, atomic_write_bytes, sha256_file
 from core.base.problems import InputError, Problem
-from core.inputs import images, labels, uploads
+from core.inputs import images, labels, sheets, uploads
 from core.projects.workspace import Project
 
 JUNK_NAMES = {".ds_store", "thumbs.db", "desktop.ini"}
-SHEET_SUFFIXES = {".csv", ".tsv", ".xlsx", ".xlsm"}
+# A sheet inside a photo zip is used as the label sheet; a readme.txt there is not one.
+SHEET_SUFFIXES = {f".{t}" for t in sheets.SHEET_TYPES if t != "txt"}
 
 
 def _safe_filename(filename: str) -> str:
@@ -283,8 +284,10 @@ def rematch(project: Project, *, sheet: labels.Sheet | None = None) -> labels.Ma
             file=state.filename)])
         return None
     names = [n for (n,) in project.query("SELECT name FROM names")]
+    unreadable = [n for (n,) in project.query("SELECT file FROM problems WHERE kind = 'unreadable_image' AND file IS NOT NULL")]
     result = labels.match_labels(
-        sheet, image_column=state.image_column, label_column=state.label_column, image_names=names
+        sheet, image_column=state.image_column, label_column=state.label_column, image_names=names,
+        unusable_names=unreadable,
     )
     project.set_sheet_labels(result.labels)
     problems = list(result.problems)
