@@ -532,3 +532,22 @@ def test_formula_cells_come_back_as_text_in_every_output(setup, tmp_path):
     tagging.write_output(folder, tmp_path / "answered.csv", overrides={0: "@SUM(1+1)"})
     answered = list(csv.reader(io.StringIO((tmp_path / "answered.csv").read_text(encoding="utf-8-sig"), newline="")))
     assert answered[1][4] == "'@SUM(1+1)"
+
+
+def test_tag_and_data_pages_take_the_same_sheet_types_and_say_what_to_do_with_an_old_xls(setup):
+    """One list (core.inputs.sheets.SHEET_TYPES) for both uploaders: an .xls gets in and is answered in words."""
+    from core.inputs import sheets
+    from core.learning import models
+    from core.projects import workspace
+
+    project = workspace.create_project("Old Excel")
+    models.import_bundle(project, setup["bundle"])
+    at = _tag_page(project)
+    assert list(at.file_uploader[0].proto.type) == [f".{t}" for t in sheets.SHEET_TYPES]
+    data_page = _tag_page(project)
+    data_page.switch_page("app_pages/steps/data.py").run()
+    assert list(data_page.file_uploader[1].proto.type) == [f".{t}" for t in sheets.SHEET_TYPES]
+    old = b"\xd0\xcf\x11\xe0\xa1\xb1\x1a\xe1" + bytes(600)  # the header of an Excel 97-2003 workbook
+    at.file_uploader[0].set_value([("catalog.xls", old, "application/vnd.ms-excel")]).run()
+    assert not at.exception, at.exception
+    assert "old-style Excel file" in at.error[0].value and "xlsx" in at.error[0].value
