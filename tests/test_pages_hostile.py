@@ -66,9 +66,14 @@ def built(home):
     catalog = f"sku,category,image\nA1,{CATEGORY},person_00.jpg\nA2,{CATEGORY},cut.jpg\nA3,Shoes,junk.jpg\n"
     model = models.tagging_model(project)
     run_id = tagging.start_project_run(
-        project, catalog_name="catalog.csv", catalog_data=catalog.encode(), bundle_path=Path(model["path"]),
+        project,
+        catalog_name="catalog.csv",
+        catalog_data=catalog.encode(),
+        bundle_path=Path(model["path"]),
         zip_data=archive.getvalue(),
-        options=tagging.TagOptions(image_columns=["image"]), threshold=model["threshold"])
+        options=tagging.TagOptions(image_columns=["image"]),
+        threshold=model["threshold"],
+    )
     folder_run = tagging.project_run_folder(project, run_id)
     assert tagging.run_tagging(folder_run).failed == 2
 
@@ -120,8 +125,9 @@ def test_tag_page_shows_every_review_row_with_a_placeholder_for_a_corrupt_photo_
     rows = [m.value for m in at.markdown if m.value.startswith("Row ")]
     assert any("cut" in r and "truncated" in r for r in rows) and any("junk" in r for r in rows)
     assert _image_count(at) >= len(rows)  # every review row has its picture: the photo or the placeholder
-    thumbs = tagging.review_thumbnails(built["run"], [{"row": 1, "photos": ["cut.jpg"]},
-                                                     {"row": 2, "photos": ["junk.jpg"]}])
+    thumbs = tagging.review_thumbnails(
+        built["run"], [{"row": 1, "photos": ["cut.jpg"]}, {"row": 2, "photos": ["junk.jpg"]}]
+    )
     assert thumbs == {1: images.placeholder(size=220), 2: images.placeholder(size=220)}
     labels = {b.label for b in at.get("download_button")}
     assert {"Download as CSV", "Download as Excel", "Download as Parquet"} <= labels
@@ -164,8 +170,12 @@ def test_try_a_photo_with_a_decompression_bomb_says_it_is_too_large(built):
     def chunk(kind: bytes, body: bytes) -> bytes:
         return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
 
-    bomb = (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 60000, 60000, 8, 2, 0, 0, 0))
-            + chunk(b"IDAT", zlib.compress(b"\0" * 1000)) + chunk(b"IEND", b""))
+    bomb = (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", struct.pack(">IIBBBBB", 60000, 60000, 8, 2, 0, 0, 0))
+        + chunk(b"IDAT", zlib.compress(b"\0" * 1000))
+        + chunk(b"IEND", b"")
+    )
     at = _page(built["project"], "train")
     at.file_uploader(key="try_photo").set_value([("bomb.png", bomb, "image/png")]).run()
     assert not at.exception, at.exception

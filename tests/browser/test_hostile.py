@@ -65,7 +65,11 @@ def test_tag_page_with_corrupt_photos_shows_its_review_list_and_downloads(server
         shot(page, f"tag-corrupt-photos-{width}")
 
     files = {}
-    for label, suffix in (("Download as CSV", "csv"), ("Download as Excel", "xlsx"), ("Download as Parquet", "parquet")):
+    for label, suffix in (
+        ("Download as CSV", "csv"),
+        ("Download as Excel", "xlsx"),
+        ("Download as Parquet", "parquet"),
+    ):
         with page.expect_download() as download:
             page.get_by_role("button", name=label).click()
         files[suffix] = tmp_path / f"tagged.{suffix}"
