@@ -17,6 +17,7 @@ import pytest
 from PIL import Image, ImageOps
 
 from core import cli, tagging
+from core.inputs import images
 from core.projects.state import ProjectState
 from tests.conftest import REPO
 
@@ -369,7 +370,7 @@ def test_tag_page_tags_an_excel_sep_catalog_and_its_reruns_do_not_read_the_file(
 
 
 def test_tag_page_review_queue_survives_a_photo_that_cannot_be_decoded(setup):
-    """broken.jpg fails to tag, so it waits for review: the queue shows it without a thumbnail."""
+    """broken.jpg fails to tag, so it waits for review: the queue shows it with the placeholder."""
     from core.learning import models
     from core.projects import workspace
 
@@ -384,7 +385,7 @@ def test_tag_page_review_queue_survives_a_photo_that_cannot_be_decoded(setup):
     assert any("Row 3" in m.value for m in at.markdown)  # the broken row waits for an answer
     thumbs = tagging.review_thumbnails(folder, [{"row": 0, "photos": ["person_0.jpg"]},
                                                 {"row": 1, "photos": ["broken.jpg"]}])
-    assert set(thumbs) == {0} and thumbs[0][:3] == b"\xff\xd8\xff"
+    assert thumbs[0][:3] == b"\xff\xd8\xff" and thumbs[1] == images.placeholder(size=220) != thumbs[0]
 
 
 # ------------------------------------------------------------------- runs never collide

@@ -6,7 +6,6 @@ Only drawing and session plumbing lives here; the work is in ``core``.
 from __future__ import annotations
 
 import re
-import string
 import time
 
 import streamlit as st
@@ -40,17 +39,23 @@ GLOSSARY = {
 }
 
 _PROJECT_KEY = "project_slug"
-_MARKDOWN_SIGNS = re.compile("([" + re.escape(string.punctuation) + "])")
+_PAGES_KEY = "_pages"
+_MARKDOWN_SIGNS = re.compile(r"([\\`*_\[\]<>#|~$&:])")  # links, images, HTML, emphasis, code, tables, math, :icons:
+_BLOCK_START = re.compile(r"^(\d+)([.)])|^([-+=])")  # a list or heading underline when the text starts a block
+_AUTOLINK = re.compile(r"(?i)(https?|ftp|mailto|www)(?=\\?[:.])|(?=@)")  # where a bare address or email begins
+_WORD_JOINER = "\u2060"  # invisible: breaks the address so no link is made, the text reads the same
 
 
 def plain(value: object) -> str:
     """User text (class, project, file, column and catalog values, and core's sentences quoting
-    them) to put inside a page's markdown so it shows as the very same text: no link, image,
-    heading, list, emphasis, ``:icon:`` or formula sign can come alive. Every ASCII punctuation
-    sign is backslash-escaped (CommonMark's own way); line breaks become spaces."""
-    return _MARKDOWN_SIGNS.sub(r"\\\1", " ".join(str(value).split()))
-
-_PAGES_KEY = "_pages"
+    them) to put inside a page's markdown so it shows as the very same text, with nothing live:
+    the signs of links, images, HTML, emphasis, code, tables, math and ``:icons:`` are
+    backslash-escaped (CommonMark's own way), and an invisible word joiner splits bare
+    addresses and e-mails, which the page's renderer would otherwise turn into links even
+    when escaped. Line breaks become spaces."""
+    text = _MARKDOWN_SIGNS.sub(r"\\\1", " ".join(str(value).split()))
+    text = _BLOCK_START.sub(lambda m: f"{m[1]}\\{m[2]}" if m[1] else f"\\{m[3]}", text)
+    return _AUTOLINK.sub(lambda m: (m[1] or "") + _WORD_JOINER, text)
 
 
 def register_pages(pages: dict) -> None:
