@@ -17,7 +17,7 @@ from core.projects.jobs import Job, JobContext, register
 from core.projects.workspace import Project
 from core.vision import backbones, tuning
 
-__all__ = ["run", "submit"]
+__all__ = ["run", "run_here", "submit"]
 
 
 def submit(project: Project, kind: str, params: Mapping | None = None, *, start: bool = True) -> Job:
@@ -28,6 +28,12 @@ def submit(project: Project, kind: str, params: Mapping | None = None, *, start:
 def run(project: Project, job_id: str) -> Job:
     """Run a submitted job in this process (what the job's own process does)."""
     return jobs.run(project, job_id)
+
+
+def run_here(project: Project, kind: str, params: Mapping | None = None, *, on_progress=None) -> Job:
+    """Run a job in this process (the command line), or wait for the same one already running
+    (see :func:`core.projects.jobs.run_here`): two identical commands do the work once."""
+    return jobs.run_here(project, kind, params, on_progress=on_progress)
 
 
 def _progress(ctx: JobContext):

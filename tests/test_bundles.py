@@ -23,6 +23,7 @@ from core.learning.bundles import (
 )
 from core.learning.evaluation import evaluate_predictions
 from core.learning.heads import head_to_arrays, make_frozen_head
+from core.vision.networks import build_classifier_model
 
 NAMES = np.array(["no person", "person", "pet"])
 
@@ -73,7 +74,7 @@ def test_frozen_bundle_round_trips(tmp_path, k):
 
 def test_folder_bundle_and_finetuned_network(tmp_path):
     torch = pytest.importorskip("torch")
-    net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+    net = build_classifier_model("resnet18", 2, pretrained=False)  # the shapes must be the network's
     bundle = ModelBundle(
         kind="finetuned",
         backbone_id="resnet18",
@@ -220,3 +221,122 @@ def test_manifest_hash_ignores_order():
     assert ids_hash(["b", "a"]) == ids_hash(["a", "b"]) != ids_hash(["a", "c"])
     m = training_manifest(["a", "b", "c"], ["x", "y", "x"])
     assert m["per_class"] == {"x": 2, "y": 1} and m["n_photos"] == 3
+
+
+# ----------------------------------------------------------------- hostile model files
+
+
+def _finetuned_json(classes=("no person", "person")) -> bytes:
+    bundle = ModelBundle(kind="finetuned", backbone_id="resnet18", weights_hash="f37072fd", preprocessing={},
+                         classes=list(classes), positive=classes[1] if len(classes) == 2 else None,
+                         threshold=0.5 if len(classes) == 2 else None)
+    return json.dumps(bundle.to_dict()).encode()
+
+
+def _safetensors_header(arrays: dict[str, tuple[str, list[int]]]) -> tuple[bytes, int]:
+    size = {"F32": 4, "I64": 8}
+    header, offset = {}, 0
+    for name, (dtype, shape) in arrays.items():
+        n = int(np.prod(shape)) * size[dtype]
+        header[name] = {"dtype": dtype, "shape": shape, "data_offsets": [offset, offset + n]}
+        offset += n
+    text = json.dumps(header).encode()
+    return len(text).to_bytes(8, "little") + text, offset
+
+
+def test_a_small_zip_declaring_a_huge_network_is_refused_from_its_header(tmp_path):
+    """The attack: a zip of ~1 MB whose network.safetensors unpacks to 600 MB of zeros (one
+    absurd array). Before: all 600 MB were unpacked, then parsed, then refused (issue: 1.9 GB,
+    40-52 s, 4.7 GB). Now the header is read, compared with resnet18's shapes, and refused."""
+    import tracemalloc
+
+    head, data_bytes = _safetensors_header({"features.conv1.weight": ("F32", [150 << 20])})
+    path = tmp_path / "bomb.zip"
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr("bundle.json", _finetuned_json())
+        with zf.open("network.safetensors", "w", force_zip64=True) as out:
+            out.write(head)
+            chunk = bytes(8 << 20)
+            for _ in range(data_bytes // len(chunk)):
+                out.write(chunk)
+    assert path.stat().st_size < 2 << 20
+    tracemalloc.start()
+    try:
+        with pytest.raises(BundleError, match=r"does not fit a fine-tuned resnet18 with 2 labels"):
+            load_network_state(path)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 50 << 20  # before: the whole member in memory (600 MB here)
+
+
+def test_a_header_that_lies_about_the_data_is_refused(tmp_path):
+    net = build_classifier_model("resnet18", 2, pretrained=False)
+    shapes = {k: ("I64" if v.dtype.is_floating_point is False else "F32", list(v.shape))
+              for k, v in net.state_dict().items()}
+    head, data_bytes = _safetensors_header(shapes)
+    members = {"bundle.json": _finetuned_json(), "network.safetensors": head + bytes(data_bytes - 4096)}
+    with pytest.raises(BundleError, match="header describes .* bytes of weights but the file holds"):
+        load_network_state(_zip(tmp_path / "short.zip", members))
+
+
+def test_nan_weights_are_refused(tmp_path):
+    torch = pytest.importorskip("torch")
+    net = build_classifier_model("resnet18", 2, pretrained=False)
+    state = net.state_dict()
+    state["head.weight"][0, 0] = float("nan")
+    bundle = ModelBundle.from_dict(json.loads(_finetuned_json()))
+    path = save_bundle(bundle, {}, tmp_path / "nan.zip", network=state)
+    with pytest.raises(BundleError, match="NaN or infinite weights"):
+        load_network_state(path)
+    state["head.weight"][0, 0] = torch.inf
+    with pytest.raises(BundleError, match="NaN or infinite weights"):
+        load_network_state(save_bundle(bundle, {}, tmp_path / "inf.zip", network=state))
+
+
+def test_a_head_that_does_not_fit_its_classes_is_refused_before_reading(tmp_path, good_members):
+    head, data_bytes = _safetensors_header({"scaler.mean": ("F32", [16]), "logreg.coef": ("F32", [7, 16])})
+    with pytest.raises(BundleError, match="does not fit a frozen head for 2 labels"):
+        load_bundle(_zip(tmp_path / "h.zip", good_members | {"head.safetensors": head + bytes(data_bytes)}))
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ('"seed": 1' + "0" * 5000, "a number 5,001 digits long"),
+        ('"seed": 3, "split": ' + "[" * 100_000 + "]" * 100_000, "nested thousands of levels deep"),
+        ('"seed": 3, "split": {"a": ' + "[" * 200 + "]" * 200 + "}", "nested more than 32 levels"),
+        ('"seed": 3, "threshold": NaN', "NaN, which is not a number"),
+        ('"seed": 3, "threshold": 1e999', "the number 1e999"),
+    ],
+)
+def test_hostile_json_is_a_plain_message(tmp_path, good_members, text, message):
+    d = json.loads(good_members["bundle.json"])
+    for key in ("seed", "split", "threshold"):
+        if f'"{key}"' in text:
+            d.pop(key)
+    raw = json.dumps(d)[:-1] + ", " + text + "}"
+    with pytest.raises(BundleError, match=message):
+        load_bundle(_zip(tmp_path / "j.zip", good_members | {"bundle.json": raw.encode()}))
+
+
+def test_absurd_class_counts_are_refused(tmp_path, good_members):
+    d = json.loads(good_members["bundle.json"])
+    d.update(classes=[f"c{i}" for i in range(100_000)], positive=None, threshold=None, class_display_names={})
+    with pytest.raises(BundleError, match="names 100,000 classes"):
+        load_bundle(_zip(tmp_path / "c.zip", good_members | {"bundle.json": json.dumps(d).encode()}))
+
+
+def test_the_command_line_says_it_in_a_sentence(tmp_path, good_members, capsys):
+    from core import cli
+
+    d = json.loads(good_members["bundle.json"])
+    raw = json.dumps(d)[:-1] + ', "x": ' + "[" * 100_000 + "]" * 100_000 + "}"
+    model = _zip(tmp_path / "deep.zip", good_members | {"bundle.json": raw.encode()})
+    (tmp_path / "photos").mkdir()
+    from PIL import Image
+
+    Image.new("RGB", (64, 64), (10, 200, 30)).save(tmp_path / "photos" / "a.jpg")
+    assert cli.main(["predict", "--model", str(model), "--images", str(tmp_path / "photos")]) == 2
+    err = capsys.readouterr().err
+    assert "nested thousands of levels deep" in err and "Traceback" not in err

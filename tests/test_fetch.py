@@ -13,6 +13,7 @@ import pytest
 from PIL import Image
 
 from core.inputs import fetch as fetch_mod
+from core.inputs.addresses import UrlRefused, vet
 from core.inputs.fetch import Fetcher, FetchPolicy
 
 
@@ -47,6 +48,19 @@ def _handler(state: _State):
             self.send_header("Content-Length", str(len(body)))
             self.end_headers()
             self.wfile.write(body)
+
+        def _trickle(self, data: bytes, at_once: int = 16) -> None:
+            """Send ``data`` a byte every 50 ms (for at most 20 s) until the client hangs up."""
+            self.close_connection = True
+            try:
+                self.wfile.write(data[:at_once])
+                self.wfile.flush()
+                for i in range(at_once, min(len(data), at_once + 400)):
+                    time.sleep(0.05)
+                    self.wfile.write(data[i : i + 1])
+                    self.wfile.flush()
+            except OSError:  # the client gave up: what a deadline is for
+                pass
 
         def do_GET(self) -> None:
             path = self.path
@@ -92,6 +106,11 @@ def _handler(state: _State):
                 self._send(302, Location="/loop")
             elif path == "/metadata":
                 self._send(302, Location="http://169.254.169.254/latest/meta-data")
+            elif path.startswith("/trickle-headers"):
+                self._trickle(b"HTTP/1.1 200 OK\r\nContent-Type: image/jpeg\r\n" + b"X-Slow: " + b"a" * 10_000)
+            elif path.startswith("/trickle-body"):
+                head = f"HTTP/1.1 200 OK\r\nContent-Type: image/jpeg\r\nContent-Length: {len(JPEG)}\r\n\r\n"
+                self._trickle(head.encode() + JPEG, at_once=len(head))
             elif path == "/to-file":
                 self._send(302, Location="file:///etc/passwd")
             else:
@@ -117,7 +136,7 @@ def server():
 
 def _local(**kw) -> FetchPolicy:
     """Only the test server's loopback address is exempt; other private ranges stay refused."""
-    defaults = {"allowed_private_hosts": frozenset({"127.0.0.1"}), "timeout_s": 0.5, "backoff_s": 0.01}
+    defaults = {"allowed_hosts": ("127.0.0.1",), "timeout_s": 0.5, "backoff_s": 0.01}
     return FetchPolicy(**{**defaults, **kw})
 
 
@@ -210,7 +229,7 @@ def test_default_policy_refuses_without_network(tmp_path, monkeypatch, url, word
 
     monkeypatch.setattr(socket, "getaddrinfo", no_network)
     monkeypatch.setattr(socket, "create_connection", no_network)
-    monkeypatch.delenv(fetch_mod.ALLOW_PRIVATE_ENV, raising=False)
+    monkeypatch.delenv(fetch_mod.ALLOWED_HOSTS_ENV, raising=False)
     result = Fetcher(tmp_path, FetchPolicy()).fetch(url)
     assert result.path is None and words in result.error
 
@@ -221,9 +240,82 @@ def test_any_private_dns_answer_refuses_the_host(tmp_path, monkeypatch):
     assert "company network" in Fetcher(tmp_path).fetch("http://mixed.example/a.jpg").error
 
 
-def test_env_switch_allows_private(monkeypatch):
-    monkeypatch.setenv(fetch_mod.ALLOW_PRIVATE_ENV, "1")
-    assert FetchPolicy().allow_private
+def _answers(monkeypatch, *ips):
+    answers = [(socket.AF_INET6 if ":" in ip else socket.AF_INET, socket.SOCK_STREAM, 6, "", (ip, 80)) for ip in ips]
+    monkeypatch.setattr(socket, "getaddrinfo", lambda *a, **k: answers)
+
+
+def test_allow_list_names_hosts_and_networks_from_the_environment(tmp_path, monkeypatch, server):
+    monkeypatch.setenv(fetch_mod.ALLOWED_HOSTS_ENV, "intranet.example.com, 10.0.0.0/8 ,127.0.0.1")
+    policy = FetchPolicy()
+    assert policy.allowed_hosts == ("intranet.example.com", "10.0.0.0/8", "127.0.0.1")
+    assert Fetcher(tmp_path, FetchPolicy(timeout_s=5)).fetch(f"{server[0]}/photo.jpg").path  # loopback, any port
+    _answers(monkeypatch, "192.168.1.5")
+    assert vet("http://intranet.example.com:8080/a.jpg", policy).address == "192.168.1.5"  # by name
+    with pytest.raises(UrlRefused, match="company network"):
+        vet("http://elsewhere.example.com/a.jpg", policy)  # same address, name not listed
+    _answers(monkeypatch, "10.20.30.40")
+    assert vet("http://photos.example.com/a.jpg", policy).address == "10.20.30.40"  # by network
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://169.254.169.254/latest/meta-data",
+        "http://[fe80::1]/",
+        "http://[::ffff:169.254.169.254]/",
+        "http://[64:ff9b::a9fe:a9fe]/",  # NAT64 form of 169.254.169.254
+        "http://metadata.internal/computeMetadata/v1/",
+    ],
+)
+def test_link_local_is_refused_whatever_the_allow_list_says(monkeypatch, url):
+    _answers(monkeypatch, "169.254.169.254")  # what metadata.internal answers in a cloud
+    policy = FetchPolicy(allowed_hosts=("metadata.internal", "0.0.0.0/0", "::/0", "169.254.0.0/16", "fe80::/10"))
+    with pytest.raises(UrlRefused, match="company network"):
+        vet(url, policy)
+
+
+def test_old_switch_no_longer_lifts_the_checks(tmp_path, monkeypatch, server):
+    monkeypatch.setenv("CATALOG_LENS_ALLOW_PRIVATE_URLS", "1")
+    monkeypatch.delenv(fetch_mod.ALLOWED_HOSTS_ENV, raising=False)
+    assert "company network" in Fetcher(tmp_path, FetchPolicy(timeout_s=2)).fetch(f"{server[0]}/photo.jpg").error
+
+
+def test_redirect_to_metadata_is_refused_for_an_allowed_host(tmp_path, server):
+    policy = _local(allowed_hosts=("127.0.0.1", "169.254.0.0/16"))
+    assert "company network" in Fetcher(tmp_path, policy).fetch(f"{server[0]}/metadata").error
+
+
+@pytest.mark.parametrize("path", ["/trickle-headers", "/trickle-body"])
+def test_one_total_deadline_per_url_against_a_trickling_server(tmp_path, server, path):
+    """A byte every 50 ms never trips a per-read timeout; the total deadline (retries included) must."""
+    fetcher = Fetcher(tmp_path, _local(timeout_s=1.5, retries=2))
+    started = time.monotonic()
+    result = fetcher.fetch(server[0] + path)
+    elapsed = time.monotonic() - started
+    assert result.error == "the download took longer than 1.5 s"
+    assert elapsed < 3.5  # generous: one deadline, not one per try (before: 4.5 s, or 20 s for headers)
+    assert server[1].counts[path] == 1  # the deadline is spent: no retry
+    assert not [p for p in tmp_path.rglob("*") if p.is_file()]
+
+
+def test_deadline_comes_from_the_environment(monkeypatch):
+    monkeypatch.setenv(fetch_mod.TIMEOUT_ENV, "7.5")
+    assert FetchPolicy().timeout_s == 7.5
+    monkeypatch.setenv(fetch_mod.TIMEOUT_ENV, "soon")
+    assert FetchPolicy().timeout_s == fetch_mod.DEFAULT_TIMEOUT_S == 30
+
+
+def test_cancel_cuts_running_downloads_and_fetches_no_queued_url(tmp_path, server):
+    base, state = server
+    urls = [f"{base}/trickle-body/{i}" for i in range(40)]
+    fetcher = Fetcher(tmp_path, _local(timeout_s=60, workers=4, per_host=4))
+    started = time.monotonic()
+    results = list(fetcher.fetch_many(urls, should_cancel=lambda: time.monotonic() - started > 0.5))
+    elapsed = time.monotonic() - started
+    assert elapsed < 5  # before: each running download went on to its end (20 s)
+    assert results and all(r.error == "cancelled" for r in results)  # every URL read got its result
+    assert sum(state.counts.values()) <= 4  # only those already running were ever requested
 
 
 def test_fetch_many_gives_one_result_per_url(fetcher, server):

@@ -72,3 +72,71 @@ def test_same_active_job_is_not_started_twice(project):
 def test_unknown_kind_is_refused(project):
     with pytest.raises(ValueError, match="Unknown job kind"):
         jobs.submit(project, "nope")
+
+
+@jobs.register("test-once")
+def _once(ctx: jobs.JobContext) -> dict:
+    """Resumable work like extraction: it does what is not done yet (a marker file)."""
+    marker = ctx.params["marker"]
+    import pathlib
+
+    done = pathlib.Path(marker)
+    if done.exists():
+        return {"work": 0}
+    time.sleep(1.0)
+    with open(marker + ".log", "a") as log:
+        log.write("worked\n")
+    done.touch()
+    return {"work": 1}
+
+
+def _run_here_in_process(slug, home, marker, out):
+    import os
+
+    os.environ["CATALOG_LENS_HOME"] = home
+    job = jobs.run_here(workspace.open_project(slug), "test-once", {"marker": marker})
+    out.put((job.id, job.status))
+
+
+def test_simultaneous_submits_of_one_job_make_one_job(project):
+    """Four submits at once (before: four jobs); the look-and-insert is one transaction."""
+    import threading
+
+    barrier, ids = threading.Barrier(4), []
+
+    def submit():
+        barrier.wait()
+        ids.append(jobs.submit(project, "test-count", {"n": 2}, start=False).id)
+
+    threads = [threading.Thread(target=submit) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert len(ids) == 4 and len(set(ids)) == 1
+    assert len(project.query("SELECT id FROM jobs WHERE kind = 'test-count'")) == 1
+
+
+def test_two_processes_running_one_job_do_the_work_once(project, tmp_path):
+    """Two command lines start the same job: one runs it, the other waits for it (before: both worked)."""
+    import multiprocessing
+    import os
+
+    ctx = multiprocessing.get_context("fork")
+    out, marker = ctx.Queue(), str(tmp_path / "done")
+    procs = [ctx.Process(target=_run_here_in_process, args=(project.slug, os.environ["CATALOG_LENS_HOME"], marker, out))
+             for _ in range(2)]
+    for p in procs:
+        p.start()
+    answers = [out.get(timeout=60) for _ in procs]
+    for p in procs:
+        p.join(60)
+    assert len({job_id for job_id, _ in answers}) == 1 and {s for _, s in answers} == {"done"}
+    assert (tmp_path / "done.log").read_text() == "worked\n"
+
+
+def test_a_job_is_run_by_one_process_only(project):
+    job = jobs.submit(project, "test-count", {"n": 2}, start=False)
+    assert jobs.run(project, job.id).status == "done"
+    again = jobs.run(project, job.id)  # a second runner of a claimed job does nothing
+    assert again.status == "done" and len(jobs.events(project, job.id)) == 2

@@ -510,3 +510,69 @@ def test_real_sheets_give_identical_groupings() -> None:
         groupings.append({frozenset(group) for group in by_class.values()})
     assert groupings[0] == groupings[1]
     assert sorted(map(len, groupings[0])) == [232, 248]
+
+
+# ------------------------------------------------------------ odd sheets (issue 11, item 8)
+
+
+def test_nan_na_and_dashes_are_not_classes():
+    sheet = read_sheet(b"file,label\na.jpg,cat\nb.jpg,NaN\nc.jpg,N/A\nd.jpg,-\ne.jpg,\nf.jpg,#N/A\ng.jpg,dog\n",
+                       filename="l.csv")
+    names = [f"{c}.jpg" for c in "abcdefg"]
+    result = match_labels(sheet, image_column="file", label_column="label", image_names=names)
+    assert result.labels == {"a.jpg": "cat", "g.jpg": "dog"}  # before: 'NaN', 'N/A', '-' were classes
+    empty = {p.row: p.message for p in result.problems if p.kind == "empty_label"}
+    assert set(empty) == {3, 4, 5, 6, 7}
+    assert "'N/A', which is not a label," in empty[4] and "has no label" in empty[6]
+
+
+def _workbook_bytes(build) -> bytes:
+    workbook = openpyxl.Workbook()
+    build(workbook)
+    buf = io.BytesIO()
+    workbook.save(buf)
+    return buf.getvalue()
+
+
+def test_a_workbook_with_a_notes_sheet_first_is_read_from_the_sheet_naming_photos():
+    def build(wb):
+        notes = wb.active
+        notes.title = "Notes"
+        notes.append(["Labelled by the studio team in March"])
+        notes.append(["Ask Anna about the blurry ones", "and the flat-lays"])
+        labels_ws = wb.create_sheet("Labels")
+        labels_ws.append(["photo", "label"])
+        for i in range(4):
+            labels_ws.append([f"p{i}.jpg", "person" if i % 2 else "no person"])
+
+    sheet = read_sheet(_workbook_bytes(build), filename="labels.xlsx")
+    assert list(sheet.frame.columns) == ["photo", "label"] and len(sheet.frame) == 4  # before: the Notes sheet
+    assert "worksheet 'Labels'" in sheet.notes[0].message
+
+
+def test_formula_cells_without_saved_values_are_reported_with_their_row():
+    def build(wb):
+        ws = wb.active
+        ws.append(["photo", "label"])
+        ws.append(["a.jpg", "person"])
+        ws.append(["b.jpg", '=IF(1=1,"person","no person")'])  # openpyxl saves no result
+        ws.append(["=CONCAT(\"c\",\".jpg\")", "no person"])
+
+    sheet = read_sheet(_workbook_bytes(build), filename="formulas.xlsx")
+    found = {p.row: p.message for p in sheet.notes if p.kind == "formula_without_value"}
+    assert set(found) == {3, 4}  # before: silently empty cells
+    assert "Cell B3 of 'formulas.xlsx' holds the formula =IF(" in found[3] and "save it" in found[3]
+    result = match_labels(sheet, image_column="photo", label_column="label", image_names=["a.jpg", "b.jpg"])
+    assert {p.kind for p in result.problems} >= {"formula_without_value", "empty_label", "empty_image_name"}
+
+
+def test_a_huge_sheet_lists_the_first_rows_of_each_problem_and_counts_the_rest():
+    rows = "".join(f"gone_{i}.jpg,cat\n" for i in range(5000))
+    sheet = read_sheet(("file,label\nhere.jpg,cat\n" + rows).encode(), filename="big.csv")
+    every = []
+    result = match_labels(sheet, image_column="file", label_column="label", image_names=["here.jpg", "x.jpg"],
+                          on_problem=every.append)
+    missing = [p for p in result.problems if p.kind == "missing_photo"]
+    assert len(missing) == 21 and len(every) == 5000  # before: 5,000 problems to store and draw
+    assert [p.row for p in missing[:20]] == list(range(3, 23))
+    assert "and 4,980 more rows of 'big.csv' like the 20 above (5,000 in all)" in missing[-1].message

@@ -265,6 +265,18 @@ def test_a_model_trained_with_other_weights_is_refused(trained, photos, tmp_path
     assert "trained with other weights" in err and "Traceback" not in err
 
 
+def test_a_frozen_head_narrower_than_its_network_is_refused_at_import(trained, tmp_path, capsys):
+    """A head for 16 features claiming efficientnet_lite0 (1280): refused when imported, not mid-catalog."""
+    bundle, arrays = bundles.load_bundle(trained["bundle"])
+    narrow = {k: (v[..., :16] if k.startswith(("scaler.m", "scaler.s", "scaler.v", "logreg.coef")) else v)
+              for k, v in arrays.items()}
+    path = bundles.save_bundle(bundle, narrow, tmp_path / "narrow.zip")
+    project = workspace.create_project("Shop N")
+    with pytest.raises(bundles.BundleError, match="gives 1280 features per photo, the model expects 16"):
+        models.import_bundle(project, path)
+    assert models.list_models(project) == []
+
+
 def test_a_file_that_is_not_a_model_is_refused(photos, tmp_path, capsys):
     project = workspace.create_project("Shop C")
     fake = tmp_path / "model.zip"

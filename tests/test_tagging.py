@@ -184,7 +184,7 @@ def test_photos_given_as_links_are_downloaded_and_failed_links_are_row_errors(se
         catalog = tmp_path / "links.csv"
         catalog.write_text(f"id,image_link\nA,{base}/person_0.jpg\nB,{base}/no_person_1.jpg\nC,{base}/missing.jpg\n"
                            "D,http://169.254.169.254/latest/meta-data\n")
-        monkeypatch.setenv("CATALOG_LENS_ALLOW_PRIVATE_URLS", "1")
+        monkeypatch.setenv("CATALOG_LENS_ALLOWED_HOSTS", "127.0.0.1")  # the allow-list, never link-local
         out = tmp_path / "links-tagged.csv"
         assert cli.main(["tag", "--model", str(setup["bundle"]), "--catalog", str(catalog), "--out", str(out)]) == 0
     finally:
@@ -200,6 +200,49 @@ def test_photos_given_as_links_are_downloaded_and_failed_links_are_row_errors(se
     found = tagging.review_photos(folder, items)
     assert found[0] is not None and found[0].read_bytes() == (setup["photos"] / "person_0.jpg").read_bytes()
     assert found[2] is None and found[3] is None  # a 404 and a refused address left nothing
+
+
+def test_cancel_stops_a_run_of_trickling_links_within_seconds_and_fetches_no_queued_link(setup, tmp_path, monkeypatch):
+    """Every link trickles a byte every 50 ms (20 s each); Cancel after 0.5 s must end the run at once."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    requests = []
+
+    class Trickle(BaseHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def do_GET(self):
+            requests.append(self.path)
+            try:
+                self.wfile.write(b"HTTP/1.1 200 OK\r\nContent-Type: image/jpeg\r\nContent-Length: 400\r\n\r\n")
+                for _ in range(400):
+                    self.wfile.write(b"\xff")
+                    self.wfile.flush()
+                    time.sleep(0.05)
+            except OSError:
+                pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Trickle)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    monkeypatch.setenv("CATALOG_LENS_ALLOWED_HOSTS", "127.0.0.1")
+    try:
+        base = f"http://127.0.0.1:{server.server_port}"
+        catalog = tmp_path / "links.csv"
+        catalog.write_text("id,image_link\n" + "".join(f"P{i},{base}/p{i}.jpg\n" for i in range(60)))
+        folder = tmp_path / "links.run"
+        tagging.create_run(folder, catalog_path=catalog, bundle_path=setup["bundle"],
+                           options=tagging.TagOptions(image_columns=["image_link"], chunk_rows=20))
+        started = time.monotonic()
+        summary = tagging.run_tagging(folder, should_cancel=lambda: time.monotonic() - started > 0.5)
+        elapsed = time.monotonic() - started
+    finally:
+        server.shutdown()
+    assert summary.cancelled and elapsed < 8  # before: 20 s per running link, then the next chunks
+    assert len(requests) <= 4  # the links running at Cancel (4 per server); none of the queued ones
+    assert summary.done == 0  # no row was stored with a "cancelled" download: a resume fetches them
 
 
 def test_one_photo_per_row_exports_get_one_tag_per_product(setup, tmp_path):

@@ -153,3 +153,72 @@ def test_cli_intake_refuses_an_unreadable_sheet_before_touching_photos(tmp_path,
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "Traceback" not in err
     assert workspace.list_projects() == []
+
+
+def _create_in_process(name, home, start, out):
+    import os
+
+    os.environ["CATALOG_LENS_HOME"] = home
+    start.wait(30)  # all six at the same moment
+    try:
+        out.put(("ok", workspace.create_project(name).slug))
+    except Exception as exc:  # what the analyst would see
+        out.put((type(exc).__name__, str(exc)))
+
+
+def test_six_simultaneous_creates_of_one_name_each_get_a_project(workspace_home):
+    """Six processes create "Summer shoes" at once (before: five crashed with FileExistsError)."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("fork")
+    out, start = ctx.Queue(), ctx.Barrier(6)
+    procs = [ctx.Process(target=_create_in_process, args=("Summer shoes", str(workspace_home), start, out))
+             for _ in range(6)]
+    for p in procs:
+        p.start()
+    answers = [out.get(timeout=60) for _ in procs]
+    for p in procs:
+        p.join(60)
+    assert all(kind == "ok" for kind, _ in answers), answers
+    slugs = sorted(slug for _, slug in answers)
+    assert slugs == sorted(["summer-shoes"] + [f"summer-shoes-{n}" for n in range(2, 7)])
+    assert sorted(p.slug for p in workspace.list_projects()) == slugs
+    assert {workspace.open_project(s).name for s in slugs} == {"Summer shoes"}
+    assert not [p for p in workspace.projects_dir().iterdir() if p.name.startswith(".")]  # no drafts left
+
+
+def test_threads_creating_one_name_never_crash(workspace_home):
+    barrier, errors, slugs = threading.Barrier(6), [], []
+
+    def create():
+        barrier.wait()
+        try:
+            slugs.append(workspace.create_project("Shoes").slug)
+        except Exception as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=create) for _ in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not errors and len(set(slugs)) == 6
+
+
+
+def test_a_create_landing_between_the_name_check_and_the_folder_gets_the_next_slug(workspace_home, monkeypatch):
+    """The worst moment, made certain: another create of the same name completes right after
+    this one found the name free (before: FileExistsError, the race the six processes hit)."""
+    real, calls = workspace.projects_dir, []
+
+    def projects_dir_with_a_competitor():
+        calls.append(1)
+        if len(calls) == 2:  # the name was found free; now someone else takes it
+            monkeypatch.setattr(workspace, "projects_dir", real)
+            assert workspace.create_project("Shoes").slug == "shoes"
+        return real()
+
+    monkeypatch.setattr(workspace, "projects_dir", projects_dir_with_a_competitor)
+    mine = workspace.create_project("Shoes")
+    assert mine.slug == "shoes-2" and mine.name == "Shoes"
+    assert sorted(p.slug for p in workspace.list_projects()) == ["shoes", "shoes-2"]

@@ -4,7 +4,6 @@ import streamlit as st
 
 from app_pages import ui
 from core import tasks
-from core.base import exports
 from core.base.problems import InputError
 from core.inputs import images, labels, sheets
 from core.projects import intake
@@ -130,7 +129,8 @@ with tab_problems:
         st.success("No problems found.")
     else:
         st.dataframe(problems[["severity", "file", "row", "message"]], hide_index=True, width="stretch")
-        st.download_button("Download the problem list (CSV)", exports.csv_bytes(problems),
+        # Every row's problem (a big sheet's list is summarised above); built only when clicked.
+        st.download_button("Download the full problem list (CSV)", lambda: intake.problem_list_csv(project),
                            file_name=f"{project.slug}-problems.csv", mime="text/csv")
 
 ui.next_step("data", ready=not blockers and summary["labelled"] > 0,

@@ -121,6 +121,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="how several photos of one row combine (default: any photo shows it)")
     p.add_argument("--review-below", type=float, default=0.75, help="flag tags less sure than this")
     p.add_argument("--chunk-rows", type=int, default=256, help="rows per checkpoint")
+    p.add_argument("--fetch-timeout", type=float, metavar="SECONDS",
+                   help="most time one photo link may take to download, retries included (default 30)")
     p.add_argument("--device")
     p.set_defaults(func=model_commands.cmd_tag)
 

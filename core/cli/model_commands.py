@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import shutil
 import time
 from pathlib import Path
@@ -13,6 +14,7 @@ from core import tagging
 from core.base.files import atomic_copy
 from core.base.problems import InputError
 from core.cli.common import find_project, print_result, progress_printer
+from core.inputs import fetch
 from core.inputs.images import looks_like_image_name
 from core.learning import bundles, extraction, finetune_config, models, predictor, training
 from core.projects import intake, workspace
@@ -188,6 +190,10 @@ def cmd_tag(args: argparse.Namespace) -> int:
     if images is not None and not images.exists():
         raise InputError(f"{images} does not exist.")
     bundle_path, threshold, project = _tagging_model(args)
+    if args.fetch_timeout is not None:  # read by every Fetcher this command makes
+        if not args.fetch_timeout > 0:
+            raise InputError("--fetch-timeout must be a number of seconds above 0.")
+        os.environ[fetch.TIMEOUT_ENV] = str(args.fetch_timeout)
     out = Path(args.out)
     folder = out.with_name(out.name + ".run")  # the checkpoint, beside the output
     if folder.exists() and not args.resume:

@@ -13,7 +13,6 @@ from core import bench, demo, tasks
 from core.base.problems import InputError, where
 from core.cli.common import find_project, print_result, progress_printer
 from core.inputs import labels
-from core.learning import extraction
 from core.present import report_html
 from core.projects import intake, workspace
 from core.projects.state import ProjectState
@@ -119,14 +118,12 @@ def cmd_weights_import(args: argparse.Namespace) -> int:
 def cmd_extract(args: argparse.Namespace) -> int:
     project = workspace.open_project(args.project)
     backbone_id = args.backbone or ProjectState(project).backbone or backbones.DEFAULT_BACKBONE_ID
-    try:
-        summary = extraction.extract_project(
-            project, backbone_id, device=args.device,
-            on_progress=None if args.json else lambda d, t, m: progress_printer(m)(d, t),
-        )
-    except weights.WeightsUnavailable as exc:
-        raise InputError(str(exc)) from exc
-    print_result(summary, args.json)
+    # A job like the Backbone page's: a second identical command (or the page) waits for this one.
+    job = tasks.run_here(project, "extract", {"backbone": backbone_id, "device": args.device},
+                         on_progress=None if args.json else lambda d, t, m: progress_printer(m or "")(d, t))
+    if job.status != "done":
+        raise InputError(job.error or f"The extraction was {job.status}.")
+    print_result(job.result or {}, args.json)
     return 0
 
 

@@ -6,8 +6,16 @@ address inside the company network (private, loopback, link-local such as the cl
 metadata service 169.254.169.254, multicast, reserved), then connects to exactly the
 address it checked, so a DNS answer that changes between the check and the connection
 ("DNS rebinding") cannot redirect it. Redirects are followed by hand and every hop is
-checked again. Bodies are streamed with a byte counter and a deadline, and only files that
-really decode as images are kept.
+checked again. Bodies are streamed with a byte counter, and only files that really decode
+as images are kept.
+
+Every URL has ONE total deadline (``CATALOG_LENS_FETCH_TIMEOUT_S``, 30 s by default) for
+connecting, the headers, the body, redirects and retries together: a watchdog thread shuts
+the socket of any download past its deadline, or of every download once the run is
+cancelled, so a server trickling one byte a second cannot hold a URL longer. Installations
+whose photos live on an internal server name it in ``CATALOG_LENS_ALLOWED_HOSTS`` (host
+names, addresses or networks, comma-separated); link-local addresses such as the cloud
+metadata service are refused even then.
 
 Downloads are cached by the SHA-256 of their URL under ``cache_dir``; a failed download
 leaves nothing behind. Errors are plain sentences for an analyst, never tracebacks.
@@ -19,7 +27,6 @@ import concurrent.futures as cf
 import contextlib
 import hashlib
 import http.client
-import ipaddress
 import os
 import socket
 import ssl
@@ -29,12 +36,16 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from http import HTTPStatus
 from pathlib import Path
-from urllib.parse import quote, urljoin, urlsplit
+from urllib.parse import urljoin
 
 from core.base.files import atomic_path
+from core.inputs.addresses import ALLOWED_HOSTS_ENV, NameNotFound, Target, UrlRefused, env_allowed_hosts, split_url, vet
 from core.inputs.images import ImageError, inspect_image
 
-ALLOW_PRIVATE_ENV = "CATALOG_LENS_ALLOW_PRIVATE_URLS"
+__all__ = ["ALLOWED_HOSTS_ENV", "TIMEOUT_ENV", "FetchPolicy", "FetchResult", "Fetcher", "UrlRefused"]
+
+TIMEOUT_ENV = "CATALOG_LENS_FETCH_TIMEOUT_S"
+DEFAULT_TIMEOUT_S = 30.0
 _REDIRECTS = (301, 302, 303, 307, 308)
 _OCTET = ("application/octet-stream", "binary/octet-stream")
 _EXTENSIONS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp", "GIF": "gif", "TIFF": "tif", "BMP": "bmp"}
@@ -42,38 +53,39 @@ _CHUNK = 64 * 1024
 _END = object()
 
 
-def _env_allows_private() -> bool:
-    return os.environ.get(ALLOW_PRIVATE_ENV, "").strip() == "1"
+def _env_timeout() -> float:
+    try:
+        value = float(os.environ.get(TIMEOUT_ENV, "") or DEFAULT_TIMEOUT_S)
+    except ValueError:
+        value = DEFAULT_TIMEOUT_S
+    return value if value > 0 else DEFAULT_TIMEOUT_S
 
 
 @dataclass(frozen=True)
 class FetchPolicy:
     """Limits for downloading one photo; the defaults suit public image CDNs.
 
-    ``allow_private`` (or ``CATALOG_LENS_ALLOW_PRIVATE_URLS=1``) lifts the network checks
-    entirely, for an installation whose photos live on an internal server.
-    ``allowed_private_hosts`` is the narrow alternative: IP addresses (e.g. ``"127.0.0.1"``)
-    that may be reached although they are private, on any port, while every other private
-    address stays refused. Other ports than 80/443 are refused for public hosts because
-    user-chosen ports are how an attacker reaches admin consoles and non-HTTP services.
+    ``timeout_s`` is the total time one URL may take, retries and redirects included
+    (default ``CATALOG_LENS_FETCH_TIMEOUT_S`` or 30 s). ``allowed_hosts`` (default
+    ``CATALOG_LENS_ALLOWED_HOSTS``) names host names (exact), IP addresses or networks
+    (``"10.0.0.0/8"``) that may be reached although they are private, on any port, while
+    every other private address stays refused; link-local addresses (169.254.0.0/16,
+    fe80::/10, the cloud metadata service) are refused whatever the list says. Other ports
+    than 80/443 are refused for other hosts because user-chosen ports are how an attacker
+    reaches admin consoles and non-HTTP services.
     """
 
-    timeout_s: float = 10.0
+    timeout_s: float = field(default_factory=_env_timeout)
     max_bytes: int = 30 * 1024 * 1024
     max_redirects: int = 3
     retries: int = 2
     backoff_s: float = 0.5
     per_host: int = 4
     workers: int = 16
-    allow_private: bool = field(default_factory=_env_allows_private)
-    allowed_private_hosts: frozenset[str] = frozenset()
+    allowed_hosts: tuple[str, ...] = field(default_factory=env_allowed_hosts)
     allowed_schemes: tuple[str, ...] = ("http", "https")
     allowed_ports: tuple[int, ...] = (80, 443)
     user_agent: str = "CatalogLens/0.1"
-
-
-class UrlRefused(ValueError):
-    """An address this app will not download from; ``str()`` says why in plain words."""
 
 
 @dataclass
@@ -100,109 +112,6 @@ class _FetchFailed(Exception):
         self.retry = retry
 
 
-@dataclass(frozen=True)
-class _Target:
-    scheme: str
-    host: str  # ASCII (IDNA) host name or IP literal, no brackets
-    port: int
-    path: str
-    address: str  # the vetted IP to connect to
-
-    @property
-    def host_header(self) -> str:
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        default = 443 if self.scheme == "https" else 80
-        return host if self.port == default else f"{host}:{self.port}"
-
-
-# ------------------------------------------------------------------------ URL checks
-
-
-def _split(url: str, policy: FetchPolicy) -> tuple[str, str, int, str]:
-    """Static checks that need no network: scheme, credentials, host, port syntax."""
-    if not isinstance(url, str) or not url.strip():
-        raise UrlRefused("the address is empty")
-    url = url.strip()
-    if any(ord(ch) < 33 or ord(ch) == 127 for ch in url):
-        raise UrlRefused("the address contains spaces or control characters")
-    parts = urlsplit(url)
-    scheme = parts.scheme.lower()
-    if scheme not in policy.allowed_schemes:
-        allowed = " and ".join(policy.allowed_schemes)
-        raise UrlRefused(f"only {allowed} addresses can be downloaded (this one starts with '{scheme or '?'}:')")
-    if parts.username is not None or parts.password is not None:
-        raise UrlRefused("addresses with a user name or password in them are not allowed")
-    if not parts.hostname:
-        raise UrlRefused("the address has no server name")
-    try:
-        port = parts.port
-    except ValueError:
-        raise UrlRefused("the address has an invalid port number") from None
-    port = port or (443 if scheme == "https" else 80)
-    try:
-        host = parts.hostname.encode("idna").decode("ascii").lower()
-    except UnicodeError:
-        raise UrlRefused("the server name in the address is not valid") from None
-    path = quote(parts.path or "/", safe="/%:@!$&'()*+,;=-._~")
-    if parts.query:
-        path += "?" + quote(parts.query, safe="/%:@!$&'()*+,;=-._~?")
-    return scheme, host, port, path
-
-
-_NAT64 = ipaddress.ip_network("64:ff9b::/96")
-
-
-def _is_private(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
-    if isinstance(ip, ipaddress.IPv6Address):
-        # IPv6 forms that carry an IPv4 address inside are judged by that address.
-        embedded = ip.ipv4_mapped or ip.sixtofour
-        if embedded is None and ip in _NAT64:
-            embedded = ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
-        if embedded is not None and _is_private(embedded):
-            return True
-    return (
-        ip.is_private
-        or ip.is_loopback
-        or ip.is_link_local
-        or ip.is_multicast
-        or ip.is_reserved
-        or ip.is_unspecified
-        or not ip.is_global  # e.g. 100.64.0.0/10 carrier-grade NAT
-    )
-
-
-def _resolve(host: str, port: int) -> list[ipaddress.IPv4Address | ipaddress.IPv6Address]:
-    try:
-        return [ipaddress.ip_address(host)]  # an IP literal needs no DNS
-    except ValueError:
-        pass
-    try:
-        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-    except (UnicodeError, OSError):
-        infos = []
-    addresses = []
-    for info in infos:
-        with contextlib.suppress(ValueError):
-            addresses.append(ipaddress.ip_address(str(info[4][0]).split("%", 1)[0]))
-    if not addresses:
-        raise _FetchFailed(f"the server name '{host}' could not be found")
-    return addresses
-
-
-def _vet(url: str, policy: FetchPolicy) -> _Target:
-    """Resolve and check one hop; returns the single address to connect to."""
-    scheme, host, port, path = _split(url, policy)
-    addresses = _resolve(host, port)
-    if not policy.allow_private:
-        # Refuse if ANY answer is private: an attacker's DNS may mix public and private ones.
-        exempt = all(str(a) in policy.allowed_private_hosts for a in addresses)
-        if not exempt and any(_is_private(a) for a in addresses):
-            raise UrlRefused("addresses inside the company network are not allowed")
-        if not exempt and port not in policy.allowed_ports:
-            raise UrlRefused(f"only the standard web ports are allowed (this address uses port {port})")
-    return _Target(scheme, host, port, path, str(addresses[0]))
-
-
 # -------------------------------------------------------------------- connections
 
 
@@ -215,8 +124,28 @@ class _PinnedHTTPSConnection(http.client.HTTPSConnection):
         self._ctx = context
 
     def connect(self) -> None:
-        sock = socket.create_connection((self.host, self.port), self.timeout)
-        self.sock = self._ctx.wrap_socket(sock, server_hostname=self._server_name)
+        self.raw = socket.create_connection((self.host, self.port), self.timeout)  # the watchdog's handle
+        self.sock = self._ctx.wrap_socket(self.raw, server_hostname=self._server_name)
+
+
+class _Attempt:
+    """One URL's download: its total deadline and the connection the watchdog may cut."""
+
+    def __init__(self, timeout_s: float) -> None:
+        self.deadline = time.monotonic() + timeout_s
+        self.conn: http.client.HTTPConnection | None = None
+        self.why: str | None = None  # "deadline" or "cancelled" once the watchdog cut it
+
+    def left(self) -> float:
+        return self.deadline - time.monotonic()
+
+    def cut(self, why: str) -> None:
+        self.why = why
+        conn = self.conn
+        sock = conn and (getattr(conn, "raw", None) or conn.sock)
+        if sock is not None:
+            with contextlib.suppress(OSError):  # wakes a thread blocked reading it
+                socket.socket.shutdown(sock, socket.SHUT_RDWR)
 
 
 def _human_size(n: int) -> str:
@@ -249,32 +178,63 @@ class Fetcher:
         self._ssl.set_alpn_protocols(["http/1.1"])
         self._host_locks: dict[str, threading.BoundedSemaphore] = {}
         self._lock = threading.Lock()
+        self._live: set[_Attempt] = set()  # downloads in progress, watched for their deadline
+        self._watchdog: threading.Thread | None = None
+        self._stop = threading.Event()  # set when a fetch_many run is cancelled
 
     # -- public --------------------------------------------------------------------
 
     def fetch(self, url: str) -> FetchResult:
-        """Download one URL (or take it from the cache); never raises for a bad URL."""
+        """Download one URL (or take it from the cache); never raises for a bad URL.
+
+        Connecting, redirects, headers, body and retries share one deadline (``timeout_s``)."""
         try:
-            _split(url, self.policy)
+            split_url(url, self.policy)
         except UrlRefused as exc:
             return FetchResult(url, error=str(exc))
         cached = self.cached(url)
         if cached is not None:
             return FetchResult(url, path=cached, from_cache=True)
+        attempt = _Attempt(self.policy.timeout_s)
+        with self._lock:
+            self._live.add(attempt)
+            if self._watchdog is None:
+                self._watchdog = threading.Thread(target=self._watch, name="fetch-watchdog", daemon=True)
+                self._watchdog.start()
         last = _FetchFailed("the download failed")
-        for attempt in range(self.policy.retries + 1):
-            if attempt:
-                time.sleep(self.policy.backoff_s * 2 ** (attempt - 1))
-            try:
-                path, status = self._download(url)
-                return FetchResult(url, path=path, status=status)
-            except UrlRefused as exc:
-                return FetchResult(url, error=str(exc))
-            except _FetchFailed as exc:
-                last = exc
-                if not exc.retry:
-                    break
+        try:
+            for tries in range(self.policy.retries + 1):
+                pause = self.policy.backoff_s * 2 ** (tries - 1) if tries else 0.0
+                if pause and (attempt.left() <= pause or self._stop.wait(pause)):
+                    break  # no time left for another try, or the run was cancelled
+                try:
+                    path, status = self._download(url, attempt)
+                    return FetchResult(url, path=path, status=status)
+                except UrlRefused as exc:
+                    return FetchResult(url, error=str(exc))
+                except _FetchFailed as exc:
+                    last = exc
+                    if not exc.retry:
+                        break
+        finally:
+            with self._lock:
+                self._live.discard(attempt)
+        if self._stop.is_set():
+            return FetchResult(url, error="cancelled")
         return FetchResult(url, error=str(last), status=last.status)
+
+    def _watch(self) -> None:
+        """Cut every download past its deadline, or all of them once the run is cancelled."""
+        while True:
+            with self._lock:
+                live = list(self._live)
+                if not live:
+                    self._watchdog = None
+                    return
+            for attempt in live:
+                if attempt.why is None and (self._stop.is_set() or attempt.left() <= 0):
+                    attempt.cut("cancelled" if self._stop.is_set() else "deadline")
+            time.sleep(0.05)
 
     def fetch_many(
         self,
@@ -287,9 +247,11 @@ class Fetcher:
 
         Every URL read from ``urls`` gets exactly one result. The input is read lazily, so
         a long catalog is never queued all at once. Once ``should_cancel()`` is true no
-        more URLs are read; queued ones get a "cancelled" result and running ones finish.
+        more URLs are read, queued ones get a "cancelled" result and running ones are cut
+        off within a fraction of a second (also "cancelled").
         """
         cancelled = should_cancel or (lambda: False)
+        self._stop.clear()
         source = iter(urls)
         window = max(1, self.policy.workers) * 2
         pending: dict[cf.Future, str] = {}
@@ -297,7 +259,9 @@ class Fetcher:
         with cf.ThreadPoolExecutor(max_workers=max(1, self.policy.workers), thread_name_prefix="fetch") as pool:
             try:
                 while True:
-                    stop = cancelled()
+                    stop = self._stop.is_set() or cancelled()
+                    if stop:
+                        self._stop.set()  # the watchdog cuts the running downloads
                     while not stop and not exhausted and len(pending) < window:
                         url = next(source, _END)
                         if url is _END:
@@ -332,14 +296,14 @@ class Fetcher:
 
     def _fetch_limited(self, url: str, cancelled: Callable[[], bool]) -> FetchResult:
         try:
-            host = _split(url, self.policy)[1]
+            host = split_url(url, self.policy)[1]
         except UrlRefused:
             host = ""
         with self._lock:
             sem = self._host_locks.setdefault(host, threading.BoundedSemaphore(max(1, self.policy.per_host)))
         with sem:
             # A worker may wait a long time for its host's slot; the user may have given up.
-            if cancelled():
+            if self._stop.is_set() or cancelled():
                 return FetchResult(url, error="cancelled")
             return self.fetch(url)
 
@@ -354,13 +318,17 @@ class Fetcher:
                 return path
         return None
 
-    def _download(self, url: str) -> tuple[Path, int]:
+    def _download(self, url: str, attempt: _Attempt) -> tuple[Path, int]:
         current = url.strip()
         for _hop in range(self.policy.max_redirects + 1):
-            target = _vet(current, self.policy)
-            conn = self._connect(target)
+            self._check(attempt)
             try:
-                response = self._request(conn, target)
+                target = vet(current, self.policy)
+            except NameNotFound as exc:
+                raise _FetchFailed(str(exc)) from None
+            conn = attempt.conn = self._connect(target, attempt)
+            try:
+                response = self._request(conn, target, attempt)
                 status = response.status
                 if status in _REDIRECTS:
                     location = response.getheader("Location")
@@ -372,19 +340,21 @@ class Fetcher:
                     raise _FetchFailed(_status_words(status), status=status, retry=True)
                 if status != 200:
                     raise _FetchFailed(_status_words(status), status=status)
-                return self._store(url, response, conn), status
+                return self._store(url, response, attempt), status
             finally:
+                attempt.conn = None
                 conn.close()
         raise _FetchFailed("too many redirects")
 
-    def _connect(self, target: _Target) -> http.client.HTTPConnection:
+    def _connect(self, target: Target, attempt: _Attempt) -> http.client.HTTPConnection:
+        left = max(0.01, attempt.left())  # each wait on the socket; the watchdog bounds the total
         if target.scheme == "https":
             return _PinnedHTTPSConnection(
-                target.address, target.port, server_name=target.host, timeout=self.policy.timeout_s, context=self._ssl
+                target.address, target.port, server_name=target.host, timeout=left, context=self._ssl
             )
-        return http.client.HTTPConnection(target.address, target.port, timeout=self.policy.timeout_s)
+        return http.client.HTTPConnection(target.address, target.port, timeout=left)
 
-    def _request(self, conn: http.client.HTTPConnection, target: _Target) -> http.client.HTTPResponse:
+    def _request(self, conn: http.client.HTTPConnection, target: Target, attempt: _Attempt) -> http.client.HTTPResponse:
         headers = {
             "Host": target.host_header,
             "User-Agent": self.policy.user_agent,
@@ -393,21 +363,33 @@ class Fetcher:
         }
         try:
             conn.request("GET", target.path, headers=headers)
-            return conn.getresponse()
+            response = conn.getresponse()
         except TimeoutError:
             raise self._too_slow() from None
         except ssl.SSLError as exc:
+            self._check(attempt)
             raise _FetchFailed(f"the secure connection to '{target.host}' failed ({exc.reason or exc})") from None
         except (OSError, http.client.HTTPException):
+            self._check(attempt)
             raise _FetchFailed(f"the server '{target.host}' could not be reached", retry=True) from None
+        self._check(attempt)
+        return response
+
+    def _check(self, attempt: _Attempt) -> None:
+        """Stop here if the watchdog cut this download or its time is up."""
+        if attempt.why == "cancelled" or self._stop.is_set():
+            raise _FetchFailed("cancelled")
+        if attempt.why == "deadline" or attempt.left() <= 0:
+            raise self._too_slow()
 
     def _too_slow(self) -> _FetchFailed:
-        return _FetchFailed(f"the download took longer than {self.policy.timeout_s:g} s", retry=True)
+        # Not worth another try: the deadline covers all tries together.
+        return _FetchFailed(f"the download took longer than {self.policy.timeout_s:g} s")
 
     def _too_big(self) -> _FetchFailed:
         return _FetchFailed(f"the file is larger than {_human_size(self.policy.max_bytes)}")
 
-    def _store(self, url: str, response: http.client.HTTPResponse, conn: http.client.HTTPConnection) -> Path:
+    def _store(self, url: str, response: http.client.HTTPResponse, attempt: _Attempt) -> Path:
         ctype = (response.getheader("Content-Type") or "").split(";", 1)[0].strip().lower()
         if ctype and not ctype.startswith("image/") and ctype not in _OCTET:
             raise _FetchFailed(f"the address is not an image ({ctype})", status=response.status)
@@ -431,20 +413,17 @@ class Fetcher:
             return stored[0]
 
         with atomic_path(folder / key, name_after=named_by_format) as tmp, open(tmp, "wb") as out:
-            deadline = time.monotonic() + self.policy.timeout_s
             received = 0
             while True:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    raise self._too_slow()
-                if conn.sock is not None:
-                    conn.sock.settimeout(remaining)
+                self._check(attempt)
                 try:
                     chunk = response.read(_CHUNK)
                 except TimeoutError:
                     raise self._too_slow() from None
                 except (OSError, http.client.HTTPException):
+                    self._check(attempt)
                     raise _FetchFailed("the connection broke off during the download", retry=True) from None
+                self._check(attempt)  # a cut socket reads as the end: never keep a partial file
                 if not chunk:
                     break
                 received += len(chunk)

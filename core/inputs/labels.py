@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 import unicodedata
 from collections import Counter, defaultdict
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from urllib.parse import unquote, urlsplit
 
@@ -193,15 +193,18 @@ def match_labels(
     image_column: str,
     label_column: str,
     image_names: Iterable[str],
-    unusable_names: Iterable[str] = (),
+    on_problem: Callable[[Problem], None] | None = None,
 ) -> MatchResult:
     """Give each uploaded photo its label from the sheet, and report every row that can't.
 
     Matching ignores case, image extension, folders and URL parts; when two uploaded photos
     share a name in different folders, the row must name the folder too. Duplicated rows are
     counted once; contradicting rows leave the photo unlabelled. Labels differing only in
-    capitals/spaces are merged into their most common spelling. A row naming one of the
-    ``unusable_names`` (files uploaded but not readable as photos) says so, not "not uploaded".
+    capitals/spaces are merged into their most common spelling; ``NaN``, ``N/A``, ``-`` are
+    no labels. The problems keep the first :data:`ROWS_SHOWN` rows of each kind and one
+    line counting the rest, so a million-row sheet stays readable; ``on_problem`` sees every
+    one of them (the full list, for a download). The sheet's own notes (character set,
+    worksheet, formulas) come first.
     """
     for column in (image_column, label_column):
         if column not in sheet.frame.columns:
@@ -214,22 +217,39 @@ def match_labels(
         )
 
     uploads = list(dict.fromkeys(image_names))
-    by_path, by_base, upload_parts = _name_index(uploads)
-    unusable = _name_index(dict.fromkeys(unusable_names))
+    by_path: dict[tuple[str, ...], list[str]] = defaultdict(list)
+    by_base: dict[str, list[str]] = defaultdict(list)
+    upload_parts: dict[str, list[str]] = {}
+    for name in uploads:
+        parts = _ref_parts(name)
+        if not parts:
+            continue
+        upload_parts[name] = parts
+        by_path[tuple(parts)].append(name)
+        by_base[parts[-1]].append(name)
 
     file = sheet.filename
-    problems: list[Problem] = []
+    problems: list[Problem] = list(sheet.notes)
     refs = sheet.frame[image_column].tolist()
-    raw_labels = [_clean_label(v) for v in sheet.frame[label_column].tolist()]
+    written = sheet.frame[label_column].tolist()
+    raw_labels = [_clean_label(v) for v in written]
     rows = [sheet.sheet_row(i) for i in sheet.frame.index]
     labels, merge_note = _merge_label_spellings(raw_labels, file=file)
+    per_kind: Counter[str] = Counter()
+
+    def add(problem: Problem) -> None:
+        if on_problem is not None:
+            on_problem(problem)
+        per_kind[problem.kind] += 1
+        if per_kind[problem.kind] <= ROWS_SHOWN:
+            problems.append(problem)
 
     def warn(kind: str, row: int, message: str) -> None:
-        problems.append(Problem(kind, message, file=file, row=row, severity="warning"))
+        add(Problem(kind, message, file=file, row=row, severity="warning"))
 
     claims: dict[str, list[tuple[int, str]]] = defaultdict(list)
     matched = 0
-    for ref, label, row in zip(refs, labels, rows, strict=True):
+    for ref, label, row, cell in zip(refs, labels, rows, written, strict=True):
         if not ref:
             what = f"a label ('{label}')" if label else "other content"
             warn(
@@ -249,13 +269,6 @@ def match_labels(
                 f"row's label. Write the folder too (for example '{candidates[0]}') so it is clear which "
                 "photo is meant.",
             )
-        elif not candidates and (bad := _candidates(_ref_parts(ref), *unusable)):
-            warn(
-                "unusable_photo",
-                row,
-                f"Row {row}: photo '{ref}' was uploaded but could not be read as a photo (see the problem "
-                f"listed for '{bad[0]}'), so its label is not used. Replace the file and upload it again.",
-            )
         elif not candidates:
             warn(
                 "missing_photo",
@@ -265,10 +278,11 @@ def match_labels(
             )
         elif not label:
             matched += 1
+            has = f"'{cell.strip()}', which is not a label," if cell.strip() else "no label"
             warn(
                 "empty_label",
                 row,
-                f"Row {row} (photo '{ref}') has no label in column '{label_column}'. Fill it in, or the "
+                f"Row {row} (photo '{ref}') has {has} in column '{label_column}'. Fill it in, or the "
                 "photo stays unlabelled.",
             )
         else:
@@ -289,7 +303,7 @@ def match_labels(
             continue
         rows_text = _join_rows([row for row, _ in claimed])
         each = ", ".join(f"'{label}' in row {row}" for row, label in claimed)
-        problems.append(
+        add(
             Problem(
                 "conflicting_labels",
                 f"Photo '{image}' has different labels in {rows_text} ({each}). It was left "
@@ -300,6 +314,12 @@ def match_labels(
             )
         )
 
+    for kind, count in per_kind.items():
+        if count > ROWS_SHOWN:
+            problems.append(Problem(
+                kind, f"... and {count - ROWS_SHOWN:,} more rows of '{file}' like the {ROWS_SHOWN} above "
+                f"({count:,} in all). Download the full problem list to see every row.",
+                file=file, severity="warning"))
     if merge_note is not None:
         problems.append(merge_note)
     examples = ", ".join(f"'{r}'" for r in [r for r in refs if r][:3])
@@ -325,19 +345,8 @@ def match_labels(
     )
 
 
-def _name_index(names: Iterable[str]) -> tuple[dict, dict, dict]:
-    """Uploaded names by their whole path and by their base name, and each name's parts."""
-    by_path: dict[tuple[str, ...], list[str]] = defaultdict(list)
-    by_base: dict[str, list[str]] = defaultdict(list)
-    name_parts: dict[str, list[str]] = {}
-    for name in names:
-        parts = _ref_parts(name)
-        if not parts:
-            continue
-        name_parts[name] = parts
-        by_path[tuple(parts)].append(name)
-        by_base[parts[-1]].append(name)
-    return by_path, by_base, name_parts
+ROWS_SHOWN = 20  # problems of one kind listed one by one; the rest are counted
+NOT_LABELS = frozenset({"nan", "n/a", "#n/a", "-", "\u2013", "\u2014"})  # what spreadsheets write for "no value"
 
 
 def _candidates(
@@ -372,6 +381,8 @@ def _candidates(
 
 def _clean_label(value: str) -> str:
     value = value.strip()
+    if value.casefold() in NOT_LABELS:
+        return ""
     integral = INTEGRAL_RE.fullmatch(value)
     return str(int(integral.group(1))) if integral else value
 

@@ -15,13 +15,14 @@ import re
 import zipfile
 from collections import Counter
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import date, datetime, time
 from pathlib import Path, PurePath
 
 import pandas as pd
 
-from core.base.problems import InputError
+from core.base.problems import InputError, Problem
+from core.inputs.encodings import decode_text
 
 __all__ = ["IMAGE_EXTENSIONS", "SHEET_TYPES", "Sheet", "column_letter", "looks_like_image_ref", "read_sheet"]
 
@@ -70,18 +71,22 @@ class Sheet:
     first_data_row: int
     raw_header: list[str] | None = None
     raw_rows: list[list[str]] | None = None
+    notes: list[Problem] = field(default_factory=list)  # how it was read: character set, formulas
 
     def sheet_row(self, index: int) -> int:
         """Spreadsheet row number (header = 1) of the frame row with index label ``index``."""
         return self.first_data_row + int(index)
 
 
-def read_sheet(source: Path | bytes, *, filename: str, keep_raw: bool = False) -> Sheet:
+def read_sheet(
+    source: Path | bytes, *, filename: str, keep_raw: bool = False, photo_names: Iterable[str] = ()
+) -> Sheet:
     """Read a CSV/TSV (any common delimiter and encoding) or .xlsx/.xlsm label sheet.
 
     ``filename`` is the name the analyst knows the file by; it picks the format together
     with the file's first bytes and is quoted in every message. ``keep_raw`` also keeps the
-    cells as written (see :class:`Sheet`). Raises :class:`InputError` with a plain sentence
+    cells as written (see :class:`Sheet`). ``photo_names`` (the uploaded photos) decide
+    between the character sets a text sheet may be in (:mod:`core.inputs.encodings`). Raises :class:`InputError` with a plain sentence
     when the file cannot be used as a sheet at all.
     """
     if isinstance(source, (str, PurePath)):
@@ -113,11 +118,13 @@ def read_sheet(source: Path | bytes, *, filename: str, keep_raw: bool = False) -
             "each photo's file name and its label (CSV or Excel .xlsx)."
         )
     if data.startswith(b"PK\x03\x04"):
-        rows, numbers, raw = _read_workbook(data, filename=filename, keep_raw=keep_raw)
-        return _build_sheet(rows, numbers, filename=filename, encoding=None, delimiter=None, raw=raw)
+        rows, numbers, raw, notes = _read_workbook(data, filename=filename, keep_raw=keep_raw)
+        sheet = _build_sheet(rows, numbers, filename=filename, encoding=None, delimiter=None, raw=raw)
+        sheet.notes += notes
+        return sheet
 
     try:
-        text, encoding = _decode(data, filename=filename)
+        text, encoding, note = decode_text(data, filename=filename, photo_names=photo_names)
     except InputError:
         if suffix in {".xls", ".xlsb", ".xlsx", ".xlsm", ".ods", ".numbers"}:
             raise InputError(
@@ -134,7 +141,9 @@ def read_sheet(source: Path | bytes, *, filename: str, keep_raw: bool = False) -
             "'CSV UTF-8', then upload that file."
         )
     rows, numbers, delimiter, raw = _parse_text(text, filename=filename, keep_raw=keep_raw)
-    return _build_sheet(rows, numbers, filename=filename, encoding=encoding, delimiter=delimiter, raw=raw)
+    sheet = _build_sheet(rows, numbers, filename=filename, encoding=encoding, delimiter=delimiter, raw=raw)
+    sheet.notes += [Problem("sheet_encoding", note, file=filename, severity="info")] if note else []
+    return sheet
 
 
 def _binary_kind(data: bytes) -> str | None:
@@ -161,9 +170,10 @@ def _binary_kind(data: bytes) -> str | None:
     return None
 
 
-def _read_workbook(data: bytes, *, filename: str, keep_raw: bool) -> tuple[list[list[str]], list[int], list | None]:
-    """Cells of the first non-empty worksheet of an .xlsx/.xlsm, as strings, with row numbers
-    (and with ``keep_raw``, every row's cells unstripped, by row number - 1)."""
+def _read_workbook(data: bytes, *, filename: str, keep_raw: bool) -> tuple[list[list[str]], list[int], list | None, list]:
+    """Cells of the worksheet holding photo names (else the first non-empty one) of an
+    .xlsx/.xlsm, as strings, with row numbers (and with ``keep_raw``, every row's cells
+    unstripped, by row number - 1), and notes: which worksheet, formulas without values."""
     try:
         names = set(zipfile.ZipFile(io.BytesIO(data)).namelist())
     except (zipfile.BadZipFile, OSError) as exc:
@@ -193,17 +203,62 @@ def _read_workbook(data: bytes, *, filename: str, keep_raw: bool) -> tuple[list[
         ) from exc
     try:
         sheets = sorted(workbook.worksheets, key=lambda ws: ws.sheet_state != "visible")
+        found = []  # (worksheet, rows, numbers, raw) of each non-empty one
         for worksheet in sheets:
             shown = ([_excel_cell_text(v) for v in values] for values in worksheet.iter_rows(values_only=True))
             rows, numbers, raw = _collect(shown, keep_raw=keep_raw)
             if rows:
-                return rows, numbers, raw
+                found.append((worksheet.title, rows, numbers, raw))
+                if _names_photos(rows):
+                    break  # a "Notes" sheet in front is passed over for the one naming photos
     finally:
         workbook.close()
+    if found:
+        title, rows, numbers, raw = found[-1] if len(found) > 1 and _names_photos(found[-1][1]) else found[0]
+        notes = [Problem("sheet_chosen", f"'{filename}': the photo names were found on the worksheet "
+                         f"'{title}', which was used (not '{found[0][0]}').", file=filename, severity="info")]
+        return rows, numbers, raw, (notes if title != found[0][0] else []) + _formulas_without_values(
+            data, title, filename)
     raise InputError(
         f"Every worksheet in '{filename}' is empty. Put the photo names and labels in the first "
         "worksheet and upload it again."
     )
+
+
+def _names_photos(rows: list[list[str]]) -> bool:
+    return any(looks_like_image_ref(c) for r in rows[:_SNIFF_ROWS] for c in r)
+
+
+def _formulas_without_values(data: bytes, title: str, filename: str, limit: int = 20) -> list[Problem]:
+    """Formula cells with no saved result (a file written by a program, never opened in Excel):
+    they read as empty, so each is said, with its row. Only looked for when formulas exist."""
+    with zipfile.ZipFile(io.BytesIO(data)) as zf:
+        if not any(b"<f" in zf.read(n) for n in zf.namelist() if n.startswith("xl/worksheets/sheet")):
+            return []
+    import openpyxl
+
+    workbook = openpyxl.load_workbook(io.BytesIO(data), read_only=True, data_only=False)
+    values = openpyxl.load_workbook(io.BytesIO(data), read_only=True, data_only=True)
+    try:
+        cells = [
+            (f.coordinate, f.row, f.value)
+            for formulas, saved in zip(workbook[title].iter_rows(), values[title].iter_rows(), strict=False)
+            for f, v in zip(formulas, saved, strict=False)
+            if isinstance(f.value, str) and f.value.startswith("=") and v.value is None
+        ]
+    finally:
+        workbook.close()
+        values.close()
+    notes = [
+        Problem("formula_without_value", f"Cell {ref} of '{filename}' holds the formula {formula[:60]} but no saved "
+                "result, so it reads as empty. Open the file in Excel, save it, and upload it again.",
+                file=filename, row=row, severity="warning")
+        for ref, row, formula in cells[:limit]
+    ]
+    if len(cells) > limit:
+        notes.append(Problem("formula_without_value", f"{len(cells) - limit:,} more formula cells of '{filename}' "
+                             "have no saved result.", file=filename, severity="warning"))
+    return notes
 
 
 def _excel_cell_text(value: object) -> str:
@@ -245,60 +300,6 @@ def _collect(records: Iterable[list[str]], *, keep_raw: bool) -> tuple[list[list
 
 def _clean_cell(value: str) -> str:
     return value.strip().strip(INVISIBLE_CHARS).strip()
-
-
-def _decode(data: bytes, *, filename: str) -> tuple[str, str]:
-    """Decode text bytes: BOMs first, then UTF-8, Windows-1252 and Latin-1; reject binary."""
-    boms = (
-        (b"\xff\xfe\x00\x00", "utf-32-le"),
-        (b"\x00\x00\xfe\xff", "utf-32-be"),
-        (b"\xef\xbb\xbf", "utf-8-sig"),
-        (b"\xff\xfe", "utf-16-le"),
-        (b"\xfe\xff", "utf-16-be"),
-    )
-    candidates: list[tuple[bytes, str]] = []
-    for bom, name in boms:
-        if data.startswith(bom):
-            candidates = [(data[len(bom) :], name)]
-            break
-    else:
-        guessed = _utf16_without_bom(data)
-        if guessed:
-            candidates.append((data, guessed))
-        candidates += [(data, "utf-8"), (data, "cp1252"), (data, "latin-1")]
-    for payload, name in candidates:
-        try:
-            text = payload.decode(name)
-        except UnicodeDecodeError:
-            continue
-        if _looks_binary(text):
-            break
-        return text, name
-    raise InputError(
-        f"'{filename}' does not look like a spreadsheet: its content is not readable text. "
-        "Upload the label sheet as CSV (comma or semicolon separated) or as an Excel .xlsx file."
-    )
-
-
-def _utf16_without_bom(data: bytes) -> str | None:
-    """Spot UTF-16 text saved without a BOM: mostly-ASCII text has a zero in every other byte."""
-    sample = data[:4000]
-    if len(sample) < 4:
-        return None
-    even, odd = sample[0::2], sample[1::2]
-    if odd.count(0) > 0.4 * len(odd) and even.count(0) < 0.05 * len(even):
-        return "utf-16-le"
-    if even.count(0) > 0.4 * len(even) and odd.count(0) < 0.05 * len(odd):
-        return "utf-16-be"
-    return None
-
-
-def _looks_binary(text: str) -> bool:
-    sample = text[:_SNIFF_CHARS]
-    if not sample:
-        return False
-    bad = sum(1 for ch in sample if (ch < " " and ch not in "\t\r\n\f\v") or "\x7f" <= ch <= "\x9f" or ch == "\ufffd")
-    return "\x00" in sample or bad > max(2, 0.005 * len(sample))
 
 
 def _parse_text(text: str, *, filename: str, keep_raw: bool) -> tuple[list[list[str]], list[int], str | None, list | None]:

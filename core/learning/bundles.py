@@ -9,7 +9,9 @@ Layout of a bundle (a ``.zip``, or a folder with the same files)::
 
 Bundles come from users (shared by e-mail, downloaded, uploaded), so loading treats them
 as untrusted input: an allow-list of member names, size limits, strict JSON validation,
-and tensors only through safetensors, which cannot execute code.
+and tensors only through safetensors, which cannot execute code. What a member declares
+(its size, its arrays' shapes) is checked by :mod:`core.learning.bundle_limits` before its
+data is read.
 """
 
 from __future__ import annotations
@@ -32,7 +34,8 @@ from typing import Any, BinaryIO, Literal
 import numpy as np
 
 from core.base.files import atomic_file
-from core.base.problems import InputError
+from core.learning import bundle_limits as limits
+from core.learning.bundle_limits import BundleError
 from core.learning.heads import head_from_arrays
 
 __all__ = [
@@ -65,10 +68,6 @@ MAX_SIZES = {BUNDLE_JSON: 64 << 20, HEAD_FILE: 256 << 20, NETWORK_FILE: 2 << 30}
 KINDS = ("frozen", "finetuned")
 _ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")  # ids name files: nothing path-like
 _CODE_SUFFIXES = (".pkl", ".pickle", ".joblib", ".pt", ".pth", ".bin", ".ckpt", ".npy", ".npz", ".py")
-
-
-class BundleError(InputError):
-    """A model file that cannot be used; ``str()`` is a plain sentence for the UI."""
 
 
 def new_bundle_id() -> str:
@@ -219,6 +218,7 @@ def _validate(d: Any) -> None:
     if d["kind"] not in KINDS:
         raise BundleError(bad + f"kind is {d['kind']!r}, expected one of {KINDS}.")
     classes = d["classes"]
+    limits.check_classes(classes)
     if len(classes) < 2 or len(set(classes)) != len(classes) or not all(classes):
         raise BundleError(bad + f"it needs at least two different, non-empty class names, found {classes}.")
     if not set(d["class_display_names"]) <= set(classes):
@@ -400,10 +400,13 @@ def _read_zip(path: Path, wanted: Sequence[str]) -> tuple[dict[str, bytes], set[
             members[name] = info
         if BUNDLE_JSON not in members:
             raise BundleError("This file is not a Catalog Lens model: bundle.json is missing.")
-        out = {}
-        for name in wanted:
+        out: dict[str, bytes] = {}
+        for name in (BUNDLE_JSON, *(n for n in wanted if n != BUNDLE_JSON)):
             if name in members:
                 try:
+                    if name != BUNDLE_JSON:  # what it declares, before its data is unpacked
+                        with zf.open(members[name]) as stream:
+                            _check_arrays(name, limits.read_header(stream, members[name].file_size, name), out)
                     # zipfile stops at the declared size (checked above) and verifies the CRC.
                     out[name] = zf.read(members[name])
                 except (zipfile.BadZipFile, OSError, EOFError, NotImplementedError) as exc:
@@ -411,10 +414,19 @@ def _read_zip(path: Path, wanted: Sequence[str]) -> tuple[dict[str, bytes], set[
         return out, set(members)
 
 
+def _check_arrays(name: str, arrays: dict, read: dict[str, bytes]) -> None:
+    """A safetensors member's declared arrays against the model bundle.json describes."""
+    bundle = _parse_json(read[BUNDLE_JSON])
+    if name == NETWORK_FILE:
+        limits.check_network(arrays, bundle.backbone_id, bundle.classes)
+    elif bundle.kind == "frozen":
+        limits.check_head(arrays, bundle.classes)
+
+
 def _read_folder(path: Path, wanted: Sequence[str]) -> tuple[dict[str, bytes], set[str]]:
     # Other files in a folder (.DS_Store, a README) are ignored: only known names are read.
     out, seen = {}, set()
-    for name in MAX_SIZES:
+    for name in sorted(MAX_SIZES, key=lambda n: n != BUNDLE_JSON):  # bundle.json first
         f = path / name
         if f.is_symlink():
             raise BundleError(f"This model folder is unsafe: {name} is a link to another place.")
@@ -423,7 +435,10 @@ def _read_folder(path: Path, wanted: Sequence[str]) -> tuple[dict[str, bytes], s
         seen.add(name)
         if f.stat().st_size > MAX_SIZES[name]:
             raise BundleError(f"This model folder is not believable: {name} is {f.stat().st_size / 2**20:.0f} MB.")
-        if name in wanted:
+        if name in wanted or name == BUNDLE_JSON:
+            if name != BUNDLE_JSON and BUNDLE_JSON in out:
+                with open(f, "rb") as stream:
+                    _check_arrays(name, limits.read_header(stream, f.stat().st_size, name), out)
             out[name] = f.read_bytes()
     if BUNDLE_JSON not in seen:
         raise BundleError(f"This folder is not a Catalog Lens model: {BUNDLE_JSON} is missing.")
@@ -440,11 +455,7 @@ def _read_members(path: str | os.PathLike, wanted: Sequence[str]) -> tuple[dict[
 
 
 def _parse_json(data: bytes) -> ModelBundle:
-    try:
-        d = json.loads(data.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise BundleError(f"This model file is damaged: bundle.json is not valid JSON ({exc}).") from exc
-    return ModelBundle.from_dict(d)
+    return ModelBundle.from_dict(limits.parse_json(data, BUNDLE_JSON))
 
 
 def _load_safetensors(data: bytes, name: str) -> dict[str, np.ndarray]:
@@ -489,6 +500,8 @@ def load_network_state(path: str | os.PathLike, *, device: str = "cpu") -> dict[
         state = load(raw[NETWORK_FILE])
     except (SafetensorError, ValueError, TypeError) as exc:
         raise BundleError(f"This model file is damaged: {NETWORK_FILE} cannot be read ({exc}).") from exc
+    if not all(bool(v.isfinite().all()) for v in state.values() if v.is_floating_point()):
+        raise BundleError(f"This model file is damaged: {NETWORK_FILE} holds NaN or infinite weights.")
     return {k: v.to(device) for k, v in state.items()} if device != "cpu" else state
 
 

@@ -23,7 +23,7 @@ from core.learning.extraction import feature_store
 from core.learning.predictor import Predictor, check_backbone, check_weights, load_network
 from core.projects.state import ProjectState
 from core.projects.workspace import Project
-from core.vision import weights
+from core.vision import backbones, weights
 
 __all__ = [
     "choose_tagging_model", "export_bundle", "get_model", "import_bundle", "list_models", "predictor",
@@ -168,8 +168,13 @@ def import_bundle(project: Project, path: str | os.PathLike) -> str:
     other backbone weights than the local ones).
     """
     path = Path(path)
-    bundle, _ = bundles.load_bundle(path)  # BundleError: already a plain sentence
+    bundle, arrays = bundles.load_bundle(path)  # BundleError: already a plain sentence
     check_backbone(bundle)
+    width = backbones.get_backbone(bundle.backbone_id).feature_dim
+    if bundle.kind == "frozen" and arrays["scaler.mean"].shape != (width,):
+        raise bundles.BundleError(
+            f"This model file does not fit its network: {bundle.backbone_id} gives {width} features per photo, "
+            f"the model expects {arrays['scaler.mean'].shape[0]}. It is damaged or made for another network.")
     if bundle.kind == "frozen":
         # Refuse a head for other weights now when the check is free; a backbone not yet
         # downloaded is checked when the model is first used (import never downloads).

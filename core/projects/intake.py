@@ -9,6 +9,7 @@ arrive, so the order in which the analyst uploads things does not matter.
 
 from __future__ import annotations
 
+import csv
 import re
 import shutil
 import time
@@ -21,6 +22,7 @@ from typing import BinaryIO
 
 import pandas as pd
 
+from core.base import exports
 from core.base.files import atomic_file, atomic_write_bytes, sha256_file
 from core.base.problems import InputError, Problem
 from core.inputs import images, labels, sheets, uploads
@@ -236,7 +238,7 @@ def apply_sheet(
     Raises :class:`InputError` with a plain message when the sheet cannot be read at all.
     """
     if data is not None:
-        sheet = labels.read_sheet(data, filename=filename)
+        sheet = labels.read_sheet(data, filename=filename, photo_names=_photo_names(project))
         stored = project.path("sheets", f"sheet{Path(filename).suffix.lower() or '.csv'}")
         for old in stored.parent.glob("sheet.*"):
             old.unlink()
@@ -246,7 +248,7 @@ def apply_sheet(
         if state is None:
             raise InputError("Upload a label sheet first.")
         stored = Path(state.stored)
-        sheet = labels.read_sheet(stored.read_bytes(), filename=state.filename)
+        sheet = labels.read_sheet(stored.read_bytes(), filename=state.filename, photo_names=_photo_names(project))
     guessed_image, guessed_label = labels.guess_columns(sheet)
     image_column = image_column or guessed_image
     label_column = label_column or guessed_label
@@ -273,7 +275,8 @@ def rematch(project: Project, *, sheet: labels.Sheet | None = None) -> labels.Ma
         return None
     if sheet is None:
         try:
-            sheet = labels.read_sheet(Path(state.stored).read_bytes(), filename=state.filename)
+            sheet = labels.read_sheet(Path(state.stored).read_bytes(), filename=state.filename,
+                                      photo_names=_photo_names(project))
         except (InputError, OSError) as exc:
             project.replace_problems("sheet", [Problem("bad_sheet", f"{state.filename}: {exc}", file=state.filename)])
             return None
@@ -283,12 +286,15 @@ def rematch(project: Project, *, sheet: labels.Sheet | None = None) -> labels.Ma
             f"{state.filename}: choose which column holds the photo file names and which holds the labels.",
             file=state.filename)])
         return None
-    names = [n for (n,) in project.query("SELECT name FROM names")]
-    unreadable = [n for (n,) in project.query("SELECT file FROM problems WHERE kind = 'unreadable_image' AND file IS NOT NULL")]
-    result = labels.match_labels(
-        sheet, image_column=state.image_column, label_column=state.label_column, image_names=names,
-        unusable_names=unreadable,
-    )
+    # Every row's problem goes to a file (the download); the database keeps the summary.
+    with atomic_file(_full_list(project), "w") as out:
+        writer = csv.writer(out)
+        writer.writerow(_LIST_COLUMNS)
+        result = labels.match_labels(
+            sheet, image_column=state.image_column, label_column=state.label_column,
+            image_names=_photo_names(project),
+            on_problem=lambda p: writer.writerow([p.severity, p.kind, p.file, p.row, p.message]),
+        )
     project.set_sheet_labels(result.labels)
     problems = list(result.problems)
     training = project.training_set()
@@ -301,6 +307,30 @@ def rematch(project: Project, *, sheet: labels.Sheet | None = None) -> labels.Ma
         "images_unlabelled": len(result.images_unlabelled),
     })
     return result
+
+
+_LIST_COLUMNS = ("severity", "kind", "file", "row", "message")
+
+
+def _photo_names(project: Project) -> list[str]:
+    return [n for (n,) in project.query("SELECT name FROM names")]
+
+
+def _full_list(project: Project) -> Path:
+    return project.path("sheets", "sheet-problems.csv")
+
+
+def problem_list_csv(project: Project) -> bytes:
+    """Every problem as a CSV (for the download): each sheet row's problem, not the summary
+    the page shows, and those of the photos."""
+    problems = project.problems()
+    full = _full_list(project)
+    if full.is_file() and sheet_state(project) is not None:
+        rows = pd.read_csv(full, dtype=str, keep_default_na=False)
+        sheet_summary = problems[(problems["scope"] == "sheet")]
+        notes = sheet_summary[~sheet_summary["kind"].isin(set(rows["kind"]))]  # notes, blockers
+        problems = pd.concat([problems[problems["scope"] != "sheet"], notes, rows], ignore_index=True)
+    return exports.csv_bytes(problems[list(_LIST_COLUMNS)])  # no cell runs as a formula
 
 
 def refresh_blockers(project: Project) -> list[Problem]:

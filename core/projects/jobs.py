@@ -12,7 +12,10 @@ Handlers register themselves with :func:`register`; ``core.tasks`` holds the app
 this module stays at the bottom of the dependency graph (whoever submits or runs a job
 imports ``core.tasks`` first). Submitting a job that is already running with the same
 parameters asks it to run once more when it finishes, so work that arrived meanwhile
-(photos uploaded during a check, say) is never left behind.
+(photos uploaded during a check, say) is never left behind. The check and the new row are
+one SQLite write transaction (``BEGIN IMMEDIATE`` locks the database file for every
+process), so simultaneous submits of one job, from pages or command lines, make one job;
+a job is run by whichever process claims it first (queued -> running, also one transaction).
 """
 
 from __future__ import annotations
@@ -195,24 +198,53 @@ def submit(project: Project, kind: str, params: Mapping | None = None, *, start:
     if kind not in _HANDLERS:
         raise ValueError(f"Unknown job kind {kind!r}; known: {sorted(_HANDLERS)}")
     params = dict(params or {})
-    current = latest(project, kind)
-    if current and current.active and current.params == params:
-        with project.db() as con:
-            asked = con.execute(
-                "UPDATE jobs SET again = 1 WHERE id = ? AND status IN ('queued', 'running')", (current.id,)
-            ).rowcount
-        if asked:
-            return current
-    job_id = f"{kind}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
-    with project.db() as con:
-        con.execute(
-            "INSERT INTO jobs(id, kind, params, status, created_at, updated_at) "
-            "VALUES (?, ?, ?, 'queued', ?, ?)",
-            (job_id, kind, json.dumps(params), time.time(), time.time()),
-        )
-    if start:
+    created = False
+    with project.db() as con:  # one write transaction: no other submit sits between look and insert
+        for job_id, raw, updated, started, made, pid in con.execute(
+            "SELECT id, params, updated_at, started_at, created_at, pid FROM jobs WHERE kind = ? "
+            "AND status IN ('queued', 'running') ORDER BY created_at DESC", (kind,)
+        ).fetchall():
+            alive = time.time() - (updated or started or made) <= STALE_S or _pid_alive(pid)
+            if alive and json.loads(raw) == params:
+                con.execute("UPDATE jobs SET again = 1 WHERE id = ?", (job_id,))
+                break
+        else:
+            created = True
+            job_id = f"{kind}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
+            con.execute(
+                "INSERT INTO jobs(id, kind, params, status, created_at, updated_at) "
+                "VALUES (?, ?, ?, 'queued', ?, ?)",
+                (job_id, kind, json.dumps(params), time.time(), time.time()),
+            )
+    if start and created:
         _spawn(project, job_id)
     return get(project, job_id)
+
+
+def run_here(project: Project, kind: str, params: Mapping | None = None, *,
+             on_progress: Callable[[int, int, str | None], None] | None = None) -> Job:
+    """Submit a job and run it in this process, or, when the same job is already active
+    (another command line, the app), wait for that one instead of doing the work twice.
+    ``on_progress`` sees the job's progress as recorded, whoever runs it."""
+    job = submit(project, kind, params, start=False)
+    stop = threading.Event()
+
+    def watch() -> None:
+        seen = None
+        while not stop.wait(0.5):
+            now = get(project, job.id)
+            if now and (now.done, now.total, now.message) != seen and now.total:
+                seen = (now.done, now.total, now.message)
+                on_progress(*seen)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    if on_progress:
+        watcher.start()
+    try:
+        job = run(project, job.id)
+        return wait(project, job.id, timeout=float("inf")) if job.active else job
+    finally:
+        stop.set()
 
 
 def _spawn(project: Project, job_id: str) -> None:
@@ -252,11 +284,14 @@ def run(project: Project, job_id: str) -> Job:
     if job is None:
         raise ValueError(f"No job {job_id} in project {project.slug}")
     handler = _HANDLERS[job.kind]
-    with project.db() as con:
-        con.execute(
-            "UPDATE jobs SET status = 'running', pid = ?, started_at = ?, updated_at = ? WHERE id = ?",
+    with project.db() as con:  # claim it: of two processes told to run one job, one does
+        claimed = con.execute(
+            "UPDATE jobs SET status = 'running', pid = ?, started_at = ?, updated_at = ? "
+            "WHERE id = ? AND status = 'queued'",
             (os.getpid(), time.time(), time.time(), job_id),
-        )
+        ).rowcount
+    if not claimed:
+        return get(project, job_id)
     ctx = JobContext(project, job_id, job.params)
     stop = threading.Event()
 

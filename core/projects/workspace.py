@@ -28,6 +28,7 @@ import shutil
 import sqlite3
 import time
 import unicodedata
+import uuid
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -118,7 +119,7 @@ def list_projects() -> list[ProjectInfo]:
     """All projects in the workspace, newest first."""
     infos = []
     for folder in projects_dir().iterdir():
-        if (folder / "project.db").is_file():
+        if not folder.name.startswith(".") and (folder / "project.db").is_file():  # not drafts nor trash
             try:
                 project = Project(folder.name)
                 infos.append(ProjectInfo(folder.name, project.name, project.created_at))
@@ -144,21 +145,36 @@ def remember_last_project(slug: str | None) -> None:
 
 
 def create_project(name: str) -> Project:
-    """Create an empty project; the slug gets a number when the name is taken."""
+    """Create an empty project; the slug gets a number when the name is taken.
+
+    The project is built in a hidden folder and renamed into place in one step, so two
+    creates at the same moment (two tabs, two command lines) each get their own slug, and
+    no half-made project is ever listed."""
     name = " ".join(name.split())
     if not name:
         raise InputError("Give the project a name, for example 'Person in photo'.")
     if len(name) > 80:
         raise InputError("Keep the project name under 80 characters.")
     base = slugify(name)
-    slug, n = base, 2
-    while (projects_dir() / slug).exists():
-        slug, n = f"{base}-{n}", n + 1
-    (projects_dir() / slug).mkdir(parents=True)
-    project = Project(slug)
-    project.set_meta("name", name)
-    project.set_meta("created_at", time.time())
-    return project
+    draft = f".new-{uuid.uuid4().hex}"
+    try:
+        made = Project(draft)
+        made.set_meta("name", name)
+        made.set_meta("created_at", time.time())
+        for n in range(1, 10_000):
+            slug = base if n == 1 else f"{base}-{n}"
+            try:  # mkdir claims the slug atomically; then the finished project replaces it
+                (projects_dir() / slug).mkdir()
+            except FileExistsError:
+                continue
+            os.replace(made.root, projects_dir() / slug)
+            return Project(slug)
+    except OSError as exc:
+        raise InputError(f"The project '{name}' could not be created in {projects_dir()}: "
+                         f"{exc.strerror or exc}. Check that the folder is writable and has free space.") from exc
+    finally:
+        shutil.rmtree(projects_dir() / draft, ignore_errors=True)
+    raise InputError(f"Too many projects are named '{name}': choose another name.")
 
 
 def open_project(slug: str) -> Project:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from core.base.files import atomic_write_text
@@ -62,8 +62,11 @@ class PhotoFinder:
             path = resolve_local(ImageRef(0, 0, "", 0, ref, ref_kind(ref)), allowed_roots=self.roots)
         return path
 
-    def resolve(self, refs: Sequence[str]) -> dict[str, tuple[Path | None, str]]:
-        """Each reference's file, or None and the reason in words; links are downloaded here."""
+    def resolve(
+        self, refs: Sequence[str], should_cancel: Callable[[], bool] | None = None
+    ) -> dict[str, tuple[Path | None, str]]:
+        """Each reference's file, or None and the reason in words; links are downloaded here.
+        Once ``should_cancel()`` is true no more links are fetched (the answer is then partial)."""
         out: dict[str, tuple[Path | None, str]] = {}
         urls = [r for r in refs if _is_link(r)]
         for ref in refs:
@@ -71,7 +74,7 @@ class PhotoFinder:
                 path = self._local(ref)
                 out[ref] = (path, "" if path else f"no photo named {ref!r} was uploaded with the catalog")
         if urls:
-            for result in self.downloads.fetch_many(urls):
+            for result in self.downloads.fetch_many(urls, should_cancel=should_cancel):
                 out[result.url] = (result.path, "" if result.path else f"download failed: {result.error}")
         return out
 

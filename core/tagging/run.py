@@ -274,7 +274,10 @@ def run_tagging(
                 break
             rows = todo[start:start + options.chunk_rows]
             refs = {i: [p for c in options.image_columns for p in split_cell(cells[c][i])] for i in rows}
-            resolved = finder.resolve(sorted({r for rs in refs.values() for r in rs}))
+            resolved = finder.resolve(sorted({r for rs in refs.values() for r in rs}), should_cancel)
+            if should_cancel and should_cancel():  # links left unfetched: this chunk is redone on resume
+                summary.cancelled = True
+                break
             items = [(ref, path) for ref, (path, _) in resolved.items() if path is not None]
             answer = _predict(predictor, items)
             photos += len(items)
