@@ -67,7 +67,7 @@ def _project_picker(project: workspace.Project | None) -> None:
                     st.rerun()
                 except InputError as exc:
                     st.error(str(exc))
-            sure = st.checkbox(f"Yes, delete '{project.name}' and all its photos", key=f"sure-{project.slug}")
+            sure = st.checkbox(f"Yes, delete '{ui.plain(project.name)}' and all its photos", key=f"sure-{project.slug}")
             if st.button("Delete project", disabled=not sure, key="delete"):
                 workspace.delete_project(project.slug)
                 ui.set_current_project(None)

@@ -258,7 +258,7 @@ def test_empty_file(tmp_path):
         (b"<!DOCTYPE html>\n<html><head><title>IMG_01.jpg</title>", "not_an_image", ("web page",)),
         (b"sku,label\n1001,person\n1002,no_person\n", "not_an_image", ("text file",)),
         (b"PK\x03\x04" + bytes(60), "not_an_image", ("ZIP",)),
-        (b"\x00\x00\x00\x18ftypheic\x00\x00\x00\x00mif1heic", "unsupported_image", ("HEIC",)),
+        (b"\x00\x00\x00\x18ftypheic\x00\x00\x00\x00mif1heic", "corrupt_image", ("HEIC", "damaged")),
         (b"\x89PNG\r\n\x1a\n" + bytes(40), "corrupt_image", ("damaged",)),
     ],
 )
@@ -317,3 +317,48 @@ def test_looks_like_image_name():
     assert not images.looks_like_image_name("labels.csv")
     assert not images.looks_like_image_name("__MACOSX/shoes/._IMG_1.jpg")
     assert ".tiff" in images.IMAGE_EXTENSIONS and ".jfif" in images.IMAGE_EXTENSIONS
+
+
+# ----------------------------------------------------------------------- iPhone photos
+
+
+@pytest.fixture(scope="module")
+def heic(astronaut) -> bytes:
+    """A real HEIC (HEVC in HEIF, the iPhone's format) of the astronaut, made by pillow-heif's encoder."""
+    buf = io.BytesIO()
+    astronaut.save(buf, format="HEIF", quality=90)
+    assert buf.getvalue()[4:12] == b"ftypheic"
+    return buf.getvalue()
+
+
+def test_heic_photos_open_like_any_other(tmp_path, heic, astronaut):
+    path = tmp_path / "IMG_0042.HEIC"
+    path.write_bytes(heic)
+    assert images.looks_like_image_name(path.name) and ".heif" in images.IMAGE_EXTENSIONS
+    assert inspect_image(path) == ImageInfo(width=512, height=512, format="HEIF", mode="RGB")
+    img = load_for_model(path, size=224)
+    assert img.size == (512, 512) and img.mode == "RGB"
+    assert np.abs(np.asarray(img, dtype=float) - np.asarray(astronaut, dtype=float)).mean() < 4  # the same picture
+    assert make_thumbnail(heic, size=64)[:3] == b"\xff\xd8\xff"
+
+
+def test_a_cut_short_heic_is_reported_as_damaged(heic):
+    _expect_error(heic[: len(heic) // 2], "corrupt_image", "damaged")
+
+
+def test_a_heic_photo_joins_a_project(tmp_path, heic):
+    from core.projects import intake, workspace
+
+    project = workspace.create_project("iPhone photos")
+    intake.stage_upload(project, filename="IMG_0042.heic", data=heic)
+    intake.process_staged(project)
+    assert list(project.names()["name"]) == ["IMG_0042.heic"] and project.problems().empty
+
+
+def test_preview_draws_a_placeholder_for_what_cannot_be_shown(tmp_path, astronaut):
+    placeholder = images.placeholder(size=96)
+    assert Image.open(io.BytesIO(placeholder)).size == (96, 96)
+    for bad in (b"", b"\xff\xd8\xff\xe0" + bytes(300), tmp_path / "gone.jpg", _png_header(40000, 40000), None):
+        assert images.preview(bad, size=96) == placeholder
+    good = _save(astronaut, tmp_path / "a.jpg")
+    assert images.preview(good, size=96) == make_thumbnail(good, size=96) != placeholder

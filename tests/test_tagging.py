@@ -10,12 +10,14 @@ import sqlite3
 import subprocess
 import sys
 import time
+import zipfile
 from pathlib import Path
 
 import pytest
 from PIL import Image, ImageOps
 
 from core import cli, tagging
+from core.inputs import images
 from core.projects.state import ProjectState
 from tests.conftest import REPO
 
@@ -411,7 +413,7 @@ def test_tag_page_tags_an_excel_sep_catalog_and_its_reruns_do_not_read_the_file(
 
 
 def test_tag_page_review_queue_survives_a_photo_that_cannot_be_decoded(setup):
-    """broken.jpg fails to tag, so it waits for review: the queue shows it without a thumbnail."""
+    """broken.jpg fails to tag, so it waits for review: the queue shows it with the placeholder."""
     from core.learning import models
     from core.projects import workspace
 
@@ -426,7 +428,7 @@ def test_tag_page_review_queue_survives_a_photo_that_cannot_be_decoded(setup):
     assert any("Row 3" in m.value for m in at.markdown)  # the broken row waits for an answer
     thumbs = tagging.review_thumbnails(folder, [{"row": 0, "photos": ["person_0.jpg"]},
                                                 {"row": 1, "photos": ["broken.jpg"]}])
-    assert set(thumbs) == {0} and thumbs[0][:3] == b"\xff\xd8\xff"
+    assert thumbs[0][:3] == b"\xff\xd8\xff" and thumbs[1] == images.placeholder(size=220) != thumbs[0]
 
 
 # ------------------------------------------------------------------- runs never collide
@@ -502,3 +504,94 @@ def test_resume_goes_on_with_the_same_catalog_under_another_name(setup, tmp_path
     copy = tmp_path / "catalog (copy).csv"
     copy.write_bytes(catalog.read_bytes())
     assert cli.main([*args, "--catalog", str(copy), "--resume"]) == 0
+
+
+# ------------------------------------------------------------- no cell runs as a formula
+
+
+def _text_cells_xlsx(rows: list[list[str]]) -> bytes:
+    """A workbook whose cells are text cells, even those starting with "=" (as Excel keeps '=1+1 typed as text)."""
+    import openpyxl
+
+    book = openpyxl.Workbook()
+    sheet = book.active
+    for r, values in enumerate(rows, start=1):
+        for c, value in enumerate(values, start=1):
+            cell = sheet.cell(r, c, value)
+            cell.data_type = "s"
+    buf = io.BytesIO()
+    book.save(buf)
+    return buf.getvalue()
+
+
+HOSTILE_CATALOG = [
+    ["sku", "=title()", "image", "note"],
+    ["A1", "=1+1", "person_0.jpg", '=HYPERLINK("http://evil.example/x","Click me")'],
+    ["A2", "@SUM(A1:A2)", "=1+2.jpg", "-2"],
+    ["A3", "+cmd|' /C calc'!A0", "no_person_1.jpg", "\tx"],
+]
+
+
+def test_formula_cells_come_back_as_text_in_every_output(setup, tmp_path):
+    """Catalog cells, a file name and an answer starting with = + - @ or tab never run as formulas."""
+    import openpyxl
+    import pandas as pd
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for name in ("person_0.jpg", "no_person_1.jpg"):
+        (photos / name).write_bytes((setup["photos"] / name).read_bytes())
+    (photos / "=1+2.jpg").write_bytes(b"\xff\xd8\xff\xe0 cut short")  # its tag_error starts with its name
+    catalog = tmp_path / "hostile.xlsx"
+    catalog.write_bytes(_text_cells_xlsx(HOSTILE_CATALOG))
+    args = ["tag", "--model", str(setup["bundle"]), "--catalog", str(catalog), "--images", str(photos),
+            "--image-column", "image"]
+    for suffix in ("xlsx", "csv", "parquet"):
+        assert cli.main([*args, "--out", str(tmp_path / f"tagged.{suffix}")]) == 0
+
+    book = openpyxl.load_workbook(tmp_path / "tagged.xlsx")
+    sheet = book.active
+    for r, values in enumerate(HOSTILE_CATALOG, start=1):
+        cells = [sheet.cell(r, c) for c in range(1, 5)]
+        assert [c.value for c in cells] == values  # exactly as written
+        assert {c.data_type for c in cells} == {"s"}  # text, never a formula
+    error = [c for c in sheet[3] if isinstance(c.value, str) and c.value.startswith("=1+2.jpg:")]
+    assert error and error[0].data_type == "s"
+    with zipfile.ZipFile(tmp_path / "tagged.xlsx") as z:
+        assert "<f>" not in z.read("xl/worksheets/sheet1.xml").decode()
+
+    rows = list(csv.reader(io.StringIO((tmp_path / "tagged.csv").read_text(encoding="utf-8-sig"), newline="")))
+    assert rows[0][:4] == ["sku", "'=title()", "image", "note"]
+    assert rows[1][1] == "'=1+1" and rows[1][3] == "'" + HOSTILE_CATALOG[1][3]
+    assert rows[2][1] == "'@SUM(A1:A2)" and rows[2][2] == "'=1+2.jpg" and rows[2][3] == "-2"  # a number stays
+    assert rows[3][1] == "'+cmd|' /C calc'!A0" and rows[3][3] == "'\tx"
+    assert rows[2][7].startswith("'=1+2.jpg:")  # tag_error, written by the app
+    assert all(not cell.startswith(("=", "+", "@", "\t", "\r")) for row in rows for cell in row)
+
+    back = pd.read_parquet(tmp_path / "tagged.parquet")  # typed data: values as they are
+    assert back.iloc[:, :4].values.tolist() == HOSTILE_CATALOG[1:]
+    assert back["predicted_label"].iloc[0] in {"person", "no_person"}
+
+    folder = tmp_path / "tagged.csv.run"  # an answer (a class name from a label sheet) goes through the same helper
+    tagging.write_output(folder, tmp_path / "answered.csv", overrides={0: "@SUM(1+1)"})
+    answered = list(csv.reader(io.StringIO((tmp_path / "answered.csv").read_text(encoding="utf-8-sig"), newline="")))
+    assert answered[1][4] == "'@SUM(1+1)"
+
+
+def test_tag_and_data_pages_take_the_same_sheet_types_and_say_what_to_do_with_an_old_xls(setup):
+    """One list (core.inputs.sheets.SHEET_TYPES) for both uploaders: an .xls gets in and is answered in words."""
+    from core.inputs import sheets
+    from core.learning import models
+    from core.projects import workspace
+
+    project = workspace.create_project("Old Excel")
+    models.import_bundle(project, setup["bundle"])
+    at = _tag_page(project)
+    assert list(at.file_uploader[0].proto.type) == [f".{t}" for t in sheets.SHEET_TYPES]
+    data_page = _tag_page(project)
+    data_page.switch_page("app_pages/steps/data.py").run()
+    assert list(data_page.file_uploader[1].proto.type) == [f".{t}" for t in sheets.SHEET_TYPES]
+    old = b"\xd0\xcf\x11\xe0\xa1\xb1\x1a\xe1" + bytes(600)  # the header of an Excel 97-2003 workbook
+    at.file_uploader[0].set_value([("catalog.xls", old, "application/vnd.ms-excel")]).run()
+    assert not at.exception, at.exception
+    assert "old-style Excel file" in at.error[0].value and "xlsx" in at.error[0].value

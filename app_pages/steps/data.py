@@ -5,11 +5,10 @@ import streamlit as st
 from app_pages import ui
 from core import tasks
 from core.base.problems import InputError
-from core.inputs import labels
+from core.inputs import images, labels, sheets
 from core.projects import intake
 
-PHOTO_TYPES = ["jpg", "jpeg", "jfif", "png", "webp", "gif", "bmp", "tif", "tiff", "zip"]
-SHEET_TYPES = ["csv", "tsv", "txt", "xlsx", "xlsm", "xls"]
+PHOTO_TYPES = [*sorted(e.lstrip(".") for e in images.IMAGE_EXTENSIONS), "zip"]
 
 st.title("1 · Data")
 st.caption("Add your product photos and the label sheet you already have. Everything is saved as you go.")
@@ -20,7 +19,7 @@ with left:
     st.subheader("Photos")
     files = st.file_uploader(
         "Photos, or a zip of folders of photos", type=PHOTO_TYPES, accept_multiple_files=True,
-        key=ui.upload_key("photos"), help="JPEG, PNG, WebP, GIF, BMP, TIFF, or a .zip. Re-uploading a photo adds nothing.",
+        key=ui.upload_key("photos"), help="JPEG, PNG, HEIC (iPhone), WebP, GIF, BMP, TIFF, or a .zip. Re-uploading a photo adds nothing.",
     )
     if files:
         for f in files:
@@ -31,7 +30,7 @@ with left:
 with right:
     st.subheader("Label sheet")
     sheet_file = st.file_uploader(
-        "CSV, TSV or Excel: one row per photo, with its file name and its label", type=SHEET_TYPES,
+        "CSV, TSV or Excel: one row per photo, with its file name and its label", type=sheets.SHEET_TYPES,
         key=ui.upload_key("sheet"),
     )
     if sheet_file is not None:
@@ -40,11 +39,11 @@ with right:
             ui.reset_upload("sheet")
             st.rerun()
         except InputError as exc:
-            st.error(f"{sheet_file.name}: {exc}")
+            st.error(f"{ui.plain(sheet_file.name)}: {ui.plain(exc)}")
     state = intake.sheet_state(project)
     if state:
-        st.caption(f"Using **{state.filename}**: photo names from column **{state.image_column or '?'}**, "
-                   f"labels from column **{state.label_column or '?'}**.")
+        st.caption(f"Using **{ui.plain(state.filename)}**: photo names from column "
+                   f"**{ui.plain(state.image_column or '?')}**, labels from column **{ui.plain(state.label_column or '?')}**.")
         with st.expander("Change the columns", expanded=not (state.image_column and state.label_column)):
             cols = list(state.columns)
             image_col = st.selectbox("Column with the photo file names", cols,
@@ -85,29 +84,29 @@ if summary["duplicate_files"]:
 names = project.class_names()
 classes = list(summary["classes"])
 if classes:
-    st.write("**Photos per class:** " + " · ".join(f"{names.get(k, k)}: {v}" for k, v in summary["classes"].items()))
+    st.write("**Photos per class:** " + " · ".join(f"{ui.plain(names.get(k, k))}: {v}" for k, v in summary["classes"].items()))
     coded = labels.labels_look_coded(classes)
     with st.expander("Name the classes", expanded=coded and not names):
         st.caption("Your labels are short codes. Give each a name people will understand, e.g. 1 → “Person in photo”.")
         with st.form("class_names", border=False):
-            new = {k: st.text_input(f"Label “{k}”", value=names.get(k, "")) for k in classes}
+            new = {k: st.text_input(f"Label “{ui.plain(k)}”", value=names.get(k, "")) for k in classes}
             if st.form_submit_button("Save names"):
                 project.set_class_names(new)
                 st.rerun()
 
 blockers = [p for p in intake.refresh_blockers(project) if p.severity == "error"]
 for p in blockers:
-    st.warning(p.message)
+    st.warning(ui.plain(p.message))
 
 tab_photos, tab_fix, tab_problems = st.tabs(["Photos by class", "Fix labels", f"Problems ({summary['errors'] + summary['warnings']})"])
 table = intake.review_table(project)
 with tab_photos:
     groups = [*classes, ""] if (table["label"] == "").any() else classes
     if groups:
-        group = st.radio("Show", groups, horizontal=True, format_func=lambda k: names.get(k, k) if k else "Without a label")
+        group = st.radio("Show", groups, horizontal=True, format_func=lambda k: ui.plain(names.get(k, k)) if k else "Without a label")
         subset = table[(table["label"] == group)]
         shown = ui.paged(list(subset.itertuples()), key=f"page-{group}")
-        ui.thumb_grid(project, [r.sha for r in shown], [r.name for r in shown])
+        ui.thumb_grid(project, [r.sha for r in shown], [ui.plain(r.name) for r in shown])
 with tab_fix:
     st.caption("Change a label or tick “Leave out” for photos that should not be used, then press Save. "
                "Your fixes are kept even if you upload a new sheet.")

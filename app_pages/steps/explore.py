@@ -34,14 +34,14 @@ elif colour_by == "Model's answer":
     colour = points["predicted"].map(lambda v: names.get(v, v) if v else "not scored")
 else:
     colour = (points["predicted"] == points["label"]).map({True: "model agrees", False: "model disagrees"})
-hover = [f"{n}<br>label: {lbl}" for n, lbl in zip(points["name"], label_of)]
+hover = [f"{charts.escape(n)}<br>label: {charts.escape(lbl)}" for n, lbl in zip(points["name"], label_of)]
 event = st.plotly_chart(charts.map_figure(points[["x", "y"]].to_numpy(), list(colour), hover), width="stretch",
                         on_select="rerun", selection_mode=("points", "lasso", "box"), key="feature_map")
 chosen = sorted({p["customdata"] for p in (event.selection.points if event else []) if "customdata" in p})
 if chosen:
     st.write(f"**{len(chosen)} selected photos**")
     sel = points.iloc[chosen[:48]]
-    ui.thumb_grid(project, list(sel["sha"]), [f"{n} · {names.get(lbl, lbl)}" for n, lbl in zip(sel["name"], sel["label"])])
+    ui.thumb_grid(project, list(sel["sha"]), [f"{ui.plain(n)} · {ui.plain(names.get(lbl, lbl))}" for n, lbl in zip(sel["name"], sel["label"])])
 else:
     st.caption("Click a point, or draw a lasso around a group, to see the photos.")
 
@@ -54,11 +54,11 @@ if issues.empty:
 for row in issues.head(12).itertuples():
     img, text, act = st.columns([1, 3, 2])
     img.image(project.thumbnail(row.id), width=120)
-    text.markdown(f"**{row.name}** is labelled **{names.get(row.given_label, row.given_label)}**; the model says "
-                  f"**{names.get(row.suggested_label, row.suggested_label)}** ({100 * row.suggested_confidence:.0f} % sure).")
-    if act.button(f"Change to {names.get(row.suggested_label, row.suggested_label)}", key=f"fix-{row.id}"):
+    text.markdown(f"**{ui.plain(row.name)}** is labelled **{ui.plain(names.get(row.given_label, row.given_label))}**; "
+                  f"the model says **{ui.plain(names.get(row.suggested_label, row.suggested_label))}** ({100 * row.suggested_confidence:.0f} % sure).")
+    if act.button(f"Change to {ui.plain(names.get(row.suggested_label, row.suggested_label))}", key=f"fix-{row.id}"):
         project.set_override(row.id, label=row.suggested_label)
-        st.toast(f"{row.name} relabelled. Train again to use the fix.")
+        st.toast(f"{ui.plain(row.name)} relabelled. Train again to use the fix.")
         st.rerun()
     if act.button("Leave it out of training", key=f"drop-{row.id}"):
         project.set_override(row.id, excluded=True)

@@ -21,7 +21,7 @@ if project is None:
     st.info("Start by creating a project in the sidebar: **New project** ▸ give it a name ▸ **Create project**.")
     st.stop()
 
-st.subheader(f"Project: {project.name}")
+st.subheader(f"Project: {ui.plain(project.name)}")
 cols = st.columns(3)
 cols[0].metric("Photos", progress.photos)
 cols[1].metric("Labelled for training", progress.labelled)

@@ -36,10 +36,10 @@ with st.expander("Change the wording or the catalog column"):
 
 unnamed = [c for c in built.classes if len(c) <= 2 or c.isdigit()]
 if unnamed:
-    st.warning(f"Your classes are still called {', '.join(f'“{c}”' for c in unnamed)}. Give them names a manager "
+    st.warning(f"Your classes are still called {', '.join(f'“{ui.plain(c)}”' for c in unnamed)}. Give them names a manager "
                "understands (e.g. 1 → “Person in photo”) on the **1 · Data** step, under *Name the classes*.")
-st.info(f"**The question:** {built.question}")
-st.markdown("\n".join(f"- {line}" for line in built.in_short))
+st.info(f"**The question:** {ui.plain(built.question)}")
+st.markdown("\n".join(f"- {ui.plain(line)}" for line in built.in_short))
 st.download_button(
     "Download the report (HTML)", report_html.to_html(built), file_name=f"{project.slug}-report.html", mime="text/html",
     type="primary", icon=":material/download:", on_click=lambda: report.mark_downloaded(project))
@@ -51,14 +51,14 @@ st.write(f"{sum(built.classes.values()):,} photos labelled by hand. {built.held_
          "training to check the models.")
 st.plotly_chart(charts.share_figure(built.classes, horizontal=True), width="stretch", key="report-classes")
 for name, photos in built.examples.items():
-    st.markdown(f"**Examples: {name}**")
+    st.markdown(f"**Examples: {ui.plain(name)}**")
     if photos:
-        st.image([p.jpeg for p in photos], caption=[p.caption for p in photos], width=150)
+        st.image([p.jpeg for p in photos], caption=[ui.plain(p.caption) for p in photos], width=150)
 
 st.header("How well it works")
 ui.explain("precision", "recall")
 if built.verdict:
-    st.success(f"**Quick model or fine-tuned network?** {built.verdict}")
+    st.success(f"**Quick model or fine-tuned network?** {ui.plain(built.verdict)}")
 for col, method in zip(st.columns(len(built.methods)), built.methods):
     with col:
         st.subheader(method.title)
@@ -69,14 +69,14 @@ for col, method in zip(st.columns(len(built.methods)), built.methods):
                   help="Balanced accuracy on photos the model never saw while learning.")
         st.caption(f"{range_text(acc['low'], acc['high'])} on {method.n_test} held-out photos · "
                    f"trained {method.trained_on}")
-        st.write(method.detail)
+        st.write(ui.plain(method.detail))
         table = method.per_class.rename(columns=report.PER_CLASS_COLUMNS)
         st.dataframe(table.style.format({c: "{:.0%}" for c in table.columns[:2]}), width="stretch")
         st.plotly_chart(charts.confusion_figure(method.confusion, method.classes), width="stretch",
                         key=f"report-cm-{method.kind}")
 st.markdown(f"**Examples of mistakes ({len(built.mistakes)})**")
 if built.mistakes:
-    st.image([p.jpeg for p in built.mistakes], caption=[p.caption for p in built.mistakes], width=150)
+    st.image([p.jpeg for p in built.mistakes], caption=[ui.plain(p.caption) for p in built.mistakes], width=150)
 else:
     st.caption("It made no mistake on the held-out photos.")
 
@@ -85,18 +85,18 @@ cat = built.catalog
 if cat is None:
     st.info("No catalog has been tagged yet. Tag one on the **5 · Tag catalog** step and it appears here.")
 else:
-    st.write(cat.summary)
+    st.write(ui.plain(cat.summary))
     st.plotly_chart(charts.share_figure(cat.counts, horizontal=True), width="stretch", key="report-catalog")
     if cat.by_category is not None and not cat.by_category.empty:
-        st.markdown(f"**By {cat.category_column}**")
+        st.markdown(f"**By {ui.plain(cat.category_column)}**")
         st.plotly_chart(charts.grouped_share_figure(cat.by_category), width="stretch", key="report-category")
     for name, photos in cat.examples.items():
         if photos:
-            st.markdown(f"**Tagged “{name}”**")
-            st.image([p.jpeg for p in photos], caption=[p.caption for p in photos], width=150)
+            st.markdown(f"**Tagged “{ui.plain(name)}”**")
+            st.image([p.jpeg for p in photos], caption=[ui.plain(p.caption) for p in photos], width=150)
 
 st.header("What was not checked")
-st.markdown("\n".join(f"- {line}" for line in built.limits))
+st.markdown("\n".join(f"- {ui.plain(line)}" for line in built.limits))
 
 st.divider()
 if ui.page("home"):

@@ -1,7 +1,6 @@
 """Step 5: tag a whole catalog export, review the doubtful rows, download the sheet."""
 
 import json
-import tempfile
 from pathlib import Path
 
 import streamlit as st
@@ -35,10 +34,10 @@ if model is None:
                  needs="train a model on the Train & compare step.", on="train")
     st.stop()
 names = project.class_names()
-st.caption(f"Model: **{model['name'] or model['id']}** (change it on the Train & compare step).")
+st.caption(f"Model: **{ui.plain(model['name'] or model['id'])}** (change it on the Train & compare step).")
 
 with st.expander("New tagging run", expanded=not state.tagging_run):
-    catalog = st.file_uploader("Catalog export (CSV, TSV or Excel)", type=["csv", "tsv", "txt", "xlsx", "xlsm"],
+    catalog = st.file_uploader("Catalog export (CSV, TSV or Excel)", type=sheets.SHEET_TYPES,
                                key=ui.upload_key("catalog"))
     photos = st.file_uploader("Its photos as a zip (not needed for photo links or photos already in the project)",
                               type=["zip"], key=ui.upload_key("catalog_zip"))
@@ -46,7 +45,7 @@ with st.expander("New tagging run", expanded=not state.tagging_run):
         try:
             head, columns, guessed = _preview(catalog.getvalue(), catalog.name)
         except InputError as exc:
-            st.error(f"{catalog.name}: {exc}")
+            st.error(f"{ui.plain(catalog.name)}: {ui.plain(exc)}")
             st.stop()
         st.dataframe(head, hide_index=True, width="stretch")
         image_columns = st.multiselect("Columns with the photos (file names, paths or links)", columns,
@@ -65,7 +64,7 @@ with st.expander("New tagging run", expanded=not state.tagging_run):
                     options=tagging.TagOptions(image_columns=image_columns, rule=rule, review_below=review),
                     threshold=model["threshold"] if model["positive"] else None)
             except InputError as exc:
-                st.error(f"Tagging could not start: {exc}")
+                st.error(f"Tagging could not start: {ui.plain(exc)}")
                 st.stop()
             tasks.submit(project, "tag", {"run": run_id})
             ui.reset_upload("catalog")
@@ -95,7 +94,7 @@ if results.empty:
 fixed = tagging.overrides(folder)
 final = tagging.final_labels(results, fixed)
 order = runs.class_order(project)
-st.subheader(f"{run['catalog_name']}: {len(results)} of {run['rows']} rows done")
+st.subheader(f"{ui.plain(run['catalog_name'])}: {len(results)} of {run['rows']} rows done")
 if stale := tagging.out_of_date(run, model):
     st.info(f"These rows were tagged {stale} than the one chosen now. Start a new tagging run (above) with the "
             "same catalog to apply it.", icon=":material/update:")
@@ -122,11 +121,10 @@ classes = sorted(set(results["predicted_label"]) - {""}) or list(names)
 thumbs = _thumbnails(project.slug, str(folder), tuple((r["row"], tuple(r["photos"])) for r in queue[:12]))
 for item in queue[:12]:
     pic, text, act = st.columns([1, 3, 2])
-    if item["row"] in thumbs:
-        pic.image(thumbs[item["row"]], width=110)
+    pic.image(thumbs[item["row"]], width=110)  # the placeholder when the photo cannot be shown
     said = names.get(item["predicted_label"], item["predicted_label"]) or "no tag"
     sure = f" ({100 * item['confidence']:.0f} % sure)" if item["confidence"] == item["confidence"] and item["confidence"] else ""
-    text.markdown(f"Row {item['sheet_row']}: **{said}**{sure}  \n{item['tag_error'] or ''}")
+    text.markdown(f"Row {item['sheet_row']}: **{ui.plain(said)}**{sure}  \n{ui.plain(item['tag_error'] or '')}")
     answer = act.selectbox("Answer", ["—", *classes], key=f"rev-{item['row']}", format_func=lambda c: names.get(c, c),
                            label_visibility="collapsed")
     if answer != "—":
@@ -140,24 +138,24 @@ if fixed:
         st.toast(f"Added {tagging.add_reviews_to_training(project, folder)} photos to the training labels.")
 
 @st.cache_data(max_entries=4, show_spinner="Preparing the download…")
-def _downloads(folder_str: str, version: tuple, fixed_json: str) -> tuple[str, bytes, str, bytes]:
-    """Both output files, rebuilt only when the results or the answers change."""
-    folder_path, fixed_rows = Path(folder_str), {int(k): v for k, v in json.loads(fixed_json).items()}
-    meta = tagging.load_run(folder_path)
-    stem = Path(meta["catalog_name"]).stem + "-tagged"
-    suffix = Path(meta["catalog"]).suffix if Path(meta["catalog"]).suffix in (".csv", ".tsv", ".txt") else ".csv"
-    with tempfile.TemporaryDirectory() as tmp:
-        csv_path = tagging.write_output(folder_path, Path(tmp) / f"{stem}{suffix}", fmt="csv", overrides=fixed_rows)
-        xlsx_path = tagging.write_output(folder_path, Path(tmp) / f"{stem}.xlsx", fmt="xlsx", overrides=fixed_rows)
-        return csv_path.name, csv_path.read_bytes(), xlsx_path.name, xlsx_path.read_bytes()
+def _downloads(folder_str: str, version: tuple, fixed_json: str) -> list:
+    """The output files, rebuilt only when the results or the answers change."""
+    fixed_rows = {int(k): v for k, v in json.loads(fixed_json).items()}
+    return tagging.downloads(Path(folder_str), overrides=fixed_rows)
 
 
 # Results only ever grow, so their count (with the answers) says when the files must be rebuilt.
-csv_name, csv_bytes, xlsx_name, xlsx_bytes = _downloads(
-    str(folder), (len(results),), json.dumps({str(k): v for k, v in fixed.items()}))
-left, right = st.columns(2)
-left.download_button("Download as CSV", csv_bytes, file_name=csv_name, mime="text/csv", type="primary")
-right.download_button("Download as Excel", xlsx_bytes, file_name=xlsx_name,
-                      mime="application/vnd.openxmlformats-officedocument.spreadsheetml.sheet")
+files = _downloads(str(folder), (len(results),), json.dumps({str(k): v for k, v in fixed.items()}))
+LABELS = {"csv": ("Download as CSV", "text/csv"),
+          "xlsx": ("Download as Excel", "application/vnd.openxmlformats-officedocument.spreadsheetml.sheet"),
+          "parquet": ("Download as Parquet", "application/vnd.apache.parquet")}
+for col, file in zip(st.columns(len(files)), files):
+    label, mime = LABELS[file.fmt]
+    if file.data is None:
+        col.info(file.refused, icon=":material/table_rows:")
+    else:
+        col.download_button(label, file.data, file_name=file.file_name, mime=mime, key=f"download-{file.fmt}",
+                            type="primary" if file.fmt == "csv" else "secondary")
+st.caption("CSV and Excel open in any spreadsheet program; Parquet is for data tools (Power BI, Python, R).")
 
 ui.next_step("tag", ready=len(results) == run["rows"], hint="it opens once the catalog is tagged.")

@@ -52,10 +52,10 @@ if not latest:
 
 changed = runs.labels_changed(project, latest.get("frozen") or next(iter(latest.values())))
 if changed:
-    st.warning(changed, icon=":material/update:")
+    st.warning(ui.plain(changed), icon=":material/update:")
 comparison = training.compare(project, names=("Quick model", "Fine-tuned network"))
 if comparison is not None:
-    (st.success if comparison.better else st.info)(f"**Verdict:** {comparison.verdict}")
+    (st.success if comparison.better else st.info)(f"**Verdict:** {ui.plain(comparison.verdict)}")
 
 cols = st.columns(len(latest))
 for col, kind in zip(cols, [k for k in ("frozen", "finetuned") if k in latest]):

@@ -5,6 +5,7 @@ Only drawing and session plumbing lives here; the work is in ``core``.
 
 from __future__ import annotations
 
+import re
 import time
 
 import streamlit as st
@@ -39,6 +40,22 @@ GLOSSARY = {
 
 _PROJECT_KEY = "project_slug"
 _PAGES_KEY = "_pages"
+_MARKDOWN_SIGNS = re.compile(r"([\\`*_\[\]<>#|~$&:])")  # links, images, HTML, emphasis, code, tables, math, :icons:
+_BLOCK_START = re.compile(r"^(\d+)([.)])|^([-+=])")  # a list or heading underline when the text starts a block
+_AUTOLINK = re.compile(r"(?i)(https?|ftp|mailto|www)(?=\\?[:.])|(?=@)")  # where a bare address or email begins
+_WORD_JOINER = "\u2060"  # invisible: breaks the address so no link is made, the text reads the same
+
+
+def plain(value: object) -> str:
+    """User text (class, project, file, column and catalog values, and core's sentences quoting
+    them) to put inside a page's markdown so it shows as the very same text, with nothing live:
+    the signs of links, images, HTML, emphasis, code, tables, math and ``:icons:`` are
+    backslash-escaped (CommonMark's own way), and an invisible word joiner splits bare
+    addresses and e-mails, which the page's renderer would otherwise turn into links even
+    when escaped. Line breaks become spaces."""
+    text = _MARKDOWN_SIGNS.sub(r"\\\1", " ".join(str(value).split()))
+    text = _BLOCK_START.sub(lambda m: f"{m[1]}\\{m[2]}" if m[1] else f"\\{m[3]}", text)
+    return _AUTOLINK.sub(lambda m: (m[1] or "") + _WORD_JOINER, text)
 
 
 def register_pages(pages: dict) -> None:
@@ -146,7 +163,7 @@ def job_panel(project: workspace.Project, kind: str, *, noun: str = "photos", wh
     if job.active:
         _live_panel(project, job.id, noun)
     elif job.status == "failed":
-        st.error(f"The last run failed: {job.error}")
+        st.error(f"The last run failed: {plain(job.error)}")
     elif job.status == "interrupted":
         st.warning(f"The last run was interrupted ({job.done} of {job.total} {noun} done). Start it again to resume.")
     elif job.status == "cancelled":
@@ -175,10 +192,7 @@ def thumb_grid(project: workspace.Project, shas: list[str], captions: list[str],
     for start in range(0, len(shas), per_row):
         cols = st.columns(per_row)
         for col, sha, caption in zip(cols, shas[start:start + per_row], captions[start:start + per_row]):
-            try:
-                col.image(project.thumbnail(sha), caption=caption, width="stretch")
-            except Exception:  # a missing preview must never break the page
-                col.caption(f"(no preview) {caption}")
+            col.image(project.thumbnail(sha), caption=caption, width="stretch")  # a placeholder if broken
 
 
 def paged(items: list, *, key: str, per_page: int = 24) -> list:

@@ -8,9 +8,10 @@ from pathlib import Path
 import pandas as pd
 import streamlit as st
 
-from app_pages.ui import thumb_grid
+from app_pages.ui import plain, thumb_grid
 from core.base.durations import duration_text
 from core.base.problems import InputError
+from core.inputs import images
 from core.learning import finetune_config, models, predictor, runs, training
 from core.learning.evaluation import range_text
 from core.present import charts
@@ -27,9 +28,9 @@ def run_panel(project: Project, run: runs.RunRecord, names: dict[str, str]) -> N
     acc = report["balanced_accuracy"]
     st.metric("Balanced accuracy on held-out photos", f"{100 * acc['value']:.1f} %",
               help="The average of the share found in each class, so a rare class counts as much as a common one.")
-    st.caption(f"{range_text(acc['low'], acc['high'])} on {report['n']} photos. {run.headline}")
+    st.caption(f"{range_text(acc['low'], acc['high'])} on {report['n']} photos. {plain(run.headline)}")
     for warning in report.get("warnings", []):
-        st.warning(warning)
+        st.warning(plain(warning))
     rep = report["report"]
     table = pd.DataFrame(rep["data"], index=rep["index"], columns=rep["columns"]).rename(
         index={**names, "macro avg": "Average (classes equal)", "weighted avg": "Average (by photos)"},
@@ -43,7 +44,7 @@ def run_panel(project: Project, run: runs.RunRecord, names: dict[str, str]) -> N
     wrong = runs.test_predictions(project, run)
     wrong = wrong[wrong["label"] != wrong["predicted"]]
     with st.expander(f"Photos it got wrong ({len(wrong)})", expanded=0 < len(wrong) <= 8):
-        captions = [f"{r.name}: {names.get(r.label, r.label)} → {names.get(r.predicted, r.predicted)} "
+        captions = [f"{plain(r.name)}: {plain(names.get(r.label, r.label))} → {plain(names.get(r.predicted, r.predicted))} "
                     f"({100 * r.confidence:.0f} %)" for r in wrong.itertuples()]
         thumb_grid(project, list(wrong["sha"]), captions, per_row=4)
     st.download_button("Download this model", models.export_bundle(project, run.id),
@@ -53,7 +54,7 @@ def run_panel(project: Project, run: runs.RunRecord, names: dict[str, str]) -> N
 
 
 def _threshold(project: Project, run: runs.RunRecord, names: dict[str, str]) -> None:
-    pos = names.get(run.positive, run.positive)
+    pos = plain(names.get(run.positive, run.positive))
     with st.expander("How sure must the model be to tag a photo?"):
         current = models.threshold(project, run.id) or 0.5
         shown = min(95, max(5, round(100 * current)))
@@ -81,7 +82,7 @@ def _threshold(project: Project, run: runs.RunRecord, names: dict[str, str]) -> 
 def try_a_photo(project: Project, models: list[dict]) -> None:
     """Drop any photo and see each model's answer."""
     with st.expander("Try a photo"):
-        upload = st.file_uploader("Any photo", type=["jpg", "jpeg", "png", "webp", "gif", "bmp", "tif", "tiff"],
+        upload = st.file_uploader("Any photo", type=sorted(e.lstrip(".") for e in images.IMAGE_EXTENSIONS),
                                   key="try_photo")
         if upload is None:
             return
@@ -90,17 +91,17 @@ def try_a_photo(project: Project, models: list[dict]) -> None:
             path = Path(tmp) / Path(upload.name).name
             path.write_bytes(upload.getvalue())
             left, right = st.columns([1, 2])
-            left.image(upload.getvalue(), width=220)
+            left.image(images.preview(upload.getvalue(), size=440), width=220)  # never the raw upload
             for model in models[:3]:
                 with st.spinner(f"Asking {TITLES.get(model['kind'], model['kind'])}…"):
                     row = predictor.predict_images(model["path"], [(upload.name, path)],
                                                    threshold=model["threshold"] if model["positive"] else None).iloc[0]
                 title = TITLES.get(model["kind"], model["kind"])
                 if row["error"]:
-                    right.error(f"{upload.name}: {row['error']}")
+                    right.error(f"{plain(upload.name)}: {plain(row['error'])}")
                     return
                 label = names.get(row["predicted_label"], row["predicted_label"])
-                right.markdown(f"**{title}:** {label} — {100 * row['confidence']:.0f} % sure")
+                right.markdown(f"**{title}:** {plain(label)} — {100 * row['confidence']:.0f} % sure")
 
 
 def import_model(project: Project) -> None:
@@ -116,7 +117,7 @@ def import_model(project: Project) -> None:
             try:
                 model_id = models.import_bundle(project, path)
             except (InputError, ValueError) as exc:
-                st.error(f"{upload.name}: {exc}")
+                st.error(f"{plain(upload.name)}: {plain(exc)}")
             else:
                 st.success(f"Imported model {model_id}. Choose it above to tag with it.")
 

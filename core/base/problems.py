@@ -33,5 +33,16 @@ class Problem:
         return asdict(self)
 
 
+def where(file: object = None, row: object = None) -> str:
+    """A problem's place in words ("row 7 photo.jpg"), for lists read back from storage where a
+    blank file or row comes as None, NaN or ""; "" when neither is known."""
+    parts = []
+    if isinstance(row, (int, float)) and row == row:  # NaN != NaN
+        parts.append(f"row {int(row)}")
+    if isinstance(file, str) and file.strip():
+        parts.append(file)
+    return " ".join(parts)
+
+
 class InputError(ValueError):
     """User input that cannot be used at all; ``str()`` is a plain sentence for the UI."""

@@ -25,8 +25,12 @@ import sys
 
 from core.base.problems import InputError
 from core.cli import model_commands, project_commands
+from core.inputs.sheets import SHEET_TYPES
 
 __all__ = ["build_parser", "main"]
+
+
+SHEETS = "a sheet: " + ", ".join(f".{t}" for t in SHEET_TYPES)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -50,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("intake", help="add photos (files, folders, zips) and a label sheet")
     p.add_argument("--images", nargs="+", required=True, help="photo files, folders or zip archives")
-    p.add_argument("--labels", help="label sheet (CSV, TSV, Excel)")
+    p.add_argument("--labels", help=f"label sheet ({SHEETS})")
     p.add_argument("--project", help="project name or id (created if new; default: named after the first --images)")
     p.add_argument("--file-column", "--image-column", dest="file_column", help="sheet column with the photo file names")
     p.add_argument("--label-column", help="sheet column with the labels")
@@ -74,7 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="train a model from a folder of photos and a label sheet")
     p.add_argument("--images", required=True, help="folder of photos (subfolders included)")
-    p.add_argument("--labels", required=True, help="label sheet (CSV, TSV, Excel)")
+    p.add_argument("--labels", required=True, help=f"label sheet ({SHEETS})")
     p.add_argument("--file-column", help="sheet column with the photo file names (default: guessed)")
     p.add_argument("--label-column", help="sheet column with the labels (default: guessed)")
     p.add_argument("--backbone", help="backbone id (default: the recommended one)")
@@ -108,10 +112,10 @@ def build_parser() -> argparse.ArgumentParser:
     which.add_argument("--project", help="a project: tag with the model and the confidence setting chosen there")
     p.add_argument("--threshold", type=float, help="confidence needed to give the tag, 0-1 (default: the model's, "
                    "or the project's choice)")
-    p.add_argument("--catalog", required=True, help="catalog export (CSV, TSV, Excel)")
+    p.add_argument("--catalog", required=True, help=f"catalog export ({SHEETS})")
     p.add_argument("--image-column", action="append", help="column with the photos (repeat for several)")
     p.add_argument("--images", help="folder or zip with the photos the catalog names")
-    p.add_argument("--out", required=True, help="output file (.csv or .xlsx)")
+    p.add_argument("--out", required=True, help="output file (.csv, .xlsx or .parquet)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run with the same --out")
     p.add_argument("--rule", default="any", choices=["any", "all", "first", "majority"],
                    help="how several photos of one row combine (default: any photo shows it)")
@@ -130,7 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="build a finished project (every step done) for presentations")
     p.add_argument("--images", required=True, help="folder of labelled photos")
-    p.add_argument("--labels", required=True, help="label sheet (CSV, TSV, Excel)")
+    p.add_argument("--labels", required=True, help=f"label sheet ({SHEETS})")
     p.add_argument("--project", default="Demo", help="project name (default: Demo)")
     p.add_argument("--replace", action="store_true", help="replace a project of the same name")
     p.add_argument("--class-name", action="append", metavar="LABEL=NAME", help="a readable name for a label")

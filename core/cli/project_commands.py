@@ -10,7 +10,7 @@ import tempfile
 from pathlib import Path
 
 from core import bench, demo, tasks
-from core.base.problems import InputError
+from core.base.problems import InputError, where
 from core.cli.common import find_project, print_result, progress_printer
 from core.inputs import labels
 from core.present import report_html
@@ -75,8 +75,7 @@ def cmd_intake(args: argparse.Namespace) -> int:
         "unlabeled_images": summary["unlabelled"],
         "missing_images": int((problems["kind"] == "missing_photo").sum()),
         "problems": [
-            {"item": " ".join(x for x in (f"row {int(r.row)}" if r.row == r.row and r.row is not None else "",
-                                          r.file or "") if x) or r.scope,
+            {"item": where(r.file, r.row) or r.scope,
              "reason": r.message, "severity": r.severity}
             for r in problems.itertuples()
         ],

@@ -2,7 +2,8 @@
 
 Every photo an analyst uploads passes through here: :func:`inspect_image` at intake (does
 it really decode? how big is it?), :func:`load_for_model` in the feature-extraction
-workers and :func:`make_thumbnail` for the gallery. Whatever arrives (a truncated export,
+workers, :func:`make_thumbnail` for galleries and reports, and :func:`preview` for whatever a
+page draws (a placeholder where a photo cannot be shown). Whatever arrives (a truncated export,
 a PDF renamed ``.jpg``, a CMYK print file, a 16-bit scan, a 900-megapixel poster), the
 result is either an 8-bit RGB image or an :class:`ImageError` whose text can be shown to
 the analyst as it is.
@@ -19,6 +20,7 @@ Pillow's global settings are left alone: ``ImageFile.LOAD_TRUNCATED_IMAGES`` mus
 
 from __future__ import annotations
 
+import functools
 import io
 import logging
 import os
@@ -30,7 +32,7 @@ from dataclasses import dataclass
 from typing import IO
 
 import numpy as np
-from PIL import ExifTags, Image, ImageCms, ImageOps, UnidentifiedImageError, features
+from PIL import ExifTags, Image, ImageCms, ImageDraw, ImageOps, UnidentifiedImageError, features
 from PIL.JpegImagePlugin import JpegImageFile
 
 log = logging.getLogger(__name__)
@@ -52,17 +54,27 @@ changes that global, so raising the limit beyond it also needs
 _ENV_MAX_PIXELS = "CATALOG_LENS_MAX_PIXELS"
 
 _HAS_AVIF = features.check("avif")
+try:  # iPhone photos (HEIC): pillow-heif adds the "HEIF" format to Pillow, opened only through here
+    import pillow_heif
+
+    pillow_heif.register_heif_opener()
+    _HAS_HEIF = True
+except ImportError:  # pragma: no cover - a requirement; without it HEIC gets a plain refusal
+    _HAS_HEIF = False
 
 IMAGE_EXTENSIONS: frozenset[str] = frozenset(
     {".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".webp", ".gif", ".bmp", ".dib", ".tif", ".tiff"}
     | ({".avif"} if _HAS_AVIF else set())
+    | ({".heic", ".heif"} if _HAS_HEIF else set())
 )
 """File-name extensions (lower case, with the dot) of the photo formats we decode."""
 
 # Only these Pillow plugins are ever tried. Besides matching IMAGE_EXTENSIONS, this keeps
 # exotic decoders (EPS runs Ghostscript, for one) away from untrusted uploads.
 # (Multi-picture JPEGs from cameras, MPO, are opened by the JPEG plugin.)
-_PIL_FORMATS: tuple[str, ...] = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "DIB", "TIFF") + (("AVIF",) if _HAS_AVIF else ())
+_PIL_FORMATS: tuple[str, ...] = (
+    ("JPEG", "PNG", "WEBP", "GIF", "BMP", "DIB", "TIFF") + (("AVIF",) if _HAS_AVIF else ()) + (("HEIF",) if _HAS_HEIF else ())
+)
 
 _SNIFF_BYTES = 512
 _WHITE = (255, 255, 255)
@@ -158,6 +170,30 @@ def make_thumbnail(source: ImageSource, *, size: int = 256, quality: int = 85) -
     img.thumbnail((size, size), Image.Resampling.BICUBIC)
     out = io.BytesIO()
     img.save(out, format="JPEG", quality=quality)
+    return out.getvalue()
+
+
+def preview(source: ImageSource | None, *, size: int = 256) -> bytes:
+    """What the app draws for a photo: :func:`make_thumbnail`, or :func:`placeholder` when the photo
+    is missing (None) or cannot be decoded. Never raises for bad input, so one broken photo can
+    never stop a page; every photo the UI shows goes through here."""
+    if source is not None:
+        try:
+            return make_thumbnail(source, size=size)
+        except ImageError as exc:
+            log.debug("drawing a placeholder: %s", exc)
+    return placeholder(size=size)
+
+
+@functools.lru_cache(maxsize=8)
+def placeholder(*, size: int = 256) -> bytes:
+    """A light grey square with a crossed-out frame, drawn where a photo cannot be shown."""
+    img = Image.new("RGB", (size, size), (236, 238, 241))
+    draw, m = ImageDraw.Draw(img), size // 4
+    draw.rectangle((m, m, size - m, size - m), outline=(160, 165, 172), width=max(1, size // 64))
+    draw.line((m, m, size - m, size - m), fill=(160, 165, 172), width=max(1, size // 64))
+    out = io.BytesIO()
+    img.save(out, format="JPEG", quality=85)
     return out.getvalue()
 
 
@@ -321,6 +357,8 @@ def _not_an_image(head: bytes) -> ImageError:
     """An analyst-readable reason for a file Pillow does not recognise, from its first bytes."""
     brand = head[8:12] if head[4:8] == b"ftyp" else b""
     if brand in (b"heic", b"heix", b"hevc", b"hevx", b"heim", b"heis", b"mif1", b"msf1"):
+        if _HAS_HEIF:
+            return ImageError("this HEIC photo is damaged or incomplete; export it again", kind="corrupt_image")
         return ImageError(
             "this HEIC photo (the iPhone format) cannot be read; export it as JPEG "
             "(on the iPhone: Settings › Camera › Formats › Most Compatible)",

@@ -24,9 +24,12 @@ import pandas as pd
 from core.base.problems import InputError, Problem
 from core.inputs.encodings import decode_text
 
-__all__ = ["IMAGE_EXTENSIONS", "Sheet", "column_letter", "looks_like_image_ref", "read_sheet"]
+__all__ = ["IMAGE_EXTENSIONS", "SHEET_TYPES", "Sheet", "column_letter", "looks_like_image_ref", "read_sheet"]
 
 IMAGE_EXTENSIONS = frozenset(".jpg .jpeg .jpe .jfif .png .gif .webp .bmp .tif .tiff .heic .heif .avif".split())
+SHEET_TYPES: tuple[str, ...] = ("csv", "tsv", "txt", "xlsx", "xlsm", "xls")
+"""The one list of sheet file types (lower case, no dot) the Data and Tag pages' uploaders and the
+command line take. An old .xls gets in so that :func:`read_sheet` can say how to save it as .xlsx."""
 _DELIMITERS = ("\t", ";", ",", "|")  # order breaks exact ties only
 _SNIFF_CHARS = 64_000
 _SNIFF_ROWS = 200

@@ -1,7 +1,13 @@
-"""Plotly figures shared by the pages and the exported report (no Streamlit here)."""
+"""Plotly figures shared by the pages and the exported report (no Streamlit here).
+
+Plotly reads a subset of HTML in every label, legend and hover text (``<a href>`` becomes a
+live link, ``<img>``-like tags and entities are interpreted): user text (class names, file
+names, catalog values) goes into a figure only through :func:`escape`.
+"""
 
 from __future__ import annotations
 
+import html
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -10,11 +16,17 @@ import plotly.graph_objects as go
 PALETTE = ["#2F6FEB", "#E8663D", "#2BA84A", "#9B59B6", "#F1C40F", "#16A085", "#C0392B", "#7F8C8D"]
 
 
+def escape(text: object) -> str:
+    """User text as Plotly shows it literally: ``<``, ``>`` and ``&`` become entities (which
+    Plotly turns back into the characters), so no tag or link inside a label comes alive."""
+    return html.escape(str(text), quote=False)
+
+
 def confusion_figure(confusion: Sequence[Sequence[int]], classes: Sequence[str], *, names: Mapping[str, str] | None = None,
                      title: str = "") -> go.Figure:
     """Counts of true (rows) vs predicted (columns) classes, with the share of each row."""
     names = names or {}
-    labels = [names.get(c, c) for c in classes]
+    labels = [escape(names.get(c, c)) for c in classes]
     cm = np.asarray(confusion, dtype=float)
     share = cm / np.maximum(cm.sum(axis=1, keepdims=True), 1)
     text = [[f"{int(cm[i, j])}<br>({100 * share[i, j]:.0f} %)" for j in range(len(classes))] for i in range(len(classes))]
@@ -59,9 +71,9 @@ def history_figure(history: Sequence[Mapping]) -> go.Figure:
 def share_figure(counts: Mapping[str, int], *, title: str = "", horizontal: bool = False) -> go.Figure:
     """A bar per class with its count and share (``horizontal``: compact, for summaries)."""
     total = max(sum(counts.values()), 1)
-    keys = list(counts)
-    values = [counts[k] for k in keys]
-    text = [f"{counts[k]:,} ({100 * counts[k] / total:.0f} %)" for k in keys]
+    keys = [escape(k) for k in counts]
+    values = list(counts.values())
+    text = [f"{n:,} ({100 * n / total:.0f} %)" for n in values]
     colours = [PALETTE[i % len(PALETTE)] for i in range(len(keys))]
     if horizontal:
         fig = go.Figure(go.Bar(y=keys, x=values, orientation="h", marker_color=colours, text=text,
@@ -77,7 +89,8 @@ def share_figure(counts: Mapping[str, int], *, title: str = "", horizontal: bool
 
 
 def map_figure(xy: np.ndarray, colour: Sequence[str], hover: Sequence[str], *, title: str = "") -> go.Figure:
-    """A 2-D map of the photos, one colour per group."""
+    """A 2-D map of the photos, one colour per group; ``hover`` is Plotly text (user text in it
+    passed through :func:`escape`)."""
     fig = go.Figure()
     groups = list(dict.fromkeys(colour))
     colour = np.asarray(colour)
@@ -85,7 +98,7 @@ def map_figure(xy: np.ndarray, colour: Sequence[str], hover: Sequence[str], *, t
         mask = colour == group
         idx = np.flatnonzero(mask)
         fig.add_trace(go.Scattergl(
-            x=xy[mask, 0], y=xy[mask, 1], mode="markers", name=str(group), customdata=idx,
+            x=xy[mask, 0], y=xy[mask, 1], mode="markers", name=escape(group), customdata=idx,
             text=[hover[j] for j in idx], hovertemplate="%{text}<extra></extra>",
             marker=dict(size=8, color=PALETTE[i % len(PALETTE)], line=dict(width=0.5, color="white")),
         ))
@@ -100,9 +113,9 @@ def grouped_share_figure(table, *, title: str = "") -> go.Figure:
     fig = go.Figure()
     for i, tag in enumerate(table.columns):
         fig.add_trace(go.Bar(
-            x=[str(g) for g in table.index], y=shares[tag], name=str(tag), marker_color=PALETTE[i % len(PALETTE)],
+            x=[escape(g) for g in table.index], y=shares[tag], name=escape(tag), marker_color=PALETTE[i % len(PALETTE)],
             text=[f"{int(n)}" for n in table[tag]], textposition="inside",
-            hovertemplate="%{x}: %{y:.0%} (%{text} rows)<extra>" + str(tag) + "</extra>",
+            hovertemplate="%{x}: %{y:.0%} (%{text} rows)<extra>%{fullData.name}</extra>",
         ))
     fig.update_layout(barmode="stack", title=title, height=360, yaxis_tickformat=".0%", xaxis_type="category",
                       margin=dict(l=10, r=10, t=40 if title else 10, b=10), yaxis_title="Share of rows")

@@ -120,11 +120,8 @@ def percent(v: float) -> str:
     return f"{math.ceil(1000 * v) / 10:.1f} %" if 0 < v < 0.01 else f"{100 * v:.0f} %"
 
 
-def _thumb(project: Project, sha: str) -> bytes | None:
-    try:
-        return project.thumbnail(sha, size=PHOTO_SIZE)
-    except Exception:  # a photo gone from disk must not stop the report
-        return None
+def _thumb(project: Project, sha: str) -> bytes:
+    return project.thumbnail(sha, size=PHOTO_SIZE)  # a placeholder when the photo is gone or damaged
 
 
 def _method(run: runs.RunRecord, names: dict[str, str], used: bool) -> MethodResult:
@@ -189,10 +186,7 @@ def _catalog(project: Project, names: dict[str, str], category: str | None,
         photos = examples[names.get(label, label)]
         if paths.get(int(row)) is None or len(photos) >= EXAMPLES_PER_CLASS:
             continue
-        try:
-            jpeg = images.make_thumbnail(paths[int(row)], size=PHOTO_SIZE)
-        except Exception:  # an unreadable photo is simply not an example
-            continue
+        jpeg = images.preview(paths[int(row)], size=PHOTO_SIZE)  # a placeholder if it no longer decodes
         sheet_row = run.get("first_data_row", 2) + int(row)
         photos.append(Photo(f"row {sheet_row} · {percent(conf)} sure" if conf == conf else f"row {sheet_row}", jpeg))
     model_name = model_titles.get(run.get("model_id"), run.get("model_id", ""))

@@ -22,13 +22,15 @@ from typing import BinaryIO
 
 import pandas as pd
 
+from core.base import exports
 from core.base.files import atomic_file, atomic_write_bytes, sha256_file
 from core.base.problems import InputError, Problem
-from core.inputs import images, labels, uploads
+from core.inputs import images, labels, sheets, uploads
 from core.projects.workspace import Project
 
 JUNK_NAMES = {".ds_store", "thumbs.db", "desktop.ini"}
-SHEET_SUFFIXES = {".csv", ".tsv", ".xlsx", ".xlsm"}
+# A sheet inside a photo zip is used as the label sheet; a readme.txt there is not one.
+SHEET_SUFFIXES = {f".{t}" for t in sheets.SHEET_TYPES if t != "txt"}
 
 
 def _safe_filename(filename: str) -> str:
@@ -328,7 +330,7 @@ def problem_list_csv(project: Project) -> bytes:
         sheet_summary = problems[(problems["scope"] == "sheet")]
         notes = sheet_summary[~sheet_summary["kind"].isin(set(rows["kind"]))]  # notes, blockers
         problems = pd.concat([problems[problems["scope"] != "sheet"], notes, rows], ignore_index=True)
-    return problems[list(_LIST_COLUMNS)].to_csv(index=False).encode("utf-8-sig")
+    return exports.csv_bytes(problems[list(_LIST_COLUMNS)])  # no cell runs as a formula
 
 
 def refresh_blockers(project: Project) -> list[Problem]:

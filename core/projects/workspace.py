@@ -37,7 +37,7 @@ import pandas as pd
 
 from core.base.files import atomic_copy, atomic_write_bytes, atomic_write_text, sha256_file
 from core.base.problems import InputError, Problem
-from core.inputs.images import make_thumbnail
+from core.inputs.images import ImageError, make_thumbnail, placeholder
 
 HOME_ENV = "CATALOG_LENS_HOME"
 _DEFAULT_HOME = Path(__file__).resolve().parents[2] / "workspace"
@@ -339,11 +339,15 @@ class Project:
         return self.frame("SELECT name, sha, upload FROM names ORDER BY name")
 
     def thumbnail(self, sha: str, *, size: int = 256) -> bytes:
-        """A small JPEG preview, made once and kept."""
+        """A small JPEG preview, made once and kept; a placeholder (not kept) when the stored photo
+        is gone or damaged, so a page or the report never stops on it."""
         thumb = self.root / "thumbs" / sha[:2] / f"{sha}-{size}.jpg"
         if thumb.is_file():
             return thumb.read_bytes()
-        data = make_thumbnail(self.image_path(sha), size=size)
+        try:
+            data = make_thumbnail(self.image_path(sha), size=size)
+        except ImageError:
+            return placeholder(size=size)
         atomic_write_bytes(thumb, data)
         return data
 

@@ -9,6 +9,8 @@ counting tags), :mod:`~core.tagging.output` (the tagged sheet, the review queue)
 
 from core.tagging.output import (
     OUTPUT_COLUMNS,
+    Download,
+    downloads,
     iter_rows_needing_review,
     overrides,
     review_photos,
@@ -42,9 +44,9 @@ from core.tagging.tags import (
 )
 
 __all__ = [
-    "COMBINE_RULES", "IMAGE_ROOTS_ENV", "NOT_TAGGED", "OUTPUT_COLUMNS", "PhotoFinder", "Progress", "TagOptions",
+    "COMBINE_RULES", "Download", "IMAGE_ROOTS_ENV", "NOT_TAGGED", "OUTPUT_COLUMNS", "PhotoFinder", "Progress", "TagOptions",
     "TagSummary", "add_reviews_to_training", "catalog_rows", "catalog_sheet", "combine", "combine_scored",
-    "create_run", "final_labels", "iter_rows_needing_review", "load_run", "out_of_date", "overrides", "project_photo_files",
+    "create_run", "downloads", "final_labels", "iter_rows_needing_review", "load_run", "out_of_date", "overrides", "project_photo_files",
     "project_run_folder", "results_frame", "resume_conflict", "review_photos", "review_thumbnails", "run_tagging",
     "set_override", "share_by", "split_columns", "start_project_run", "tag_counts", "write_output",
 ]

@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
-import io
 import json
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
 
-from core.base.files import atomic_write_bytes, atomic_write_text
-from core.inputs.images import ImageError, make_thumbnail
+from core.base import exports
+from core.base.files import atomic_write_text
+from core.inputs.images import preview
 from core.inputs.sheets import column_letter
 from core.tagging.photos import PhotoFinder, project_photo_files
 from core.tagging.run import (
@@ -24,15 +25,18 @@ from core.tagging.run import (
 )
 from core.tagging.tags import combine_scored
 
-__all__ = ["OUTPUT_COLUMNS", "iter_rows_needing_review", "overrides", "review_photos", "review_thumbnails",
-           "set_override", "write_output"]
+__all__ = ["OUTPUT_COLUMNS", "Download", "downloads", "iter_rows_needing_review", "overrides", "review_photos",
+           "review_thumbnails", "set_override", "write_output"]
 
 OUTPUT_COLUMNS = ("predicted_label", "confidence", "needs_review", "tag_error", "model_id")
 
 
 def write_output(folder: Path, out: Path, *, fmt: str | None = None, overrides: dict[int, str] | None = None) -> Path:
-    """The catalog with the tag columns added, as CSV or XLSX: every row and column unchanged and
-    in order, cells exactly as written (spaces kept), blank rows kept where they were.
+    """The catalog with the tag columns added, as CSV, XLSX or Parquet (``fmt``, else the name's
+    suffix): every row and column unchanged and in order, cells exactly as written (spaces kept),
+    blank rows kept where they were. The file is written by :mod:`core.base.exports`, so no
+    cell ever runs as a formula in a spreadsheet program (a CSV cell that could gets a leading
+    apostrophe) and a table too long for Excel raises its ``TooManyRowsError``.
 
     The file starts with the header row (a sheet without one gets "Column A", "Column B"...):
     lines above the header, Excel's ``sep=;`` line or a title, are left out, so the file opens
@@ -40,6 +44,39 @@ def write_output(folder: Path, out: Path, *, fmt: str | None = None, overrides: 
     catalog's delimiter and encoding (UTF-8 with the BOM Excel needs to show accents); an Excel
     catalog's CSV is comma-separated. ``overrides`` are the analyst's answers, marked "reviewed".
     """
+    table, csv_options = _tagged_table(folder, overrides)
+    return exports.write_table(table, out, fmt=fmt, **csv_options)
+
+
+@dataclass(frozen=True)
+class Download:
+    """One file of the tagged catalog for the Tag page: ``data``, or why it is ``refused``."""
+
+    fmt: str
+    file_name: str
+    data: bytes | None
+    refused: str | None = None
+
+
+def downloads(folder: Path, *, overrides: dict[int, str] | None = None) -> list[Download]:
+    """The tagged catalog as CSV, Excel and Parquet (the table built once), as :func:`write_output`
+    writes them; a format that cannot hold the table (Excel's row limit) is refused, with why."""
+    run = load_run(folder)
+    stem = Path(run["catalog_name"]).stem + "-tagged"
+    own = Path(run["catalog"]).suffix
+    table, csv_options = _tagged_table(folder, overrides)
+    out = []
+    for fmt, suffix in (("csv", own if own in (".csv", ".tsv", ".txt") else ".csv"), ("xlsx", ".xlsx"),
+                        ("parquet", ".parquet")):
+        try:
+            out.append(Download(fmt, stem + suffix, exports.table_bytes(table, fmt, **csv_options)))
+        except exports.TooManyRowsError as exc:
+            out.append(Download(fmt, stem + suffix, None, str(exc)))
+    return out
+
+
+def _tagged_table(folder: Path, overrides: dict[int, str] | None) -> tuple[pd.DataFrame, dict]:
+    """The output table and the CSV options that keep the catalog's delimiter and encoding."""
     run = load_run(folder)
     sheet = catalog_sheet(folder)
     results = results_frame(folder)
@@ -67,18 +104,7 @@ def write_output(folder: Path, out: Path, *, fmt: str | None = None, overrides: 
     added["model_id"] = run["model_id"]
     output = pd.concat([pd.DataFrame(sheet.raw_rows, columns=range(width)), added], axis=1)
     output.columns = [*header, *added.columns]
-    fmt = fmt or ("xlsx" if out.suffix.lower() in (".xlsx", ".xlsm") else "csv")
-    if fmt == "xlsx":
-        buf = io.BytesIO()
-        output.to_excel(buf, index=False)
-        atomic_write_bytes(out, buf.getvalue())
-    else:
-        encoding = sheet.encoding or "utf-8"
-        if encoding.lower().replace("_", "-") in ("utf-8", "utf8", "ascii"):
-            encoding = "utf-8-sig"  # Excel opens UTF-8 correctly only with the BOM
-        text = output.to_csv(index=False, sep=sheet.delimiter or ",", lineterminator="\r\n")
-        atomic_write_bytes(out, text.encode(encoding, errors="replace"))
-    return out
+    return output, {"delimiter": sheet.delimiter or ",", "encoding": sheet.encoding or "utf-8"}
 
 
 def iter_rows_needing_review(folder: Path, *, limit: int = 200) -> Iterator[dict]:
@@ -123,12 +149,5 @@ def review_photos(folder: Path, items: Sequence[dict], project=None) -> dict[int
 
 def review_thumbnails(folder: Path, items: Sequence[dict], project=None, *, size: int = 220) -> dict[int, bytes]:
     """A small JPEG of each row's first photo on this computer (see :func:`review_photos`); a row
-    whose photo is missing or cannot be decoded (often why it waits for review) has none."""
-    out: dict[int, bytes] = {}
-    for row, path in review_photos(folder, items, project).items():
-        if path is not None:
-            try:
-                out[row] = make_thumbnail(path, size=size)
-            except (ImageError, OSError):
-                continue
-    return out
+    whose photo is missing or cannot be decoded (often why it waits for review) gets the placeholder."""
+    return {row: preview(path, size=size) for row, path in review_photos(folder, items, project).items()}
