@@ -68,8 +68,8 @@ def test_calibration_lowers_the_expected_calibration_error_on_real_features(ever
 
 def test_calibration_keeps_the_decisions_and_is_refused_when_it_would_not_help():
     rng = np.random.default_rng(0)
-    y = np.where(rng.random(400) < 0.5, "b", "a")
-    p_b = np.clip(np.where(y == "b", 0.7, 0.3) + 0.1 * rng.standard_normal(400), 0.01, 0.99)
+    p_b = rng.uniform(0.05, 0.95, 400)
+    y = np.where(rng.random(400) < p_b, "b", "a")  # honest: "b" comes true as often as p_b says
     honest = np.column_stack([1 - p_b, p_b])
     # overconfident copies of the same scores: sharpened log-odds
     sharp = apply_calibration(honest, Calibration(temperature=0.25, bias=0.0, positive=1, fitted_on="", n=0))
@@ -84,6 +84,7 @@ def test_calibration_keeps_the_decisions_and_is_refused_when_it_would_not_help()
     if c3 is not None:
         assert (c3.apply(p3).argmax(axis=1) == p3.argmax(axis=1)).all()
     # too few photos, or nothing to gain: no calibration
+    assert fit_calibration(y, honest, classes=["a", "b"], positive="b") is None
     assert fit_calibration(y[:10], honest[:10], classes=["a", "b"]) is None
     # unreadable photos (NaN rows) stay NaN
     with_nan = np.vstack([sharp[:3], [np.nan, np.nan]])

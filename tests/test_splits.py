@@ -122,3 +122,10 @@ def test_group_split_refuses_a_stored_plan_that_splits_a_group_and_falls_back_wh
     one_product = plan_split(ids, y, groups=list(range(20)) + [99] * 20)
     assert not one_product.kept_together and one_product.groups == []
     assert {y[ids.index(i)] for i in one_product.test_ids} == {"a", "b"}
+
+
+def test_few_groups_fall_back_to_a_per_photo_plan():
+    ids = [f"p{i:02d}" for i in range(24)]
+    y = ["a"] * 12 + ["b"] * 12
+    plan = plan_split(ids, y, groups=[i // 6 for i in range(24)])  # 4 groups of 6, one label each
+    assert not plan.kept_together and len(plan.test_ids) > 0

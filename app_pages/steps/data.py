@@ -8,7 +8,6 @@ from core.base.problems import InputError
 from core.inputs import labels
 from core.learning import groups
 from core.projects import intake
-from core.projects.state import ProjectState
 
 PHOTO_TYPES = ["jpg", "jpeg", "jfif", "png", "webp", "gif", "bmp", "tif", "tiff", "zip"]
 SHEET_TYPES = ["csv", "tsv", "txt", "xlsx", "xlsm", "xls"]
@@ -104,7 +103,7 @@ if classes:
                 st.rerun()
 
 if summary["labelled"]:
-    grouping = groups.photo_grouping(project, list(project.training_set()["sha"]), backbone_id=ProjectState(project).backbone)
+    grouping = groups.photo_grouping(project, list(project.training_set()["sha"]))
     st.caption(grouping.summary() if grouping.source != "none" else
                "Near-duplicate photos (several shots of one product) are looked for once the photos' features are "
                "extracted on the Backbone step; they are then kept together when the models are tested.")

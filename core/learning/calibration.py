@@ -13,8 +13,9 @@ gives must match how often that label is right. This module measures it and repa
   photos get the tag does not change once the threshold is re-chosen on calibrated
   probabilities; only the confidence stated changes. For more than two classes only the
   temperature is used, which keeps the most probable class the most probable.
-* It is kept only where it helps: a two-fold cross-fit on the same predictions must lower
-  the log-loss of the half it did not see, otherwise :func:`fit_calibration` returns None.
+* It is kept only where it helps: in a two-fold cross-fit on the same predictions it must
+  lower the log-loss of the half it did not see by more than two standard errors of the
+  per-photo gain, otherwise :func:`fit_calibration` returns None.
 
 A calibration travels inside the model bundle (:mod:`core.learning.bundles`) as two numbers
 per model and is applied by :class:`core.learning.predictor.Predictor`, so an exported model
@@ -199,13 +200,18 @@ def reliability_sentence(rel: Mapping[str, Any], *, before: Mapping[str, Any] | 
 
 
 def _nll(z: np.ndarray, target: np.ndarray, log_t: float, bias: float, pos: int) -> float:
+    return float(_losses(z, target, log_t, bias, pos).mean())
+
+
+def _losses(z: np.ndarray, target: np.ndarray, log_t: float, bias: float, pos: int) -> np.ndarray:
+    """Each photo's log-loss after scaling."""
     s = z / math.exp(log_t)
     if z.shape[1] == 2:
         s = s.copy()
         s[:, pos] += bias
     s = s - s.max(axis=1, keepdims=True)
     logp = s - np.log(np.exp(s).sum(axis=1, keepdims=True))
-    return float(-logp[np.arange(len(z)), target].mean())
+    return -logp[np.arange(len(z)), target]
 
 
 def _fit(z: np.ndarray, target: np.ndarray, pos: int) -> tuple[float, float]:
@@ -255,7 +261,7 @@ def fit_calibration(
 
     from sklearn.model_selection import StratifiedKFold
 
-    raw_loss = cal_loss = 0.0
+    gains: list[np.ndarray] = []
     present = counts > 0
     folds = (
         StratifiedKFold(n_splits=2, shuffle=True, random_state=seed).split(z, target)
@@ -264,9 +270,13 @@ def fit_calibration(
     )
     for fit_idx, held_idx in folds:
         t, b = _fit(z[fit_idx], target[fit_idx], pos)
-        raw_loss += _nll(z[held_idx], target[held_idx], 0.0, 0.0, pos) * len(held_idx)
-        cal_loss += _nll(z[held_idx], target[held_idx], math.log(t), b, pos) * len(held_idx)
-    if not cal_loss < raw_loss - 1e-3 * len(y):  # it must help on photos it did not see
+        gains.append(
+            _losses(z[held_idx], target[held_idx], 0.0, 0.0, pos)
+            - _losses(z[held_idx], target[held_idx], math.log(t), b, pos)
+        )
+    # it must lower the log-loss of photos it did not see by more than chance would (two standard errors)
+    gain = np.concatenate(gains) if gains else np.zeros(0)
+    if len(gain) < 2 or not gain.mean() > 2 * gain.std(ddof=1) / math.sqrt(len(gain)):
         return None
     t, b = _fit(z, target, pos)
     return Calibration(temperature=t, bias=b, positive=pos, fitted_on=fitted_on, n=int(len(y)))

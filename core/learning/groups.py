@@ -30,7 +30,9 @@ import numpy as np
 from core.learning import extraction
 from core.learning.splits import SplitPlan
 from core.projects import intake
+from core.projects.state import ProjectState
 from core.projects.workspace import Project
+from core.vision import backbones
 
 __all__ = [
     "NEAR_DUPLICATE_SIMILARITY",
@@ -130,14 +132,16 @@ def _from_values(ids: Sequence[str], values: Mapping[str, str]) -> list[int]:
 def photo_grouping(project: Project, ids: Sequence[str], X=None, *, backbone_id: str | None = None) -> Grouping:
     """The groups of these labelled photos: the sheet's product column when one is chosen,
     else near-duplicates in the features ``X`` (rows follow ``ids``; loaded from the feature
-    cache of ``backbone_id`` when not given; no features yet: every photo on its own)."""
+    cache of ``backbone_id``, default the project's backbone, when not given; no features yet:
+    every photo on its own)."""
     ids = [str(i) for i in ids]
     column, values = intake.photo_groups(project)
     if column:
         return Grouping(ids, _from_values(ids, values), "column", column)
     if X is not None:
         return Grouping(ids, near_duplicate_groups(X).tolist(), "near_duplicates")
-    if backbone_id is None or not extraction.status(project, backbone_id).complete:
+    backbone_id = backbone_id or ProjectState(project).backbone or backbones.DEFAULT_BACKBONE_ID
+    if not extraction.status(project, backbone_id).complete:
         return Grouping(ids, list(range(len(ids))), "none")
     X_all, _, all_ids = extraction.load_training_features(project, backbone_id)
     row = {s: r for r, s in enumerate(all_ids)}

@@ -18,6 +18,7 @@ import pandas as pd
 
 from core.base.files import atomic_file, atomic_write_text
 from core.learning import bundles, evaluation, extraction, splits
+from core.learning.groups import photo_grouping
 from core.projects.state import ProjectState
 from core.projects.workspace import Project
 
@@ -80,7 +81,13 @@ def latest_runs(project: Project) -> dict[str, RunRecord]:
 def split_plan(project: Project, ids: list[str], y: list[str], *, seed: int = 0, groups: list[int] | None = None,
                group_source: str = "") -> splits.SplitPlan:
     """The project's split plan, made once and reused while the labelled photos (and the
-    groups that must stay together, :mod:`core.learning.groups`) stay the same."""
+    groups that must stay together, :mod:`core.learning.groups`) stay the same.
+
+    ``groups`` default to the project's (:func:`core.learning.groups.photo_grouping` on the
+    chosen backbone's features); training passes them, found on the features it has loaded."""
+    if groups is None:
+        grouping = photo_grouping(project, ids)
+        groups, group_source = grouping.groups, grouping.source
     path = project.path("runs", "split_plan.json")
     signature = labels_signature(ids, y, seed) + _groups_signature(ids, groups)
     if path.is_file():

@@ -156,7 +156,9 @@ def _straddling(plan: SplitPlan) -> bool:
 def _group_holdout(labels: np.ndarray, groups: np.ndarray, fraction: float, *, keep: int, seed: int) -> np.ndarray | None:
     """Positions of a stratified share ``fraction`` of whole groups, with every class held out
     at least once and ``keep`` photos of every class left behind; None when no draw can."""
-    k = int(max(2, round(1 / fraction)))
+    k = int(min(max(2, round(1 / fraction)), len(set(groups.tolist()))))
+    if k < 2:
+        return None
     classes = np.unique(labels)
     best = None
     with warnings.catch_warnings():
