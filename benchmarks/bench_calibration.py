@@ -260,6 +260,7 @@ def main() -> None:
     parser.add_argument("--finetune", action="store_true", help="also the fine-tuned network (slow on a CPU)")
     parser.add_argument("--finetune-folds", type=int, default=1)
     parser.add_argument("--epochs", type=int, default=4)
+    parser.add_argument("--skip-quick", action="store_true", help="only the fine-tuned network")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
     if not SHARED.is_dir():
@@ -278,14 +279,16 @@ def main() -> None:
             f"  near-duplicate groups at {groups.NEAR_DUPLICATE_SIMILARITY}: {len(set(near.tolist()))} groups "
             f"({len(y) - len(set(near.tolist()))} photos joined); at 0.90: {len(set(loose.tolist()))} groups"
         )
-        print("  quick model, 5-fold outer cross-validation (pooled held-out photos):")
-        figures[name] = {
-            "per_photo": quick_model(name, X, y, per_photo, label="split per photo"),
-            "near_duplicates": quick_model(
-                name, X, y, near, label=f"group-aware (near-duplicates ≥ {groups.NEAR_DUPLICATE_SIMILARITY})"
-            ),
-            "same_shoot": quick_model(name, X, y, loose, label="group-aware (similar ≥ 0.90, same shoot)"),
-        }
+        figures[name] = {}
+        if not args.skip_quick:
+            print("  quick model, 5-fold outer cross-validation (pooled held-out photos):")
+            figures[name] = {
+                "per_photo": quick_model(name, X, y, per_photo, label="split per photo"),
+                "near_duplicates": quick_model(
+                    name, X, y, near, label=f"group-aware (near-duplicates ≥ {groups.NEAR_DUPLICATE_SIMILARITY})"
+                ),
+                "same_shoot": quick_model(name, X, y, loose, label="group-aware (similar ≥ 0.90, same shoot)"),
+            }
         if args.finetune:
             figures[name]["finetuned"] = finetuned(
                 name, y, ids, paths, near, folds=args.finetune_folds, epochs=args.epochs

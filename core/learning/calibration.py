@@ -46,6 +46,7 @@ __all__ = [
 
 N_BINS = 10
 _EPS = 1e-7
+_ROUGH_BELOW = 200  # held-out photos under which the reliability figures swing by several points
 _MIN_PHOTOS = 20  # fewer predictions than this cannot tell a real miscalibration from noise
 
 
@@ -193,7 +194,10 @@ def reliability_sentence(rel: Mapping[str, Any], *, before: Mapping[str, Any] | 
     )
     if before is not None and before.get("ece") is not None:
         text += f" ({100 * before['ece']:.1f} points before its confidence was adjusted)"
-    return text + "."
+    text += "."
+    if rel["n"] < _ROUGH_BELOW:
+        text += f" On {rel['n']} photos these figures are rough: a few photos move them by several points."
+    return text
 
 
 # --------------------------------------------------------------------------- fitting

@@ -114,7 +114,7 @@ class Grouping:
         if self.n_shared_groups == 0:
             return (
                 f"No near-duplicate photos found among the {n:,} labelled photos: each photo is tested on its own. "
-                "If several photos show the same product, choose the sheet's product column below."
+                "If several photos show the same product, choose the sheet's product column under “Change the columns” above."
             )
         return (
             f"Found {self.n_together:,} near-duplicate photos in {self.n_shared_groups:,} sets "
