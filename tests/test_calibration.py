@@ -98,7 +98,7 @@ def test_reliability_bins_and_plain_sentence():
     assert [b["n"] for b in rel["bins"]] == [10, 10]
     assert rel["ece"] == pytest.approx(0.5 * 0.05 + 0.5 * 0.1)
     text = reliability_sentence(rel)
-    assert "90 % sure or more" in text and "right 90 %" in text and "7.5 points" in text
+    assert "confidence is 90 % or more" in text and "right 90 %" in text and "7.5 points" in text
 
 
 def test_a_bundle_carries_its_calibration_and_refuses_a_broken_one(tmp_path):

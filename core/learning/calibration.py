@@ -178,7 +178,7 @@ def expected_calibration_error(
 
 
 def reliability_sentence(rel: Mapping[str, Any], *, before: Mapping[str, Any] | None = None) -> str:
-    """The reliability chart in plain words, e.g. 'When it says 90 % sure or more, it is right 96 % of the time.'"""
+    """The reliability chart in plain words, e.g. 'When its confidence is 90 % or more, it is right 96 % of the time.'"""
     bins = [b for b in rel.get("bins", []) if b["n"] > 0]
     if not bins:
         return ""
@@ -188,7 +188,7 @@ def reliability_sentence(rel: Mapping[str, Any], *, before: Mapping[str, Any] | 
     right = sum(b["right"] * b["n"] for b in top) / n
     gap = 100 * rel["ece"]
     text = (
-        f"When it says it is {100 * top[0]['low']:.0f} % sure or more ({n} of {rel['n']} held-out photos, "
+        f"When its confidence is {100 * top[0]['low']:.0f} % or more ({n} of {rel['n']} held-out photos, "
         f"{100 * said:.0f} % on average), it is right {100 * right:.0f} % of the time. "
         f"On average its stated confidence is {gap:.1f} points away from how often it is right"
     )
