@@ -108,7 +108,7 @@ def near_duplicates(name: str, X, paths, cache: Path, n: int = 40) -> None:
         f"  distinct photos: {len(pairs):,} pairs, 99.9th percentile {np.quantile(pairs, 0.999):.3f}, "
         f"max {pairs.max():.3f}"
     )
-    for t in (0.85, 0.90, 0.93, 0.95, 0.97):
+    for t in (0.85, 0.90, 0.92, 0.93, 0.95, 0.97):
         print(
             f"  threshold {t:.2f}: edited copies joined {100 * (copy_sim >= t).mean():5.1f} %, "
             f"distinct pairs joined {(pairs >= t).sum():4d}"
