@@ -158,3 +158,33 @@ def test_a_step_that_is_not_ready_links_to_the_step_it_asks_for(project, page):
     first = next(i.value for i in at.info if "**First:**" in i.value)
     go = [e.proto.label for e in at.get("page_link") if e.proto.label.startswith("Go to ")]
     assert len(go) == 1 and go[0].split(" · ", 1)[1] in first, (go, first)
+
+
+def test_data_page_counts_products_and_lets_the_analyst_choose_the_column(tmp_path):
+    """A sheet with a product column: the Data page finds it, says how many products there are
+    and that their photos stay together; the analyst can switch it off for near-duplicates."""
+    from skimage import data
+
+    from core.projects import intake
+    from tests.conftest import photo_project, sample_photo_set
+
+    sheet = sample_photo_set(tmp_path / "photos", {"person": [data.astronaut()],
+                                                  "no_person": [data.coffee(), data.chelsea()]}, per_class=6)
+    head, *rows = sheet.strip().split("\n")
+    sheet = "\n".join([head + ",product_id"] + [f"{r},shoe-{i // 2}" for i, r in enumerate(rows)]) + "\n"
+    p = photo_project("Shoes", tmp_path / "photos", sheet)
+    assert intake.sheet_state(p).group_column == "product_id"
+    at = _app(p.slug).run()
+    at.switch_page("app_pages/steps/data.py").run()
+    assert not at.exception, at.exception
+    captions = " ".join(c.value for c in at.caption)
+    assert "12 labelled photos belong to 6 products (column “product_id”)" in captions
+    assert "12 photos share their product with another photo" in captions
+    box = next(s for s in at.selectbox if s.label.startswith("Column with the product"))
+    assert box.value == "product_id"
+    box.set_value("(none: find near-duplicate photos instead)")
+    next(b for b in at.button if b.label == "Use these columns").click().run()
+    assert not at.exception, at.exception
+    assert intake.sheet_state(p).group_column is None
+    assert "Near-duplicate photos (several shots of one product) are looked for once" in " ".join(
+        c.value for c in at.caption)

@@ -318,3 +318,41 @@ def test_a_finetuned_model_round_trips(in_home, trained, photos, tmp_path):
     pd.testing.assert_frame_equal(in_d, predictor.predict_images(out, items), check_exact=True)
     assert in_d["error"].tolist()[:6] == [""] * 6 and in_d["error"].iloc[6]
     assert set(in_d["predicted_label"][:6]) <= {"person", "no person"}
+
+
+def test_a_calibrated_model_states_its_calibrated_confidence_here_and_after_export(in_home, trained, photos, tmp_path):
+    """The calibration travels inside the model file: the Predictor applies it, and a copy
+    exported from one project and imported into another states the same confidence."""
+    import zipfile
+
+    from core.learning.calibration import Calibration
+
+    with zipfile.ZipFile(trained["bundle"]) as zf:
+        members = {n: zf.read(n) for n in zf.namelist()}
+    d = json.loads(members[bundles.BUNDLE_JSON])
+    cal = Calibration(temperature=2.5, bias=-0.7, positive=d["classes"].index(d["positive"]),
+                      fitted_on="cross-validation", n=40)
+    d.update(id="calibrated01", calibration=cal.to_dict())
+    members[bundles.BUNDLE_JSON] = json.dumps(d).encode()
+    calibrated = tmp_path / "calibrated.zip"
+    with zipfile.ZipFile(calibrated, "w") as zf:
+        for name, data in members.items():
+            zf.writestr(name, data)
+
+    items = _photo_items(photos["images"])
+    raw = predictor.predict_images(trained["bundle"], items)
+    said = predictor.predict_images(calibrated, items)
+    classes = bundles.load_bundle(calibrated)[0].classes
+    cols = [f"proba_{c}" for c in classes]
+    expected = cal.apply(raw[cols].to_numpy())
+    np.testing.assert_allclose(said[cols].to_numpy(), expected, rtol=0, atol=1e-9)
+    assert not np.allclose(said[cols].to_numpy(), raw[cols].to_numpy(), atol=1e-3)
+    given = said["predicted_label"].map({c: j for j, c in enumerate(classes)}).to_numpy()
+    np.testing.assert_allclose(said["confidence"], expected[np.arange(len(items)), given], atol=1e-9)
+
+    shop_c = workspace.create_project("Shop C")
+    model_id = models.import_bundle(shop_c, calibrated)
+    exported = tmp_path / "exported.zip"
+    exported.write_bytes(models.export_bundle(shop_c, model_id))
+    elsewhere = predictor.predict_images(exported, items)
+    pd.testing.assert_frame_equal(elsewhere, said, check_exact=True)

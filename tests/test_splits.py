@@ -65,3 +65,67 @@ def test_large_data_gets_one_pass_and_tiny_classes_are_refused():
 
 
 # --------------------------------------------------------------------------- reports
+
+
+def _sides(plan: SplitPlan) -> dict[str, str]:
+    return {i: "train" for i in plan.train_ids} | {i: "val" for i in plan.val_ids} | {i: "test" for i in plan.test_ids}
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_group_split_never_puts_one_group_on_both_sides(seed):
+    """Several shots of one product: a per-photo split puts the same product on both sides;
+    the group-aware plan keeps each group on one side of the holdout and in one CV fold."""
+    rng = np.random.default_rng(seed)
+    n = 240
+    group = rng.integers(0, 70, n)  # ~3.4 photos per product
+    y = np.where(rng.random(n) < 0.3, "person", "no_person")  # labels vary inside a group too
+    ids = [f"photo{i:03d}" for i in range(n)]
+    members = {g: [i for i, gg in zip(ids, group, strict=True) if gg == g] for g in set(group.tolist())}
+
+    def straddling(plan) -> int:
+        side = _sides(plan)
+        count = sum(len({side[i] for i in m}) > 1 for m in members.values())
+        for folds in plan.cv_folds:
+            fold = dict(zip(plan.ids, folds, strict=True))
+            count += sum(len({fold[i] for i in m if fold[i] >= 0}) > 1 for m in members.values())
+        return count
+
+    per_photo = plan_split(ids, y, seed=seed)
+    assert straddling(per_photo) > 0  # what a per-photo split does to products with several shots
+
+    plan = plan_split(ids, y, groups=group.tolist(), group_source="column", seed=seed)
+    assert plan.kept_together and plan.group_source == "column"
+    assert straddling(plan) == 0
+    assert set(plan.train_ids) | set(plan.val_ids) | set(plan.test_ids) == set(ids)
+    assert 0.15 < len(plan.test_ids) / n < 0.25
+    label = dict(zip(ids, y, strict=True))
+    assert {label[i] for i in plan.test_ids} == {"person", "no_person"}
+    again = SplitPlan.from_dict(json_round_trip(plan.to_dict()))
+    assert again.groups == plan.groups and again.kept_together
+    # the plan depends on the partition, not on how the groups are numbered or the row order
+    renumbered = plan_split(ids[::-1], y[::-1], groups=(group[::-1] * 7 + 3).tolist(), seed=seed)
+    assert renumbered.test_ids and set(renumbered.test_ids) == set(plan.test_ids)
+
+
+def test_group_split_refuses_a_stored_plan_that_splits_a_group_and_falls_back_when_it_cannot_keep_them():
+    ids = [f"p{i:02d}" for i in range(40)]
+    y = ["a"] * 20 + ["b"] * 20
+    plan = plan_split(ids, y, groups=[i // 2 for i in range(40)])
+    d = plan.to_dict()
+    moved = plan.test_ids[0]  # its partner (same product) stays among the test photos
+    assert ids[ids.index(moved) ^ 1] in plan.test_ids
+    d["test_ids"].remove(moved)
+    d["train_ids"].append(moved)
+    with pytest.raises(ValueError, match="both sides"):
+        SplitPlan.from_dict(d)
+    # every "b" photo is one product: it cannot be both trained on and tested, so the plan is per photo
+    one_product = plan_split(ids, y, groups=list(range(20)) + [99] * 20)
+    assert not one_product.kept_together and one_product.groups == []
+    assert {y[ids.index(i)] for i in one_product.test_ids} == {"a", "b"}
+
+
+def test_few_groups_fall_back_to_a_per_photo_plan():
+    ids = [f"p{i:02d}" for i in range(24)]
+    y = ["a"] * 12 + ["b"] * 12
+    plan = plan_split(ids, y, groups=[i // 6 for i in range(24)])  # 4 groups of 6, one label each
+    assert not plan.kept_together and len(plan.test_ids) > 0

@@ -324,3 +324,53 @@ def test_an_interrupted_finetune_resumes_at_the_project_level(project):
     assert second[0] == first[0]  # the first epoch as recorded, timing included: not trained again
     assert len(second) == 2 and record.extra["resumed_epochs"] == 1 and "interruption" in record.headline
     assert not checkpoint.exists()
+
+
+def test_pages_say_what_the_split_kept_together_and_how_honest_the_confidence_is(project):
+    """Near-duplicates on the Data page; on the Train page whether the split kept them together
+    and the reliability of the stated confidence, in words; then a product column in the sheet
+    keeps every product on one side of the split the quick model is scored on."""
+    from streamlit.testing.v1 import AppTest
+
+    from core.learning import groups
+    from core.projects import intake
+    from tests.conftest import REPO
+
+    p, _ = project
+    run = training.train_frozen(p)
+    rel = run.extra["reliability"]
+    assert 0 <= rel["after"]["ece"] <= 1 and rel["after"]["n"] == len(run.test_ids)
+    _, y, ids = extraction.load_training_features(p, "efficientnet_lite0")
+    grouping = groups.photo_grouping(p, ids, backbone_id="efficientnet_lite0")
+    assert grouping.source == "near_duplicates" and run.extra["split"]["n_groups"] == grouping.n_groups
+
+    at = AppTest.from_file(str(REPO / "app.py"), default_timeout=120)
+    at.query_params["project"] = p.slug
+    at.run()
+    at.switch_page("app_pages/steps/data.py").run()
+    assert not at.exception, at.exception
+    assert grouping.summary() in [c.value for c in at.caption]
+    at.switch_page("app_pages/steps/train.py").run()
+    assert not at.exception, at.exception
+    assert groups.split_sentence(run.extra["split"]) in [c.value for c in at.caption]
+    honest = [m.value for m in at.markdown if m.value.startswith("**Can you take its confidence literally?**")]
+    assert honest and "of the time" in honest[0] and "points away from how often it is right" in honest[0]
+    assert any(e.label.startswith("Reliability chart") for e in at.expander)
+
+    # Two photos per product in the sheet: the next plan keeps each product on one side.
+    ds = p.dataset()
+    labelled = ds[ds["label"] != ""].sort_values("name")
+    sheet = "file,label,product\n" + "".join(f"{r.name},{r.label},item-{k // 2}\n"
+                                              for k, r in enumerate(labelled.itertuples()))
+    intake.apply_sheet(p, filename="labels.csv", data=sheet.encode())
+    assert intake.sheet_state(p).group_column == "product"
+    run = training.train_frozen(p)
+    plan = training._training_data(p, None, 0).plan  # the stored plan the run used
+    product = intake.photo_groups(p)[1]
+    test_products = {product[i] for i in plan.test_ids}
+    assert plan.kept_together and test_products
+    assert not test_products & {product[i] for i in plan.training_ids}
+    assert run.extra["split"]["source"] == "column" and run.extra["split"]["kept_together"]
+    at.run()
+    assert "The split kept the" in groups.split_sentence(run.extra["split"])
+    assert groups.split_sentence(run.extra["split"]) in [c.value for c in at.caption]

@@ -6,6 +6,7 @@ from app_pages import ui
 from core import tasks
 from core.base.problems import InputError
 from core.inputs import images, labels, sheets
+from core.learning import groups
 from core.projects import intake
 
 PHOTO_TYPES = [*sorted(e.lstrip(".") for e in images.IMAGE_EXTENSIONS), "zip"]
@@ -43,15 +44,21 @@ with right:
     state = intake.sheet_state(project)
     if state:
         st.caption(f"Using **{ui.plain(state.filename)}**: photo names from column "
-                   f"**{ui.plain(state.image_column or '?')}**, labels from column **{ui.plain(state.label_column or '?')}**.")
+                   f"**{ui.plain(state.image_column or '?')}**, labels from column **{ui.plain(state.label_column or '?')}**"
+                   + (f", products from column **{ui.plain(state.group_column)}**." if state.group_column else "."))
         with st.expander("Change the columns", expanded=not (state.image_column and state.label_column)):
             cols = list(state.columns)
             image_col = st.selectbox("Column with the photo file names", cols,
                                      index=cols.index(state.image_column) if state.image_column in cols else None)
             label_col = st.selectbox("Column with the labels", cols,
                                      index=cols.index(state.label_column) if state.label_column in cols else None)
+            no_group = "(none: find near-duplicate photos instead)"
+            group_col = st.selectbox("Column with the product (optional): photos of one product stay together when "
+                                     "the models are tested", [no_group, *cols],
+                                     index=cols.index(state.group_column) + 1 if state.group_column in cols else 0)
             if st.button("Use these columns") and image_col and label_col:
-                intake.apply_sheet(project, filename=state.filename, image_column=image_col, label_column=label_col)
+                intake.apply_sheet(project, filename=state.filename, image_column=image_col, label_column=label_col,
+                                   group_column="" if group_col == no_group else group_col)
                 st.rerun()
 
 job = ui.job_panel(project, "intake", noun="files")
@@ -93,6 +100,12 @@ if classes:
             if st.form_submit_button("Save names"):
                 project.set_class_names(new)
                 st.rerun()
+
+if summary["labelled"]:
+    grouping = groups.photo_grouping(project, list(project.training_set()["sha"]))
+    st.caption(ui.plain(grouping.summary()) if grouping.source != "none" else
+               "Near-duplicate photos (several shots of one product) are looked for once the photos' features are "
+               "extracted on the Backbone step; they are then kept together when the models are tested.")
 
 blockers = [p for p in intake.refresh_blockers(project) if p.severity == "error"]
 for p in blockers:

@@ -5,7 +5,7 @@ import streamlit as st
 from app_pages import ui
 from app_pages.ui import results
 from core import tasks
-from core.learning import extraction, models, runs, training
+from core.learning import extraction, groups, models, runs, training
 from core.present import charts, journey
 from core.projects import jobs
 from core.projects.state import ProjectState
@@ -53,6 +53,7 @@ if not latest:
 changed = runs.labels_changed(project, latest.get("frozen") or next(iter(latest.values())))
 if changed:
     st.warning(ui.plain(changed), icon=":material/update:")
+st.caption(ui.plain(groups.split_sentence((latest.get("frozen") or next(iter(latest.values()))).extra.get("split"))))
 comparison = training.compare(project, names=("Quick model", "Fine-tuned network"))
 if comparison is not None:
     (st.success if comparison.better else st.info)(f"**Verdict:** {ui.plain(comparison.verdict)}")

@@ -12,7 +12,7 @@ from app_pages.ui import plain, thumb_grid
 from core.base.durations import duration_text
 from core.base.problems import InputError
 from core.inputs import images
-from core.learning import finetune_config, models, predictor, runs, training
+from core.learning import calibration, finetune_config, models, predictor, runs, training
 from core.learning.evaluation import range_text
 from core.present import charts
 from core.projects.workspace import Project
@@ -39,6 +39,7 @@ def run_panel(project: Project, run: runs.RunRecord, names: dict[str, str]) -> N
                  width="stretch")
     st.plotly_chart(charts.confusion_figure(report["confusion"], run.classes, names=names), width="stretch",
                     key=f"cm-{run.kind}")
+    _confidence(run)
     if run.positive:
         _threshold(project, run, names)
     wrong = runs.test_predictions(project, run)
@@ -51,6 +52,22 @@ def run_panel(project: Project, run: runs.RunRecord, names: dict[str, str]) -> N
                        file_name=f"{project.slug}-{run.kind}-{run.id}.zip", mime="application/zip", key=f"dl-{run.kind}",
                        help="One file to tag photos with elsewhere (command line, another project); it keeps the "
                             "confidence setting chosen here.")
+
+
+def _confidence(run: runs.RunRecord) -> None:
+    """Whether "90 % sure" means right 9 times in 10, in words and as a reliability chart."""
+    rel = run.extra.get("reliability") or {}
+    if not rel.get("after"):
+        return
+    before = rel["before"] if rel.get("before") != rel["after"] else None
+    st.markdown("**Can you take its confidence literally?** " + calibration.reliability_sentence(rel["after"], before=before))
+    with st.expander("Reliability chart: how sure it said it was, and how often it was right"):
+        st.caption("Each dot is a group of held-out photos. On the dotted line, “80 % sure” means right 8 times in 10."
+                   + (" Its confidence was adjusted on photos it did not learn from; the slider and the review flag use "
+                      "the adjusted confidence." if before else ""))
+        fig = charts.reliability_figure(rel)
+        if fig is not None:
+            st.plotly_chart(fig, width="stretch", key=f"rel-{run.kind}")
 
 
 def _threshold(project: Project, run: runs.RunRecord, names: dict[str, str]) -> None:

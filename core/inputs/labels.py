@@ -32,6 +32,7 @@ __all__ = [
     "Sheet",
     "class_display_defaults",
     "guess_columns",
+    "guess_group_column",
     "labels_look_coded",
     "match_labels",
     "normalise_name",
@@ -127,6 +128,29 @@ def guess_columns(sheet: Sheet) -> tuple[str | None, str | None]:
         if best is None or score > best:
             best, label_col = score, name
     return image_col, label_col
+
+
+_GROUP_NAMES = frozenset(
+    "product product_id productid product_code product_name group group_id groupid item item_id itemid article article_id "
+    "article_number style style_id style_number style_code model_id model_number parent parent_id parent_sku master_sku "
+    "family listing listing_id".split())
+_GROUP_TOKENS = frozenset("product group item article style parent listing produit produkt articulo".split())
+
+
+def guess_group_column(sheet: Sheet, *, image_column: str | None, label_column: str | None) -> str | None:
+    """The column that says which product (group) each photo shows, or None: named like one
+    ("product_id", "Style", "group"), neither the photo nor the label column, filled on most
+    rows, with values that repeat (several photos per product) but are not a handful of classes."""
+    best: tuple | None = None
+    choice: str | None = None
+    for pos, name in enumerate(sheet.frame.columns):
+        hint = _name_hint(name, _GROUP_NAMES, _GROUP_TOKENS)
+        values = [v for v in sheet.frame[name].tolist() if v]
+        if name in (image_column, label_column) or not hint or len(values) < max(4, len(sheet.frame) // 2):
+            continue
+        if 3 <= len(set(values)) < len(values) and (best is None or (hint, len(values), -pos) > best):
+            best, choice = (hint, len(values), -pos), name
+    return choice
 
 
 # --------------------------------------------------------------------------- matching

@@ -36,6 +36,7 @@ import numpy as np
 from core.base.files import atomic_file
 from core.learning import bundle_limits as limits
 from core.learning.bundle_limits import BundleError
+from core.learning.calibration import Calibration
 from core.learning.heads import head_from_arrays
 
 __all__ = [
@@ -124,6 +125,7 @@ class ModelBundle:
     split: dict[str, Any] = field(default_factory=dict)
     training_manifest: dict[str, Any] = field(default_factory=dict)
     name: str = ""
+    calibration: dict[str, Any] | None = None  # applied to every probability (core.learning.calibration)
     id: str = field(default_factory=new_bundle_id)
     created_at: str = field(default_factory=_now)
     library_versions: dict[str, str | None] = field(default_factory=library_versions)
@@ -185,6 +187,7 @@ _SCHEMA = {
     "library_versions": (_is_version_map, "an object of version texts", True),
     "training_manifest": (lambda v: isinstance(v, dict), "an object", True),
     "name": (_is_str, "text", False),
+    "calibration": (lambda v: v is None or isinstance(v, dict), "an object or null", False),
 }
 
 
@@ -231,6 +234,12 @@ def _validate(d: Any) -> None:
             raise BundleError(bad + f"a two-class model needs a threshold between 0 and 1, found {t!r}.")
     elif d["positive"] is not None or d["threshold"] is not None:
         raise BundleError(bad + "only two-class models have a positive class and a threshold.")
+    if d.get("calibration") is not None:
+        try:
+            if Calibration.from_dict(d["calibration"]).positive >= len(classes):
+                raise ValueError("it names a class the model does not have")
+        except ValueError as exc:
+            raise BundleError(bad + f"its confidence calibration cannot be used: {exc}.") from None
     try:
         datetime.fromisoformat(d["created_at"])
     except ValueError:

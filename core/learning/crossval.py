@@ -4,6 +4,9 @@ Small data (under the plan's ``small_data_threshold`` photos) gets repeated stra
 k-fold cross-validation on the training part of the project's split plan, with an interval
 corrected for the overlap between folds (Nadeau & Bengio, 2003); the final head, fit on
 all training photos, is scored once on the held-out test photos (:mod:`core.learning.evaluation`).
+Its confidence is calibrated on the out-of-fold predictions where that helps
+(:mod:`core.learning.calibration`); the threshold and the test scores are then on the
+calibrated probabilities, and the reliability on the test photos is measured before and after.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import numpy as np
 import pandas as pd
 from sklearn.base import clone
 
+from core.learning.calibration import apply_calibration, fit_calibration, reliability
 from core.learning.evaluation import (
     METRIC_NAMES,
     METRICS,
@@ -61,6 +65,10 @@ class CVResult:
     cv_seconds: float
     n_splits: int
     n_repeats: int
+    calibration: dict[str, Any] | None = None  # Calibration.to_dict(), None: the raw probabilities are kept
+    raw_test_proba: np.ndarray | None = None  # the test photos' probabilities before calibration...
+    raw_threshold: float | None = None  # ...and the threshold chosen on the uncalibrated out-of-fold ones
+    reliability: dict[str, Any] | None = None  # {"before": ..., "after": ...} on the test photos
 
     def headline(self, metric: str = "balanced_accuracy") -> str:
         """One sentence for the UI, e.g. 'Balanced accuracy 91.2 % (95 % range 88.0 to 94.3 %) ...'."""
@@ -85,6 +93,8 @@ class CVResult:
             "test_report": self.test_report.to_dict(),
             "fit_seconds": self.fit_seconds,
             "cv_seconds": self.cv_seconds,
+            "calibration": self.calibration,
+            "reliability": self.reliability,
         }
 
 
@@ -148,6 +158,7 @@ def cross_validate_head(
     positive: str | None = None,
     threshold_rule: str = "balanced",
     n_boot: int = 1000,
+    calibrate: bool = True,
     on_progress: Callable[[int, int], None] | None = None,
 ) -> CVResult:
     """Cross-validate a frozen head on the plan's training part, then score it on the test photos.
@@ -171,11 +182,14 @@ def cross_validate_head(
     splits = list(plan.cv_splits())
     total, done = len(splits) + 1, 0
     oof_sum = np.zeros((len(plan.ids), len(classes)))
+    oof_first = np.zeros((len(plan.ids), len(classes)))  # repeat 0: one model's prediction per photo
     records = []
     t0 = time.perf_counter()
     for r, k, fit_pos, score_pos in splits:
         _, p = _fit_predict(make_head, Xp[fit_pos], yp[fit_pos], Xp[score_pos], classes)
         oof_sum[score_pos] += p
+        if r == 0:
+            oof_first[score_pos] = p
         cm = confusion_counts(yp[score_pos], predict_labels(p, classes=classes, positive=positive), classes)
         records.append(
             {"repeat": r, "fold": k, "n_fit": len(fit_pos), "n_scored": len(score_pos)}
@@ -200,20 +214,31 @@ def cross_validate_head(
             }
 
     binary = len(classes) == 2
-    threshold = None
     if binary:
         positive = classes[positive_index(classes, positive)]
+    calibration = None
+    if records and calibrate:
+        calibration = fit_calibration(yp[train_pos], oof_first[train_pos], classes=classes,
+                                      positive=positive if binary else None, fitted_on="cross-validation",
+                                      seed=plan.seed)
+    threshold = raw_threshold = None
+    if binary:
+        threshold = raw_threshold = 0.5
         if records:
             oof_train = oof_sum[train_pos] / max(1, plan.n_repeats)
-            threshold = choose_threshold(
-                yp[train_pos], oof_train[:, classes.index(positive)], rule=threshold_rule, positive=positive
-            )
-        else:
-            threshold = 0.5
+            pick = lambda p: choose_threshold(  # noqa: E731
+                yp[train_pos], p[:, classes.index(positive)], rule=threshold_rule, positive=positive)
+            raw_threshold = pick(oof_train)
+            threshold = pick(apply_calibration(oof_train, calibration)) if calibration else raw_threshold
 
     t1 = time.perf_counter()
-    final, test_proba = _fit_predict(make_head, Xp[train_pos], yp[train_pos], Xp[test_pos], classes)
+    final, raw_test_proba = _fit_predict(make_head, Xp[train_pos], yp[train_pos], Xp[test_pos], classes)
     fit_seconds = time.perf_counter() - t1
+    test_proba = apply_calibration(raw_test_proba, calibration)
+    rel = {"before": reliability(yp[test_pos], raw_test_proba, classes=classes, positive=positive if binary else None,
+                                 threshold=raw_threshold),
+           "after": reliability(yp[test_pos], test_proba, classes=classes, positive=positive if binary else None,
+                                threshold=threshold)}
     test_report = evaluate_predictions(
         yp[test_pos],
         test_proba,
@@ -226,7 +251,7 @@ def cross_validate_head(
     if on_progress:
         on_progress(total, total)
 
-    oof = oof_sum / max(1, plan.n_repeats)
+    oof = apply_calibration(oof_sum / max(1, plan.n_repeats), calibration)
     if not records:  # no CV planned: only test photos get honest probabilities
         oof[train_pos] = np.nan
     oof[test_pos] = test_proba
@@ -250,6 +275,10 @@ def cross_validate_head(
         cv_seconds=cv_seconds,
         n_splits=plan.n_splits,
         n_repeats=plan.n_repeats,
+        calibration=calibration.to_dict() if calibration else None,
+        reliability=rel,
+        raw_test_proba=raw_test_proba,
+        raw_threshold=raw_threshold,
     )
 
 

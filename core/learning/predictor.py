@@ -27,6 +27,7 @@ import pandas as pd
 from core.base.files import sha256_file
 from core.base.problems import InputError
 from core.learning import bundles, finetune_loop
+from core.learning.calibration import apply_calibration
 from core.learning.evaluation import predict_labels
 from core.vision import backbones, features, weights
 from core.vision.device import pick_device
@@ -137,7 +138,7 @@ class Predictor:
         ``ids`` (optional, one per item) are content ids of the photos (the SHA-256 of their
         bytes, as the project names its photos); a frozen model uses them as feature cache
         keys and computes them when not given. Columns: ``image``, ``predicted_label``,
-        ``confidence`` (the probability of the predicted label), ``proba_<class>`` for every
+        ``confidence`` (the calibrated probability of the predicted label), ``proba_<class>`` for every
         class, and ``error`` ("" or a plain reason why the photo could not be read; such a
         row has no label and NaN numbers).
         """
@@ -149,7 +150,8 @@ class Predictor:
             proba, errors = self._frozen_proba(paths, ids, on_progress)
         else:
             proba, errors = self._finetuned_proba(paths, on_progress)
-        return self._table(names, proba, errors)
+        # the confidence the model states is its calibrated one, as on the Train page (the bundle carries it)
+        return self._table(names, apply_calibration(proba, self.bundle.calibration), errors)
 
     def _frozen_proba(self, paths: list[Path], ids: Sequence[str] | None, on_progress):
         unreadable: dict[int, str] = {}

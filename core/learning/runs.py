@@ -18,6 +18,7 @@ import pandas as pd
 
 from core.base.files import atomic_file, atomic_write_text
 from core.learning import bundles, evaluation, extraction, splits
+from core.learning.groups import photo_grouping
 from core.projects.state import ProjectState
 from core.projects.workspace import Project
 
@@ -77,17 +78,38 @@ def latest_runs(project: Project) -> dict[str, RunRecord]:
     return runs
 
 
-def split_plan(project: Project, ids: list[str], y: list[str], *, seed: int = 0) -> splits.SplitPlan:
-    """The project's split plan, made once and reused while the labelled photos stay the same."""
+def split_plan(project: Project, ids: list[str], y: list[str], *, seed: int = 0, groups: list[int] | None = None,
+               group_source: str = "") -> splits.SplitPlan:
+    """The project's split plan, made once and reused while the labelled photos (and the
+    groups that must stay together, :mod:`core.learning.groups`) stay the same.
+
+    ``groups`` default to the project's (:func:`core.learning.groups.photo_grouping` on the
+    chosen backbone's features); training passes them, found on the features it has loaded."""
+    if groups is None:
+        grouping = photo_grouping(project, ids)
+        groups, group_source = grouping.groups, grouping.source
     path = project.path("runs", "split_plan.json")
-    signature = labels_signature(ids, y, seed)
+    signature = labels_signature(ids, y, seed) + _groups_signature(ids, groups)
     if path.is_file():
         stored = json.loads(path.read_text())
         if stored.get("signature") == signature:
             return splits.SplitPlan.from_dict(stored["plan"])
-    plan = splits.plan_split(ids, y, seed=seed)
+    plan = splits.plan_split(ids, y, seed=seed, groups=groups, group_source=group_source)
     atomic_write_text(path, json.dumps({"signature": signature, "plan": plan.to_dict()}))
     return plan
+
+
+def _groups_signature(ids: list[str], groups: list[int] | None) -> str:
+    """A fingerprint of which photos share a group ("" when every photo is on its own)."""
+    if groups is None or len(set(groups)) == len(groups):
+        return ""
+    members: dict[int, list[str]] = {}
+    for i, g in zip(ids, groups, strict=True):
+        members.setdefault(g, []).append(str(i))
+    digest = hashlib.sha256()
+    for group in sorted(sorted(m) for m in members.values() if len(m) > 1):
+        digest.update(("\t".join(group) + "\n").encode())
+    return "-g" + digest.hexdigest()[:12]
 
 
 def labels_signature(ids: list[str], y: list[str], seed: int) -> str:
@@ -146,7 +168,8 @@ def labels_changed(project: Project, run: RunRecord) -> str | None:
         if not path.is_file():
             return None
         stored = json.loads(path.read_text())
-        then_signature, seed = stored.get("signature"), int(stored.get("plan", {}).get("seed", 0))
+        # the plan's signature may end with its groups' ("-g..."): the labels' part comes first
+        then_signature, seed = (stored.get("signature") or "")[:16], int(stored.get("plan", {}).get("seed", 0))
     y, ids = extraction.training_labels(project, run.backbone_id)
     if labels_signature(ids, list(y), seed) == then_signature:
         return None

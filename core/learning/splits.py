@@ -5,22 +5,28 @@ One :class:`SplitPlan` per project. Its held-out test photos are scored by every
 regularisation and no early stopping ever looks at them. Small data (under
 ``small_data_threshold`` photos) also gets the repeated stratified k-fold folds that
 :func:`core.learning.evaluation.cross_validate_head` uses on the training part.
+
+Given groups (several shots of one product, near-duplicates: :mod:`core.learning.groups`),
+every part is drawn by group: a group is wholly in the test, validation or training
+photos and wholly in one cross-validation fold (``StratifiedGroupKFold``), so no method is
+tested on a photo whose twin it learned from.
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from sklearn.model_selection import RepeatedStratifiedKFold
+from sklearn.model_selection import RepeatedStratifiedKFold, StratifiedGroupKFold
 
 from core.base.problems import InputError
 
 __all__ = ["PLAN_VERSION", "SplitPlan", "plan_split"]
 
-PLAN_VERSION = 1
+PLAN_VERSION = 2  # 2: groups kept together (version 1 plans are read as per-photo plans)
 
 @dataclass
 class SplitPlan:
@@ -44,7 +50,14 @@ class SplitPlan:
     test_size: float
     val_size: float
     small_data_threshold: int
+    groups: list[int] = field(default_factory=list)  # group of ``ids[i]``; empty: every photo on its own
+    group_source: str = ""  # "column" | "near_duplicates" | "" (what the groups are)
     version: int = PLAN_VERSION
+
+    @property
+    def kept_together(self) -> bool:
+        """Whether groups of several photos exist and each sits on one side of every split."""
+        return bool(self.groups) and len(set(self.groups)) < len(self.ids)
 
     @property
     def training_ids(self) -> list[str]:
@@ -77,12 +90,14 @@ class SplitPlan:
             "val_ids": list(self.val_ids),
             "test_ids": list(self.test_ids),
             "cv_folds": [list(map(int, f)) for f in self.cv_folds],
+            "groups": [int(g) for g in self.groups],
+            "group_source": self.group_source,
         }
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> SplitPlan:
         """Rebuild and check a plan read from JSON; raises ``ValueError`` if it is inconsistent."""
-        if not isinstance(d, Mapping) or d.get("version") != PLAN_VERSION:
+        if not isinstance(d, Mapping) or d.get("version") not in (1, PLAN_VERSION):
             raise ValueError(f"Not a split plan of version {PLAN_VERSION}: {str(d)[:80]!r}.")
         try:
             plan = cls(
@@ -97,6 +112,8 @@ class SplitPlan:
                 test_size=float(d["test_size"]),
                 val_size=float(d["val_size"]),
                 small_data_threshold=int(d["small_data_threshold"]),
+                groups=[int(g) for g in d.get("groups", [])],
+                group_source=str(d.get("group_source", "")),
             )
         except (KeyError, TypeError) as exc:
             raise ValueError(f"The split plan is incomplete or malformed: {exc}.") from exc
@@ -105,6 +122,8 @@ class SplitPlan:
             raise ValueError("The split plan is inconsistent: train, validation and test do not partition its photos.")
         if len(plan.cv_folds) != plan.n_repeats or any(len(f) != len(plan.ids) for f in plan.cv_folds):
             raise ValueError("The split plan is inconsistent: its cross-validation folds do not match its photos.")
+        if plan.groups and (len(plan.groups) != len(plan.ids) or _straddling(plan)):
+            raise ValueError("The split plan is inconsistent: a group of photos sits on both sides of a split.")
         return plan
 
 
@@ -119,10 +138,63 @@ def _allocate(counts: np.ndarray, fraction: float, *, keep: int) -> np.ndarray:
     return np.clip(np.maximum(out, 1), 0, np.maximum(counts - keep, 0))
 
 
+def _straddling(plan: SplitPlan) -> bool:
+    """Whether any group has photos in two parts (test / validation / train) or two folds."""
+    part = {i: 0 for i in plan.train_ids} | {i: 1 for i in plan.val_ids} | {i: 2 for i in plan.test_ids}
+    seen: dict[int, int] = {}
+    for i, g in zip(plan.ids, plan.groups, strict=True):
+        if seen.setdefault(g, part[i]) != part[i]:
+            return True
+    for folds in plan.cv_folds:
+        fold_of: dict[int, int] = {}
+        for g, f in zip(plan.groups, folds, strict=True):
+            if f >= 0 and fold_of.setdefault(g, f) != f:
+                return True
+    return False
+
+
+def _group_holdout(labels: np.ndarray, groups: np.ndarray, fraction: float, *, keep: int, seed: int) -> np.ndarray | None:
+    """Positions of a stratified share ``fraction`` of whole groups, with every class held out
+    at least once and ``keep`` photos of every class left behind; None when no draw can."""
+    k = int(min(max(2, round(1 / fraction)), len(set(groups.tolist()))))
+    if k < 2:
+        return None
+    classes = np.unique(labels)
+    best = None
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The least populated class", category=UserWarning)
+        folds = StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed).split(labels, labels, groups)
+        for j, (_, held) in enumerate(folds):
+            held_counts = np.array([(labels[held] == c).sum() for c in classes])
+            rest_counts = np.array([(labels == c).sum() for c in classes]) - held_counts
+            if (held_counts >= 1).all() and (rest_counts >= keep).all():
+                score = (abs(len(held) - fraction * len(labels)), j)
+                if best is None or score < best[0]:
+                    best = (score, held)
+    return None if best is None else best[1]
+
+
+def _grouped_parts(ids: np.ndarray, labels: np.ndarray, groups: np.ndarray, *, test_size: float, val_size: float,
+                   seed: int) -> tuple[set[str], set[str]] | None:
+    test_pos = _group_holdout(labels, groups, test_size, keep=2, seed=seed)
+    if test_pos is None:
+        return None
+    rest = np.setdiff1d(np.arange(len(ids)), test_pos)
+    val: set[str] = set()
+    if val_size > 0:
+        val_pos = _group_holdout(labels[rest], groups[rest], val_size, keep=1, seed=seed)
+        if val_pos is None:
+            return None
+        val = set(ids[rest][val_pos].tolist())
+    return set(ids[test_pos].tolist()), val
+
+
 def plan_split(
     ids: Sequence[str],
     y: Sequence[str],
     *,
+    groups: Sequence[int] | None = None,
+    group_source: str = "",
     seed: int = 0,
     test_size: float = 0.2,
     val_size: float = 0.15,
@@ -132,11 +204,13 @@ def plan_split(
 ) -> SplitPlan:
     """Plan a stratified test set, a validation subset and cross-validation folds.
 
-    The plan depends only on the (id, label) pairs and the seed, not on row order.
-    ``n_repeats=None`` means 5 repeats of ``n_splits``-fold cross-validation for small
-    data and a single k-fold pass otherwise (enough for out-of-fold probabilities);
-    ``n_repeats=0`` plans no cross-validation. ``val_size`` is a fraction of the
-    training part.
+    The plan depends only on the (id, label) pairs, the groups and the seed, not on row
+    order. ``groups`` (one number per id) keeps photos of one group on one side of every
+    split; when a class sits in too few groups for that, the plan is made per photo and
+    says so (``kept_together`` is False). ``n_repeats=None`` means 5 repeats of
+    ``n_splits``-fold cross-validation for small data and a single k-fold pass otherwise
+    (enough for out-of-fold probabilities); ``n_repeats=0`` plans no cross-validation.
+    ``val_size`` is a fraction of the training part.
     """
     ids = [str(i) for i in ids]
     labels = np.asarray([str(v) for v in y])
@@ -144,6 +218,8 @@ def plan_split(
         raise ValueError(f"Got {len(ids)} photo ids but {len(labels)} labels.")
     if len(set(ids)) != len(ids):
         raise ValueError("Photo ids must be unique; the same photo is listed twice.")
+    if groups is not None and len(groups) != len(ids):
+        raise ValueError(f"Got {len(ids)} photo ids but {len(groups)} groups.")
     if not 0 < test_size < 1 or not 0 <= val_size < 1:
         raise ValueError(f"test_size must be in (0, 1) and val_size in [0, 1), got {test_size}, {val_size}.")
     if n_splits < 2:
@@ -162,16 +238,28 @@ def plan_split(
     order = np.argsort(np.asarray(ids), kind="stable")  # row order must not matter
     sorted_ids = np.asarray(ids)[order]
     sorted_labels = labels[order]
-    rng = np.random.default_rng(seed)
-    by_class = [rng.permutation(sorted_ids[sorted_labels == c]) for c in classes]
-
-    n_test = _allocate(counts, test_size, keep=2)
-    rest = counts - n_test
-    n_val = _allocate(rest, val_size, keep=1) if val_size > 0 else np.zeros_like(rest)
-    test, val = set(), set()
-    for members, t, v in zip(by_class, n_test, n_val, strict=True):
-        test.update(members[:t].tolist())
-        val.update(members[t : t + v].tolist())
+    sorted_groups = None
+    if groups is not None and len(set(groups)) < len(ids):
+        # groups renumbered by their first photo in id order: the plan depends on the partition only
+        first: dict = {}
+        sorted_groups = np.array([first.setdefault(g, len(first)) for g in np.asarray(groups)[order].tolist()])
+    parts = None
+    if sorted_groups is not None:
+        parts = _grouped_parts(sorted_ids, sorted_labels, sorted_groups, test_size=test_size, val_size=val_size,
+                               seed=seed)
+    if parts is None:
+        sorted_groups = None
+        rng = np.random.default_rng(seed)
+        by_class = [rng.permutation(sorted_ids[sorted_labels == c]) for c in classes]
+        n_test = _allocate(counts, test_size, keep=2)
+        rest = counts - n_test
+        n_val = _allocate(rest, val_size, keep=1) if val_size > 0 else np.zeros_like(rest)
+        test, val = set(), set()
+        for members, t, v in zip(by_class, n_test, n_val, strict=True):
+            test.update(members[:t].tolist())
+            val.update(members[t : t + v].tolist())
+    else:
+        test, val = parts
 
     if n_repeats is None:
         n_repeats = 5 if len(ids) < small_data_threshold else 1
@@ -180,15 +268,29 @@ def plan_split(
     if n_repeats > 0:
         is_train_sorted = np.array([i not in test for i in sorted_ids])
         tr_ids, tr_labels = sorted_ids[is_train_sorted], sorted_labels[is_train_sorted]
-        k = int(max(2, min(n_splits, np.unique(tr_labels, return_counts=True)[1].min())))
         pos = {i: p for p, i in enumerate(ids)}
         tr_pos = np.array([pos[i] for i in tr_ids])
-        splitter = RepeatedStratifiedKFold(n_splits=k, n_repeats=n_repeats, random_state=seed)
         folds = np.full((n_repeats, len(ids)), -1, dtype=int)
-        for j, (_, score_idx) in enumerate(splitter.split(tr_ids, tr_labels)):
-            folds[j // k, tr_pos[score_idx]] = j % k
+        if sorted_groups is None:
+            k = int(max(2, min(n_splits, np.unique(tr_labels, return_counts=True)[1].min())))
+            splitter = RepeatedStratifiedKFold(n_splits=k, n_repeats=n_repeats, random_state=seed)
+            for j, (_, score_idx) in enumerate(splitter.split(tr_ids, tr_labels)):
+                folds[j // k, tr_pos[score_idx]] = j % k
+        else:
+            tr_groups = sorted_groups[is_train_sorted]
+            groups_per_class = [len(set(tr_groups[tr_labels == c].tolist())) for c in classes]
+            k = int(max(2, min(n_splits, min(groups_per_class), len(set(tr_groups.tolist())))))
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message="The least populated class", category=UserWarning)
+                for r in range(n_repeats):
+                    splitter = StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed + r)
+                    for j, (_, score_idx) in enumerate(splitter.split(tr_ids, tr_labels, tr_groups)):
+                        folds[r, tr_pos[score_idx]] = j
         cv_folds = folds.tolist()
 
+    group_of = {}
+    if sorted_groups is not None:
+        group_of = dict(zip(sorted_ids.tolist(), sorted_groups.tolist(), strict=True))
     return SplitPlan(
         ids=ids,
         train_ids=[i for i in ids if i not in test and i not in val],
@@ -201,6 +303,6 @@ def plan_split(
         test_size=test_size,
         val_size=val_size,
         small_data_threshold=small_data_threshold,
+        groups=[group_of[i] for i in ids] if group_of else [],
+        group_source=group_source if group_of else "",
     )
-
-

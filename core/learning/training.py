@@ -17,6 +17,7 @@ import numpy as np
 from core.base.problems import InputError
 from core.learning import (
     bundles,
+    calibration,
     comparison,
     crossval,
     evaluation,
@@ -24,6 +25,7 @@ from core.learning import (
     finetune,
     finetune_config,
     finetune_loop,
+    groups,
     heads,
     runs,
     splits,
@@ -64,6 +66,7 @@ class _TrainingData:
     names: dict[str, str]
     positive: str | None
     plan: splits.SplitPlan
+    grouping: groups.Grouping
 
 
 def _training_data(project: Project, backbone_id: str | None, seed: int) -> _TrainingData:
@@ -75,8 +78,9 @@ def _training_data(project: Project, backbone_id: str | None, seed: int) -> _Tra
     if len(classes) < 2:
         raise InputError("Training needs at least two classes of labelled photos.")
     names = project.class_names()
-    return _TrainingData(backbone_id, X, y, ids, classes, names, _positive(classes, names),
-                         runs.split_plan(project, ids, list(y), seed=seed))
+    grouping = groups.photo_grouping(project, ids, X)
+    plan = runs.split_plan(project, ids, list(y), seed=seed, groups=grouping.groups, group_source=grouping.source)
+    return _TrainingData(backbone_id, X, y, ids, classes, names, _positive(classes, names), plan, grouping)
 
 
 def train_frozen(
@@ -107,7 +111,8 @@ def train_frozen(
         class_display_names={c: names[c] for c in cv.classes if c in names},
         positive=cv.positive,
         threshold=cv.threshold,
-        metrics={"test": cv.test_report.to_dict(), "cv": cv.summary},
+        metrics={"test": cv.test_report.to_dict(), "cv": cv.summary, "reliability": cv.reliability},
+        calibration=cv.calibration,
         seed=seed,
         split=plan.to_dict(),
         training_manifest=bundles.training_manifest(plan.train_ids + plan.val_ids, [dict(zip(ids, y))[i] for i in plan.train_ids + plan.val_ids]),
@@ -120,7 +125,8 @@ def train_frozen(
         test_ids=list(cv.test_ids), test_report=cv.test_report.to_dict(), headline=cv.headline(),
         seconds=round(time.time() - job_started, 1), created_at=time.time(),  # what the user waited for
         extra={"cv": cv.to_dict(), "cv_seconds": round(seconds, 2), "fit_seconds": round(cv.fit_seconds, 3),
-               "labels_signature": runs.labels_signature(ids, list(y), 0)},
+               "labels_signature": runs.labels_signature(ids, list(y), 0),
+               "reliability": cv.reliability, "split": groups.split_record(plan, data.grouping)},
     )
     runs.save_run(project, record, {
         "ids": np.asarray(cv.ids), "oof_proba": cv.oof_proba, "in_test": cv.in_test,
@@ -184,19 +190,29 @@ def train_finetuned(
             threshold = quick[0].threshold
     report(0, len(plan.test_ids), "Scoring the held-out photos")
     test_items = [(sha, project.image_path(sha)) for sha in plan.test_ids]
-    proba = finetune_loop.predict_proba(result.model, test_items, backbone_id=backbone_id, device=device)
-    keep = ~np.isnan(proba).any(axis=1)
+    raw = finetune_loop.predict_proba(result.model, test_items, backbone_id=backbone_id, device=device)
+    keep = ~np.isnan(raw).any(axis=1)
     test_ids = [sha for sha, ok in zip(plan.test_ids, keep) if ok]
+    truth = [label[i] for i in test_ids]
+    if quick is not None:  # the quick model's own confidence calibration goes with its head
+        cal = calibration.Calibration.from_dict(quick[0].calibration) if quick[0].calibration else None
+    else:
+        cal, threshold = _calibrate_on_validation(result, label, classes, positive, seed)
+    proba = calibration.apply_calibration(raw, cal)
     test_report = evaluation.evaluate_predictions(
-        [label[i] for i in test_ids], proba[keep], classes=classes, positive=positive, threshold=threshold,
+        truth, proba[keep], classes=classes, positive=positive, threshold=threshold,
     )
+    rel = {"before": calibration.reliability(truth, raw[keep], classes=classes, positive=positive,
+                                             threshold=result.threshold),
+           "after": calibration.reliability(truth, proba[keep], classes=classes, positive=positive,
+                                            threshold=threshold)}
     seconds = time.time() - job_started + earlier_attempts  # what the user waited for
     bundle = bundles.ModelBundle(
         kind="finetuned", backbone_id=backbone_id, weights_hash=weights.weights_hash(backbone_id),
         preprocessing=backbones.preprocessing_record(backbone_id), classes=classes,
         class_display_names={c: names[c] for c in classes if c in names}, positive=positive,
-        threshold=threshold, metrics={"test": test_report.to_dict(), "history": result.history}, seed=seed,
-        split=plan.to_dict(),
+        threshold=threshold, metrics={"test": test_report.to_dict(), "history": result.history, "reliability": rel},
+        calibration=cal.to_dict() if cal else None, seed=seed, split=plan.to_dict(),
         training_manifest=bundles.training_manifest(plan.train_ids, [label[i] for i in plan.train_ids]),
         name=f"{project.name} · fine-tuned {backbones.get_backbone(backbone_id).name}",
     )
@@ -214,7 +230,7 @@ def train_finetuned(
                "length": length, "rounds": config.epochs, "train_photos": len(plan.train_ids),
                "val_photos": len(plan.val_ids),
                "labels_signature": runs.labels_signature(ids, list(y), 0),
-               "device": str(result.device)},
+               "device": str(result.device), "reliability": rel, "split": groups.split_record(plan, data.grouping)},
     )
     runs.save_run(project, record, {"test_ids": np.asarray(test_ids), "test_proba": proba[keep]})
     return record
@@ -282,6 +298,21 @@ def finetune_estimates(project: Project, *, device: str | None = None) -> dict |
         lengths[name] = {"rounds": rounds, "seconds": finetune_config.estimate_seconds(
             config, n_train=n_train, n_val=n_val, photo_seconds=photo_seconds)}
     return {"lengths": lengths, "measured": measured, "train_photos": n_train, "val_photos": n_val}
+
+
+def _calibrate_on_validation(result, label: dict, classes: list[str], positive: str | None, seed: int):
+    """The fine-tuned network's calibration, fitted on its validation photos (the test photos
+    stay unseen), and its threshold re-chosen on the calibrated probabilities."""
+    if result.val_proba is None or not len(result.val_ids):
+        return None, result.threshold
+    ok = ~np.isnan(result.val_proba).any(axis=1)
+    val_proba = result.val_proba[ok]
+    truth = [label[i] for i, good in zip(result.val_ids, ok) if good]
+    cal = calibration.fit_calibration(truth, val_proba, classes=classes, positive=positive,
+                                      fitted_on="validation photos", seed=seed)
+    if cal is None or positive is None:
+        return cal, result.threshold
+    return cal, evaluation.choose_threshold(truth, cal.apply(val_proba)[:, classes.index(positive)], positive=positive)
 
 
 def _story(result, *, quick_kept: bool = False) -> str:

@@ -57,6 +57,31 @@ def curves_figure(report: Mapping, *, kind: str = "roc") -> go.Figure | None:
     return fig
 
 
+def reliability_figure(reliability: Mapping) -> go.Figure | None:
+    """Stated confidence vs how often the label given was right, before and after calibration
+    (``{"before": ..., "after": ...}`` of :func:`core.learning.calibration.reliability`)."""
+    series = [(k, reliability.get(k)) for k in ("before", "after") if reliability.get(k) and reliability[k]["bins"]]
+    if not series:
+        return None
+    fig = go.Figure(go.Scatter(x=[0, 1], y=[0, 1], mode="lines", name="Perfectly honest",
+                               line=dict(color="#7F8C8D", dash="dot")))
+    names = {"before": "As the model first said", "after": "After adjusting its confidence"}
+    for i, (key, rel) in enumerate(series):
+        bins = rel["bins"]
+        fig.add_trace(go.Scatter(
+            x=[b["confidence"] for b in bins], y=[b["right"] for b in bins], mode="lines+markers",
+            name=f"{names[key]} (off by {100 * rel['ece']:.1f} points)", line=dict(color=PALETTE[i], width=3),
+            marker=dict(size=[6 + 14 * (b["n"] / max(1, rel["n"])) ** 0.5 for b in bins]),
+            text=[f"{b['n']} photos" for b in bins],
+            hovertemplate="Said %{x:.0%} sure, right %{y:.0%} of the time (%{text})<extra></extra>",
+        ))
+    fig.update_layout(xaxis_title="How sure the model said it was", yaxis_title="How often it was right",
+                      xaxis_tickformat=".0%", yaxis_tickformat=".0%", xaxis_range=[0, 1.02], yaxis_range=[0, 1.02],
+                      height=340, margin=dict(l=10, r=10, t=10, b=10),
+                      legend=dict(orientation="h", yanchor="top", y=-0.22, x=0))
+    return fig
+
+
 def history_figure(history: Sequence[Mapping]) -> go.Figure:
     """Training and validation loss per round (pass over the training photos, counted from 1) of a fine-tuning run."""
     fig = go.Figure()

@@ -213,6 +213,7 @@ class SheetState:
     image_column: str | None
     label_column: str | None
     columns: tuple[str, ...]
+    group_column: str | None = None  # which product each photo shows (photos kept together when testing)
 
 
 def sheet_state(project: Project) -> SheetState | None:
@@ -221,7 +222,7 @@ def sheet_state(project: Project) -> SheetState | None:
         return None
     return SheetState(
         meta["filename"], meta["stored"], meta.get("image_column"), meta.get("label_column"),
-        tuple(meta.get("columns", ())),
+        tuple(meta.get("columns", ())), meta.get("group_column") or None,
     )
 
 
@@ -232,9 +233,11 @@ def apply_sheet(
     data: bytes | None = None,
     image_column: str | None = None,
     label_column: str | None = None,
+    group_column: str | None = None,
 ) -> labels.MatchResult | None:
     """Keep a new label sheet (or change the columns used) and match it to the photos.
 
+    ``group_column`` names the product/group column (None: guessed, "": the sheet has none).
     Raises :class:`InputError` with a plain message when the sheet cannot be read at all.
     """
     if data is not None:
@@ -252,8 +255,10 @@ def apply_sheet(
     guessed_image, guessed_label = labels.guess_columns(sheet)
     image_column = image_column or guessed_image
     label_column = label_column or guessed_label
+    if group_column is None:
+        group_column = labels.guess_group_column(sheet, image_column=image_column, label_column=label_column)
     columns = [str(c) for c in sheet.frame.columns]
-    for chosen, what in ((image_column, "photo file names"), (label_column, "labels")):
+    for chosen, what in ((image_column, "photo file names"), (label_column, "labels"), (group_column or None, "products")):
         if chosen is not None and chosen not in columns:
             raise InputError(f"The sheet has no column '{chosen}' for the {what}. Its columns: {', '.join(columns)}.")
     project.set_meta("sheet", {
@@ -261,6 +266,7 @@ def apply_sheet(
         "stored": str(stored),
         "image_column": image_column,
         "label_column": label_column,
+        "group_column": group_column or "",
         "columns": columns,
         "rows": len(sheet.frame),
         "at": time.time(),
@@ -286,16 +292,18 @@ def rematch(project: Project, *, sheet: labels.Sheet | None = None) -> labels.Ma
             f"{state.filename}: choose which column holds the photo file names and which holds the labels.",
             file=state.filename)])
         return None
+    names = _photo_names(project)
     # Every row's problem goes to a file (the download); the database keeps the summary.
     with atomic_file(_full_list(project), "w") as out:
         writer = csv.writer(out)
         writer.writerow(_LIST_COLUMNS)
         result = labels.match_labels(
             sheet, image_column=state.image_column, label_column=state.label_column,
-            image_names=_photo_names(project),
+            image_names=names,
             on_problem=lambda p: writer.writerow([p.severity, p.kind, p.file, p.row, p.message]),
         )
     project.set_sheet_labels(result.labels)
+    _store_groups(project, sheet, state, names)
     problems = list(result.problems)
     training = project.training_set()
     problems += labels.training_blockers(dict(zip(training["sha"], training["label"])))
@@ -331,6 +339,27 @@ def problem_list_csv(project: Project) -> bytes:
         notes = sheet_summary[~sheet_summary["kind"].isin(set(rows["kind"]))]  # notes, blockers
         problems = pd.concat([problems[problems["scope"] != "sheet"], notes, rows], ignore_index=True)
     return exports.csv_bytes(problems[list(_LIST_COLUMNS)])  # no cell runs as a formula
+
+
+def _store_groups(project: Project, sheet: labels.Sheet, state: SheetState, names: list[str]) -> None:
+    # The group column is matched to the photos like the labels are; its problems are the
+    # label column's, already reported, so only the photo -> product values are kept.
+    column = state.group_column
+    groups: dict[str, str] = {}
+    if column and column in sheet.frame.columns and column not in (state.image_column, state.label_column):
+        by_name = labels.match_labels(sheet, image_column=state.image_column, label_column=column,
+                                      image_names=names).labels
+        sha_of = dict(project.query("SELECT name, sha FROM names"))
+        for name, value in by_name.items():
+            groups.setdefault(sha_of[name], value)
+    project.set_meta("photo_groups", {"column": column if groups else "", "groups": groups})
+
+
+def photo_groups(project: Project) -> tuple[str | None, dict[str, str]]:
+    """The label sheet's product column and each photo's value in it (photo id -> product),
+    or ``(None, {})`` when the sheet has no such column."""
+    stored = project.get_meta("photo_groups") or {}
+    return stored.get("column") or None, dict(stored.get("groups", {}))
 
 
 def refresh_blockers(project: Project) -> list[Problem]:
