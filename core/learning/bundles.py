@@ -40,22 +40,9 @@ from core.learning.calibration import Calibration
 from core.learning.heads import head_from_arrays
 
 __all__ = [
-    "BUNDLE_JSON",
-    "FORMAT",
-    "HEAD_FILE",
-    "NETWORK_FILE",
-    "SCHEMA_VERSION",
-    "BundleError",
-    "ModelBundle",
-    "frozen_head_from_bundle",
-    "ids_hash",
-    "library_versions",
-    "load_bundle",
-    "load_network_state",
-    "new_bundle_id",
-    "repack",
-    "save_bundle",
-    "training_manifest",
+    "BUNDLE_JSON", "FORMAT", "HEAD_FILE", "NETWORK_FILE", "SCHEMA_VERSION", "BundleError",
+    "ModelBundle", "frozen_head_from_bundle", "ids_hash", "library_versions", "load_bundle",
+    "load_network_state", "new_bundle_id", "repack", "save_bundle", "training_manifest"
 ]
 
 FORMAT = "catalog-lens-model"
