@@ -16,6 +16,7 @@ from core.cli.common import find_project, print_result, progress_printer
 from core.inputs.images import looks_like_image_name
 from core.learning import bundles, extraction, finetune_config, models, predictor, training
 from core.projects import intake, workspace
+from core.tagging import distributed
 from core.vision import backbones, weights
 
 
@@ -187,6 +188,8 @@ def cmd_tag(args: argparse.Namespace) -> int:
     images = Path(args.images) if args.images else None
     if images is not None and not images.exists():
         raise InputError(f"{images} does not exist.")
+    if args.engine != "ray" and (args.address or args.workers or args.cpus):
+        raise InputError("--address, --workers and --cpus go with --engine ray.")
     bundle_path, threshold, project = _tagging_model(args)
     out = Path(args.out)
     folder = out.with_name(out.name + ".run")  # the checkpoint, beside the output
@@ -207,11 +210,15 @@ def cmd_tag(args: argparse.Namespace) -> int:
         tagging.create_run(folder, catalog_path=catalog, bundle_path=bundle_path, options=options,
                            images_zip=images if is_zip else None, images_dir=images if images and not is_zip else None,
                            threshold=threshold)
-    summary = tagging.run_tagging(
-        folder, device=args.device,
-        project_files=tagging.project_photo_files(project) if project else None,
-        feature_store=extraction.feature_store(project) if project else None,
-        on_progress=None if args.json else lambda d, t, m: progress_printer(m)(d, t))
+    show = None if args.json else lambda d, t, m: progress_printer(m)(d, t)
+    files = tagging.project_photo_files(project) if project else None
+    if args.engine == "ray":
+        summary = distributed.run_tagging_on_ray(folder, address=args.address, num_cpus=args.cpus,
+                                                 workers=args.workers, device=args.device, project_files=files,
+                                                 on_progress=show)
+    else:
+        summary = tagging.run_tagging(folder, device=args.device, project_files=files, on_progress=show,
+                                      feature_store=extraction.feature_store(project) if project else None)
     tagging.write_output(folder, out)
     result = {**summary.to_dict(), "out": str(out), "checkpoint": str(folder), "model_id": tagging.load_run(folder)["model_id"],
               "threshold": tagging.load_run(folder).get("threshold")}

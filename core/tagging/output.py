@@ -31,7 +31,7 @@ OUTPUT_COLUMNS = ("predicted_label", "confidence", "needs_review", "tag_error", 
 
 
 def write_output(folder: Path, out: Path, *, fmt: str | None = None, overrides: dict[int, str] | None = None) -> Path:
-    """The catalog with the tag columns added, as CSV or XLSX: every row and column unchanged and
+    """The catalog with the tag columns added, as CSV, XLSX or Parquet: every row and column unchanged and
     in order, cells exactly as written (spaces kept), blank rows kept where they were.
 
     The file starts with the header row (a sheet without one gets "Column A", "Column B"...):
@@ -67,8 +67,13 @@ def write_output(folder: Path, out: Path, *, fmt: str | None = None, overrides: 
     added["model_id"] = run["model_id"]
     output = pd.concat([pd.DataFrame(sheet.raw_rows, columns=range(width)), added], axis=1)
     output.columns = [*header, *added.columns]
-    fmt = fmt or ("xlsx" if out.suffix.lower() in (".xlsx", ".xlsm") else "csv")
-    if fmt == "xlsx":
+    suffix = out.suffix.lower()
+    fmt = fmt or ("xlsx" if suffix in (".xlsx", ".xlsm") else "parquet" if suffix == ".parquet" else "csv")
+    if fmt == "parquet":  # for data tools (Spark, DuckDB, Ray): cells as text, confidence as a number
+        buf = io.BytesIO()
+        output.to_parquet(buf, index=False)
+        atomic_write_bytes(out, buf.getvalue())
+    elif fmt == "xlsx":
         buf = io.BytesIO()
         output.to_excel(buf, index=False)
         atomic_write_bytes(out, buf.getvalue())
