@@ -93,6 +93,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", help="auto, cpu, cuda, cuda:N or mps")
     p.set_defaults(func=model_commands.cmd_predict)
 
+    p = sub.add_parser("export", help="export a model file to run outside the app (ONNX)")
+    p.add_argument("--model", required=True, help="model file (.zip) from train or the app")
+    p.add_argument("--format", default="onnx", choices=["onnx"], help="the format to write (default: onnx)")
+    p.add_argument("--out", required=True, help="file to write (e.g. model.onnx)")
+    p.set_defaults(func=model_commands.cmd_export)
+
     p = sub.add_parser("bench", help="measure speed on this machine")
     bsub = p.add_subparsers(dest="bench_command", required=True)
     b = bsub.add_parser("extract", parents=[common], help="feature extraction: forward limit, pipeline, naive loop, cache")

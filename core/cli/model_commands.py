@@ -1,4 +1,4 @@
-"""Commands about models: train one from a folder, predict a folder, tag a catalog export."""
+"""Commands about models: train one from a folder, predict a folder, export one, tag a catalog export."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from core.base.files import atomic_copy
 from core.base.problems import InputError
 from core.cli.common import find_project, print_result, progress_printer
 from core.inputs.images import looks_like_image_name
-from core.learning import bundles, extraction, finetune_config, models, predictor, training
+from core.learning import bundles, extraction, finetune_config, models, onnx_export, predictor, training
 from core.projects import intake, workspace
 from core.tagging import distributed
 from core.vision import backbones, weights
@@ -161,6 +161,20 @@ def cmd_predict(args: argparse.Namespace) -> int:
             print(f"{r['image']:<{width}}  {'-':<{label_width}}  -  could not be read: {r['error']}")
         else:
             print(f"{r['image']:<{width}}  {r['predicted_label']:<{label_width}}  {100 * r['confidence']:5.1f} %")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    model = Path(args.model)
+    if not model.exists():
+        raise InputError(f"The model file {model} does not exist.")
+    try:
+        out = onnx_export.export_model(model, Path(args.out), fmt=args.format)
+    except weights.WeightsUnavailable as exc:
+        raise InputError(str(exc)) from exc
+    bundle, _ = bundles.load_bundle(model)
+    print_result({"out": str(out), "format": args.format, "kind": bundle.kind, "classes": list(bundle.classes),
+                  "megabytes": round(out.stat().st_size / 1e6, 1)}, args.json)
     return 0
 
 

@@ -38,8 +38,7 @@ from core.tagging.run import (
 
 __all__ = ["RAY_MISSING", "ray_available", "run_tagging_on_ray"]
 
-RAY_MISSING = ("Tagging on Ray needs Ray, which is not installed: "
-               "pip install -r requirements-ray.txt -c constraints.txt")
+RAY_MISSING = "Tagging on Ray needs Ray, which is not installed: pip install -r requirements-ray.txt -c constraints.txt"
 _RESULT_COLUMNS = ["row", "predicted_label", "confidence", "needs_review", "tag_error", "photos"]
 
 
@@ -68,9 +67,10 @@ class _TagActor:
 
 def _records(frame: pd.DataFrame) -> list[tuple]:
     """Result records as the single-machine path keeps them (no confidence: None, not NaN)."""
-    return [(int(r), str(label), None if pd.isna(conf) else float(conf), int(review),
-             str(error), str(photos))
-            for r, label, conf, review, error, photos in frame[_RESULT_COLUMNS].itertuples(index=False, name=None)]
+    return [
+        (int(r), str(label), None if pd.isna(conf) else float(conf), int(review), str(error), str(photos))
+        for r, label, conf, review, error, photos in frame[_RESULT_COLUMNS].itertuples(index=False, name=None)
+    ]
 
 
 def _start_ray(address: str | None, num_cpus: int | None):
@@ -83,8 +83,10 @@ def _start_ray(address: str | None, num_cpus: int | None):
         try:
             ray.init(address=address, log_to_driver=False, runtime_env={"py_modules": [_core_package()]})
         except ConnectionError as exc:
-            raise InputError(f"Could not reach the Ray cluster at {address}: {exc}. Check the address "
-                             "(ray://HOST:10001, or 'auto' on a machine of the cluster).") from exc
+            raise InputError(
+                f"Could not reach the Ray cluster at {address}: {exc}. Check the address "
+                "(ray://HOST:10001, or 'auto' on a machine of the cluster)."
+            ) from exc
     else:
         ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
     return True
@@ -136,14 +138,20 @@ def run_tagging_on_ray(
                 workers = max(1, int(pool))
             # One block per chunk, made here: the workers may hold every CPU of the cluster, so
             # nothing upstream of them may need a task of its own (a repartition would wait forever).
-            chunks = [todo[s:s + options.chunk_rows] for s in range(0, len(todo), options.chunk_rows)]
+            chunks = [todo[s : s + options.chunk_rows] for s in range(0, len(todo), options.chunk_rows)]
             blocks = [pd.DataFrame({"row": rows, "cells": [json.dumps(cells[i]) for i in rows]}) for rows in chunks]
             tagged = ray.data.from_pandas(blocks).map_batches(
                 _TagActor,
-                fn_constructor_kwargs={"folder": str(Path(folder).resolve()), "device": device,
-                                       "project_files": {k: str(v) for k, v in (project_files or {}).items()}},
-                batch_size=None, batch_format="pandas", compute=ray.data.ActorPoolStrategy(size=workers),
-                num_cpus=0 if gpus_per_worker else 1, **({"num_gpus": gpus_per_worker} if gpus_per_worker else {}),
+                fn_constructor_kwargs={
+                    "folder": str(Path(folder).resolve()),
+                    "device": device,
+                    "project_files": {k: str(v) for k, v in (project_files or {}).items()},
+                },
+                batch_size=None,
+                batch_format="pandas",
+                compute=ray.data.ActorPoolStrategy(size=workers),
+                num_cpus=0 if gpus_per_worker else 1,
+                **({"num_gpus": gpus_per_worker} if gpus_per_worker else {}),
             )
             done = total - len(todo)
             for batch in tagged.iter_batches(batch_format="pandas", batch_size=None):
