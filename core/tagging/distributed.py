@@ -111,7 +111,8 @@ def run_tagging_on_ray(
 
     ``address``: a running Ray cluster (``ray://host:10001``, or ``auto``); None starts a
     local one with ``num_cpus`` CPUs (None: all). ``workers``: how many model copies run at
-    once (default: one per CPU, or per GPU when ``gpus_per_worker`` is given). Rows go in
+    once (default: one per CPU, or one per GPU). ``gpus_per_worker``: GPUs each worker holds
+    (default: 1 when the cluster has GPUs and ``device`` allows CUDA, else none). Rows go in
     batches of the run's ``chunk_rows``. Raises InputError when Ray is not installed.
     """
     if not ray_available():
@@ -132,8 +133,10 @@ def run_tagging_on_ray(
         todo = pending_rows(con, total)
         report(total - len(todo), total, "Tagging")
         if todo:
+            resources = ray.cluster_resources()
+            if gpus_per_worker is None and resources.get("GPU", 0) and (device or "auto").startswith(("auto", "cuda")):
+                gpus_per_worker = 1.0  # GPUs in the cluster: one per worker, the model on it
             if workers is None:
-                resources = ray.cluster_resources()
                 pool = resources.get("GPU", 0) / gpus_per_worker if gpus_per_worker else resources.get("CPU", 1)
                 workers = max(1, int(pool))
             # One block per chunk, made here: the workers may hold every CPU of the cluster, so
