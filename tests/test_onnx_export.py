@@ -52,7 +52,8 @@ def photos(home) -> list[Path]:
         w, h = img.size
         img.crop((w // 7, h // 9, w - w // 11, h)).save(folder / f"{name}.jpg", quality=85)
         out.append(folder / f"{name}.jpg")
-    out += sorted((SHARED_DATA / "everyday-photos").glob("*.jpg"))[:10]
+    everyday = SHARED_DATA / "everyday-photos"
+    out += sorted(p for p in everyday.glob("*") if p.suffix.lower() in (".jpg", ".jpeg"))[:10]
     return out
 
 
@@ -61,6 +62,12 @@ def _sheet(home: Path, name: str, sources: dict) -> tuple[Path, Path]:
     sheet = home / f"{name}.csv"
     sheet.write_text(sample_photo_set(folder, sources, per_class=8))
     return folder, sheet
+
+
+def _train(folder: Path, sheet: Path, bundle: Path, *method: str) -> Path:
+    args = ["train", "--images", str(folder), "--labels", str(sheet), *method, "--out", str(bundle), "--json"]
+    assert cli.main(args) == 0
+    return bundle
 
 
 def _export(bundle: Path, out: Path) -> Path:
@@ -120,24 +127,7 @@ def test_a_quick_model_with_three_classes_runs_outside_the_app(home, photos):
             "object": [data.coffee(), data.rocket()],
         },
     )
-    bundle = home / "three.zip"
-    assert (
-        cli.main(
-            [
-                "train",
-                "--images",
-                str(folder),
-                "--labels",
-                str(sheet),
-                "--method",
-                "frozen",
-                "--out",
-                str(bundle),
-                "--json",
-            ]
-        )
-        == 0
-    )
+    bundle = _train(folder, sheet, home / "three.zip", "--method", "frozen")
     _parity(bundle, _export(bundle, home / "three.onnx"), photos)
 
 
@@ -145,26 +135,7 @@ def test_a_fine_tuned_model_runs_outside_the_app(home, photos):
     from skimage import data
 
     folder, sheet = _sheet(home, "tuned", {"person": [data.astronaut()], "no_person": [data.coffee(), data.chelsea()]})
-    bundle = home / "tuned.zip"
-    assert (
-        cli.main(
-            [
-                "train",
-                "--images",
-                str(folder),
-                "--labels",
-                str(sheet),
-                "--method",
-                "finetune",
-                "--epochs",
-                "1",
-                "--out",
-                str(bundle),
-                "--json",
-            ]
-        )
-        == 0
-    )
+    bundle = _train(folder, sheet, home / "tuned.zip", "--method", "finetune", "--epochs", "1")
     assert bundles.load_bundle(bundle)[0].kind == "finetuned"
     _parity(bundle, _export(bundle, home / "tuned.onnx"), photos)
 
