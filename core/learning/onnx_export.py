@@ -11,7 +11,7 @@ crop_mode) is the bundle's own record, so whoever prepares the photos knows exac
   the scaler and the logistic head folded into one final linear layer, then softmax.
 * A fine-tuned model: the network as trained, its outputs put in class order, then softmax.
 
-The probabilities are the app's (:class:`~core.learning.predictor.Predictor`) to about 1e-6;
+The probabilities are the app's (:class:`~core.learning.predictor.Predictor`) to a few 1e-6;
 the decision threshold is not applied (``threshold`` is in the metadata for two-class models).
 """
 
