@@ -332,6 +332,21 @@ def test_pick_device_honours_and_explains():
     assert {"device", "kind", "label", "accelerated", "cpu_cores"} <= set(summary)
 
 
+def test_cpu_cores_is_the_share_a_scheduler_gives(monkeypatch):
+    """A Ray worker is told its share of the CPUs by OMP_NUM_THREADS; the network must not
+    take every core of the machine there (N workers x all cores on N cores)."""
+    from core.vision.device import compute_settings, cpu_cores
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    every = cpu_cores()
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    assert cpu_cores() == 1
+    with compute_settings(torch.device("cpu")):
+        assert torch.get_num_threads() == 1
+    monkeypatch.setenv("OMP_NUM_THREADS", str(every + 8))
+    assert cpu_cores() == every  # never more than the process may use
+
+
 def test_a_download_that_is_not_the_published_file_is_refused_and_not_kept(monkeypatch):
     """Right tensors, wrong bytes (a mirror's re-save, a corrupted copy): the checksum the
     publisher put in the file name is checked right after the download."""

@@ -52,6 +52,20 @@ def run_panel(project: Project, run: runs.RunRecord, names: dict[str, str]) -> N
                        file_name=f"{project.slug}-{run.kind}-{run.id}.zip", mime="application/zip", key=f"dl-{run.kind}",
                        help="One file to tag photos with elsewhere (command line, another project); it keeps the "
                             "confidence setting chosen here.")
+    _onnx_download(project, run)
+
+
+def _onnx_download(project: Project, run: runs.RunRecord) -> None:
+    """The model for other tools (ONNX): made on request (it takes a minute), then downloaded."""
+    tip = "For your data team: the model as one ONNX file, which runs in other tools without this app."
+    made = models.onnx_file(project, run.id)
+    if made is not None:
+        st.download_button("Download for other tools (ONNX)", made.read_bytes(), file_name=f"{project.slug}-{run.kind}-{run.id}.onnx",
+                           mime="application/octet-stream", key=f"onnx-{run.kind}", help=tip)
+    elif st.button("Prepare a copy for other tools (ONNX)", key=f"make-onnx-{run.kind}", help=tip):
+        with st.spinner("Preparing the copy for other tools (about a minute)…"):
+            models.export_onnx(project, run.id)
+        st.rerun()
 
 
 def _confidence(run: runs.RunRecord) -> None:

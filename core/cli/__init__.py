@@ -10,6 +10,8 @@
     python -m core predict --model BUNDLE --images DIR
     python -m core bench extract --images DIR [--upscale 2000]
     python -m core tag --model BUNDLE|--project P --catalog FILE [--images DIR|ZIP] --out FILE [--resume]
+                       [--engine ray [--address ray://HOST:PORT]]
+    python -m core export --model BUNDLE --format onnx --out MODEL.onnx
     python -m core report --project P --out FILE.html
     python -m core demo --images DIR --labels SHEET [--project NAME] [--catalog FILE]
     python -m core job-run --project P --job ID  (used by the app to run background jobs)
@@ -95,6 +97,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", help="auto, cpu, cuda, cuda:N or mps")
     p.set_defaults(func=model_commands.cmd_predict)
 
+    p = sub.add_parser("export", help="export a model file to run outside the app (ONNX)")
+    p.add_argument("--model", required=True, help="model file (.zip) from train or the app")
+    p.add_argument("--format", default="onnx", choices=["onnx"], help="the format to write (default: onnx)")
+    p.add_argument("--out", required=True, help="file to write (e.g. model.onnx)")
+    p.set_defaults(func=model_commands.cmd_export)
+
     p = sub.add_parser("bench", help="measure speed on this machine")
     bsub = p.add_subparsers(dest="bench_command", required=True)
     b = bsub.add_parser("extract", parents=[common], help="feature extraction: forward limit, pipeline, naive loop, cache")
@@ -117,6 +125,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--images", help="folder or zip with the photos the catalog names")
     p.add_argument("--out", required=True, help="output file (.csv, .xlsx or .parquet)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run with the same --out")
+    p.add_argument("--engine", default="local", choices=["local", "ray"],
+                   help="local: this process (default); ray: Ray Data, for catalogs larger than one machine "
+                   "(pip install -r requirements-ray.txt)")
+    p.add_argument("--address", help="with --engine ray: a running Ray cluster (ray://HOST:10001 or auto; "
+                   "default: start a local one)")
+    p.add_argument("--workers", type=int, help="with --engine ray: model copies at once (default: one per CPU)")
+    p.add_argument("--cpus", type=int, help="with --engine ray and no --address: CPUs of the local Ray instance")
     p.add_argument("--rule", default="any", choices=["any", "all", "first", "majority"],
                    help="how several photos of one row combine (default: any photo shows it)")
     p.add_argument("--review-below", type=float, default=0.75, help="flag tags less sure than this")

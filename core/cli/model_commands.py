@@ -1,4 +1,4 @@
-"""Commands about models: train one from a folder, predict a folder, tag a catalog export."""
+"""Commands about models: train one from a folder, predict a folder, export one, tag a catalog export."""
 
 from __future__ import annotations
 
@@ -16,8 +16,9 @@ from core.base.problems import InputError
 from core.cli.common import find_project, print_result, progress_printer
 from core.inputs import fetch
 from core.inputs.images import looks_like_image_name
-from core.learning import bundles, extraction, finetune_config, models, predictor, training
+from core.learning import bundles, extraction, finetune_config, models, onnx_export, predictor, training
 from core.projects import intake, workspace
+from core.tagging import distributed
 from core.vision import backbones, weights
 
 
@@ -165,6 +166,20 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    model = Path(args.model)
+    if not model.exists():
+        raise InputError(f"The model file {model} does not exist.")
+    try:
+        out = onnx_export.export_model(model, Path(args.out), fmt=args.format)
+    except weights.WeightsUnavailable as exc:
+        raise InputError(str(exc)) from exc
+    bundle, _ = bundles.load_bundle(model)
+    print_result({"out": str(out), "format": args.format, "kind": bundle.kind, "classes": list(bundle.classes),
+                  "megabytes": round(out.stat().st_size / 1e6, 1)}, args.json)
+    return 0
+
+
 def _tagging_model(args: argparse.Namespace) -> tuple[Path, float | None, workspace.Project | None]:
     """The model file, its threshold and the project (if any) a ``tag`` command uses:
     ``--model FILE`` with its own threshold, or ``--project P`` with the model and threshold
@@ -189,6 +204,8 @@ def cmd_tag(args: argparse.Namespace) -> int:
     images = Path(args.images) if args.images else None
     if images is not None and not images.exists():
         raise InputError(f"{images} does not exist.")
+    if args.engine != "ray" and (args.address or args.workers or args.cpus):
+        raise InputError("--address, --workers and --cpus go with --engine ray.")
     bundle_path, threshold, project = _tagging_model(args)
     if args.fetch_timeout is not None:  # read by every Fetcher this command makes
         if not args.fetch_timeout > 0:
@@ -213,11 +230,15 @@ def cmd_tag(args: argparse.Namespace) -> int:
         tagging.create_run(folder, catalog_path=catalog, bundle_path=bundle_path, options=options,
                            images_zip=images if is_zip else None, images_dir=images if images and not is_zip else None,
                            threshold=threshold)
-    summary = tagging.run_tagging(
-        folder, device=args.device,
-        project_files=tagging.project_photo_files(project) if project else None,
-        feature_store=extraction.feature_store(project) if project else None,
-        on_progress=None if args.json else lambda d, t, m: progress_printer(m)(d, t))
+    show = None if args.json else lambda d, t, m: progress_printer(m)(d, t)
+    files = tagging.project_photo_files(project) if project else None
+    if args.engine == "ray":
+        summary = distributed.run_tagging_on_ray(folder, address=args.address, num_cpus=args.cpus,
+                                                 workers=args.workers, device=args.device, project_files=files,
+                                                 on_progress=show)
+    else:
+        summary = tagging.run_tagging(folder, device=args.device, project_files=files, on_progress=show,
+                                      feature_store=extraction.feature_store(project) if project else None)
     tagging.write_output(folder, out)
     result = {**summary.to_dict(), "out": str(out), "checkpoint": str(folder), "model_id": tagging.load_run(folder)["model_id"],
               "threshold": tagging.load_run(folder).get("threshold")}

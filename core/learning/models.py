@@ -12,13 +12,14 @@ carries (:func:`export_bundle`) and what the report states.
 from __future__ import annotations
 
 import os
+import tempfile
 import time
 from datetime import UTC, datetime
 from pathlib import Path
 
 from core.base.files import atomic_copy, atomic_write_bytes, sha256_file
 from core.base.problems import InputError
-from core.learning import bundles, runs, training
+from core.learning import bundles, onnx_export, runs, training
 from core.learning.extraction import feature_store
 from core.learning.predictor import Predictor, check_backbone, check_weights, load_network
 from core.projects.state import ProjectState
@@ -26,8 +27,8 @@ from core.projects.workspace import Project
 from core.vision import backbones, weights
 
 __all__ = [
-    "choose_tagging_model", "export_bundle", "get_model", "import_bundle", "list_models", "predictor",
-    "set_threshold", "tagging_model", "threshold",
+    "choose_tagging_model", "export_bundle", "export_onnx", "get_model", "import_bundle", "list_models", "onnx_file",
+    "predictor", "set_threshold", "tagging_model", "threshold",
 ]
 
 
@@ -135,6 +136,32 @@ def export_bundle(project: Project, model_id: str) -> bytes:
     if not model["positive"] or model["threshold"] == model["own_threshold"]:
         return Path(model["path"]).read_bytes()  # the stored file already decides so
     return bundles.repack(model["path"], threshold=model["threshold"])
+
+
+def _onnx_path(model: dict) -> Path:
+    setting = "" if model["threshold"] is None else f"-t{round(1000 * model['threshold'])}"
+    return Path(model["path"]).with_name(f"{model['id']}{setting}.onnx")
+
+
+def onnx_file(project: Project, model_id: str) -> Path | None:
+    """The model as an ONNX file (to run without this app), once made by :func:`export_onnx`
+    with the threshold in force now; None before."""
+    model = get_model(project, model_id)
+    path = _onnx_path(model) if model is not None else None
+    return path if path is not None and path.is_file() else None
+
+
+def export_onnx(project: Project, model_id: str) -> Path:
+    """Make the ONNX file of a model (:mod:`core.learning.onnx_export`) from the model file as
+    the analyst downloads it, so it states the threshold in force; kept beside the model."""
+    model = get_model(project, model_id)
+    if model is None:
+        raise InputError(f"This project has no model {model_id}.")
+    out = _onnx_path(model)
+    with tempfile.TemporaryDirectory(prefix="catalog-lens-onnx-") as tmp:
+        bundle = Path(tmp) / "model.zip"
+        bundle.write_bytes(export_bundle(project, model_id))
+        return onnx_export.export_model(bundle, out)
 
 
 # --------------------------------------------------------------------------- importing

@@ -4,7 +4,7 @@
 :mod:`~core.tagging.run` (options, creating and running a run, its results),
 :mod:`~core.tagging.photos` (finding the photos), :mod:`~core.tagging.tags` (combining and
 counting tags), :mod:`~core.tagging.output` (the tagged sheet, the review queue) and
-:mod:`~core.tagging.project` (runs kept in a project).
+:mod:`~core.tagging.project` (runs kept in a project); :mod:`~core.tagging.distributed` tags on Ray Data.
 """
 
 from core.tagging.output import (

@@ -21,7 +21,7 @@ import functools
 import json
 import sqlite3
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -37,8 +37,9 @@ from core.tagging.photos import PhotoFinder
 from core.tagging.tags import combine_scored
 from core.vision.store import FeatureStore
 
-__all__ = ["Progress", "TagOptions", "TagSummary", "catalog_rows", "catalog_sheet", "create_run", "load_run",
-           "positive_class", "results_db", "results_frame", "resume_conflict", "run_tagging"]
+__all__ = ["Progress", "RowTagger", "TagOptions", "TagSummary", "catalog_rows", "catalog_sheet", "create_run",
+           "load_run", "pending_rows", "photo_cells", "positive_class", "results_db", "results_frame",
+           "resume_conflict", "run_tagging", "save_results", "summarise"]
 
 Progress = Callable[[int, int, str], None]
 
@@ -236,6 +237,76 @@ def _row_result(i: int, refs: list[str], resolved: dict, answer: dict, options: 
     return (i, label, round(conf, 4), int(conf < options.review_below), "; ".join(reasons), json.dumps(refs))
 
 
+class RowTagger:
+    """A run's model (loaded once), photo finder and options: turns catalog rows into result
+    records. The one place rows become tagged rows, in :func:`run_tagging` on this machine and
+    in each worker of :mod:`core.tagging.distributed`; call :meth:`close` when done."""
+
+    def __init__(self, folder: Path, *, device: str | None = None, project_files: dict[str, Path] | None = None,
+                 feature_store: FeatureStore | None = None):
+        run = load_run(folder)
+        self.options = TagOptions(**run["options"])
+        self.positive = positive_class(run)
+        self.finder = PhotoFinder(run, folder, project_files)
+        self.predictor = Predictor(run["bundle"], threshold=run.get("threshold"), device=device,
+                                   feature_store=feature_store)
+        self.photos = 0  # photos given to the model so far
+
+    def tag(self, cells: Mapping[int, Sequence], *,
+            should_cancel: Callable[[], bool] | None = None) -> list[tuple] | None:
+        """One results record per row (``row number -> its photo columns' cells``, in the
+        order of ``options.image_columns``), in the order given; links are fetched here.
+        None when ``should_cancel`` said stop while links were being fetched (the rows are
+        not done: nothing of them may be kept)."""
+        refs = {i: [p for cell in row for p in split_cell(cell)] for i, row in cells.items()}
+        resolved = self.finder.resolve(sorted({r for rs in refs.values() for r in rs}), should_cancel)
+        if should_cancel is not None and should_cancel():
+            return None
+        items = [(ref, path) for ref, (path, _) in resolved.items() if path is not None]
+        answer = _predict(self.predictor, items)
+        self.photos += len(items)
+        return [_row_result(i, refs[i], resolved, answer, self.options, self.positive) for i in cells]
+
+    def close(self) -> None:
+        self.predictor.close()
+
+
+def photo_cells(folder: Path) -> dict[int, list]:
+    """Every catalog row's photo-column cells (the input of :meth:`RowTagger.tag`), by row number."""
+    options = TagOptions(**load_run(folder)["options"])
+    rows_frame = catalog_rows(folder)
+    columns = [rows_frame[c].tolist() for c in options.image_columns]
+    return {i: [column[i] for column in columns] for i in range(len(rows_frame))}
+
+
+def pending_rows(con: sqlite3.Connection, total: int) -> list[int]:
+    """Row numbers not finished yet, in order."""
+    done = {r for (r,) in con.execute("SELECT row FROM results")}
+    return [i for i in range(total) if i not in done]
+
+
+def save_results(con: sqlite3.Connection, records: Sequence[tuple]) -> None:
+    """Keep finished rows: one transaction per chunk (all of it or none of it); a row already
+    kept is never written twice."""
+    with con:
+        con.executemany("INSERT OR IGNORE INTO results VALUES (?, ?, ?, ?, ?, ?)", records)
+
+
+def summarise(con: sqlite3.Connection, summary: TagSummary, *, photos: int, started: float) -> TagSummary:
+    """Fill ``summary`` from the finished rows, with the speed of this run."""
+    summary.seconds = time.time() - started
+    summary.photos_per_s = photos / summary.seconds if summary.seconds else 0.0
+    for label, review in con.execute("SELECT predicted_label, needs_review FROM results"):
+        summary.done += 1
+        if label:
+            summary.tagged += 1
+            summary.counts[label] = summary.counts.get(label, 0) + 1
+        else:
+            summary.failed += 1
+        summary.needs_review += int(review or 0)
+    return summary
+
+
 def run_tagging(
     folder: Path,
     *,
@@ -251,51 +322,29 @@ def run_tagging(
     ``feature_store`` (a frozen model's features; the project's) spares photos already
     extracted, and keeps those computed now for the next run.
     """
-    run = load_run(folder)
-    options = TagOptions(**run["options"])
-    positive = positive_class(run)
-    rows_frame = catalog_rows(folder)
-    cells = {c: rows_frame[c].tolist() for c in options.image_columns}
-    total = len(rows_frame)
+    cells = photo_cells(folder)
+    total = len(cells)
+    chunk_rows = TagOptions(**load_run(folder)["options"]).chunk_rows
     report = on_progress or (lambda d, t, m: None)
-    finder = PhotoFinder(run, folder, project_files)
     summary = TagSummary(rows=total)
     started = time.time()
-    photos = 0
+    tagger = RowTagger(folder, device=device, project_files=project_files, feature_store=feature_store)
     con = results_db(folder)
-    predictor = Predictor(run["bundle"], threshold=run.get("threshold"), device=device, feature_store=feature_store)
     try:
-        done = {r for (r,) in con.execute("SELECT row FROM results")}
-        todo = [i for i in range(total) if i not in done]
-        report(len(done), total, "Tagging")
-        for start in range(0, len(todo), options.chunk_rows):
+        todo = pending_rows(con, total)
+        report(total - len(todo), total, "Tagging")
+        for start in range(0, len(todo), chunk_rows):
             if should_cancel and should_cancel():
                 summary.cancelled = True
                 break
-            rows = todo[start:start + options.chunk_rows]
-            refs = {i: [p for c in options.image_columns for p in split_cell(cells[c][i])] for i in rows}
-            resolved = finder.resolve(sorted({r for rs in refs.values() for r in rs}), should_cancel)
-            if should_cancel and should_cancel():  # links left unfetched: this chunk is redone on resume
+            rows = todo[start:start + chunk_rows]
+            records = tagger.tag({i: cells[i] for i in rows}, should_cancel=should_cancel)
+            if records is None:  # cancelled with links left unfetched: this chunk is redone on resume
                 summary.cancelled = True
                 break
-            items = [(ref, path) for ref, (path, _) in resolved.items() if path is not None]
-            answer = _predict(predictor, items)
-            photos += len(items)
-            records = [_row_result(i, refs[i], resolved, answer, options, positive) for i in rows]
-            with con:  # one transaction per chunk: all of it or none of it
-                con.executemany("INSERT OR IGNORE INTO results VALUES (?, ?, ?, ?, ?, ?)", records)
-            report(len(done) + start + len(rows), total, "Tagging")
-        summary.seconds = time.time() - started
-        summary.photos_per_s = photos / summary.seconds if summary.seconds else 0.0
-        for label, review in con.execute("SELECT predicted_label, needs_review FROM results"):
-            summary.done += 1
-            if label:
-                summary.tagged += 1
-                summary.counts[label] = summary.counts.get(label, 0) + 1
-            else:
-                summary.failed += 1
-            summary.needs_review += int(review or 0)
+            save_results(con, records)
+            report(total - len(todo) + start + len(rows), total, "Tagging")
+        return summarise(con, summary, photos=tagger.photos, started=started)
     finally:
-        predictor.close()
+        tagger.close()
         con.close()
-    return summary

@@ -25,11 +25,14 @@ _VALID = "'auto', 'cpu', 'cuda', 'cuda:N' (N = GPU number) or 'mps'"
 
 
 def cpu_cores() -> int:
-    """CPU cores this process may use (respects container and taskset limits)."""
+    """CPU cores this process may use (respects container and taskset limits, and the share a
+    scheduler such as Ray gives a worker through ``OMP_NUM_THREADS``)."""
     try:
-        return len(os.sched_getaffinity(0))
+        cores = len(os.sched_getaffinity(0))
     except AttributeError:  # macOS, Windows
-        return os.cpu_count() or 1
+        cores = os.cpu_count() or 1
+    share = os.environ.get("OMP_NUM_THREADS", "")
+    return max(1, min(cores, int(share))) if share.isdigit() and int(share) > 0 else cores
 
 
 def _mps_available(torch_module) -> bool:
