@@ -14,7 +14,7 @@ from core.base.files import atomic_copy
 from core.base.problems import InputError
 from core.cli.common import find_project, print_result, progress_printer
 from core.inputs.images import looks_like_image_name
-from core.learning import bundles, extraction, finetune_config, models, predictor, training
+from core.learning import bundles, extraction, finetune_config, models, novelty, predictor, training
 from core.projects import intake, workspace
 from core.vision import backbones, weights
 
@@ -148,6 +148,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
                "confidence": None if math.isnan(r.confidence) else float(r.confidence)}
         if r.error:
             row["error"] = r.error
+        elif r.unlike_training:
+            row["needs_review"] = novelty.REASON
         rows.append(row)
     if args.json:
         print(json.dumps(rows, indent=2))
@@ -159,7 +161,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
         if "error" in r:
             print(f"{r['image']:<{width}}  {'-':<{label_width}}  -  could not be read: {r['error']}")
         else:
-            print(f"{r['image']:<{width}}  {r['predicted_label']:<{label_width}}  {100 * r['confidence']:5.1f} %")
+            check = f"  (check it: {r['needs_review']})" if "needs_review" in r else ""
+            print(f"{r['image']:<{width}}  {r['predicted_label']:<{label_width}}  {100 * r['confidence']:5.1f} %{check}")
     return 0
 
 
@@ -212,7 +215,7 @@ def cmd_tag(args: argparse.Namespace) -> int:
         project_files=tagging.project_photo_files(project) if project else None,
         feature_store=extraction.feature_store(project) if project else None,
         on_progress=None if args.json else lambda d, t, m: progress_printer(m)(d, t))
-    tagging.write_output(folder, out)
+    tagging.write_output(folder, out, tags_as=args.tags_as, names=project.class_names() if project else None)
     result = {**summary.to_dict(), "out": str(out), "checkpoint": str(folder), "model_id": tagging.load_run(folder)["model_id"],
               "threshold": tagging.load_run(folder).get("threshold")}
     print_result(result, args.json)

@@ -25,6 +25,7 @@ from core.learning import (
     finetune_config,
     finetune_loop,
     heads,
+    novelty,
     runs,
     splits,
 )
@@ -96,6 +97,7 @@ def train_frozen(
         on_progress=lambda done, total: report(done, total, "Cross-validating the frozen classifier"),
     )
     seconds = time.time() - started
+    unlike = _novelty(X, ids, plan.train_ids + plan.val_ids, plan.test_ids, seed)
     bundle = bundles.ModelBundle(
         kind="frozen",
         backbone_id=backbone_id,
@@ -105,13 +107,14 @@ def train_frozen(
         class_display_names={c: names[c] for c in cv.classes if c in names},
         positive=cv.positive,
         threshold=cv.threshold,
-        metrics={"test": cv.test_report.to_dict(), "cv": cv.summary},
+        metrics={"test": cv.test_report.to_dict(), "cv": cv.summary, "novelty": unlike.summary()},
         seed=seed,
         split=plan.to_dict(),
         training_manifest=bundles.training_manifest(plan.train_ids + plan.val_ids, [dict(zip(ids, y))[i] for i in plan.train_ids + plan.val_ids]),
         name=f"{project.name} · frozen {backbones.get_backbone(backbone_id).name}",
     )
-    path = bundles.save_bundle(bundle, heads.head_to_arrays(cv.model), project.path("models", f"{bundle.id}.zip"))
+    path = bundles.save_bundle(bundle, {**heads.head_to_arrays(cv.model), **unlike.to_arrays()},
+                               project.path("models", f"{bundle.id}.zip"))
     record = runs.RunRecord(
         id=bundle.id, kind="frozen", backbone_id=backbone_id, bundle_path=str(path),
         classes=list(cv.classes), positive=cv.positive, threshold=cv.threshold,
@@ -175,16 +178,18 @@ def train_finetuned(
         [label[i] for i in test_ids], proba[keep], classes=classes, positive=positive, threshold=result.threshold,
     )
     seconds = time.time() - started
+    unlike = _novelty(X, ids, plan.train_ids, plan.test_ids, seed)
     bundle = bundles.ModelBundle(
         kind="finetuned", backbone_id=backbone_id, weights_hash=weights.weights_hash(backbone_id),
         preprocessing=backbones.preprocessing_record(backbone_id), classes=classes,
         class_display_names={c: names[c] for c in classes if c in names}, positive=positive,
-        threshold=result.threshold, metrics={"test": test_report.to_dict(), "history": result.history}, seed=seed,
+        threshold=result.threshold, seed=seed,
+        metrics={"test": test_report.to_dict(), "history": result.history, "novelty": unlike.summary()},
         split=plan.to_dict(),
         training_manifest=bundles.training_manifest(plan.train_ids, [label[i] for i in plan.train_ids]),
         name=f"{project.name} · fine-tuned {backbones.get_backbone(backbone_id).name}",
     )
-    path = bundles.save_bundle(bundle, {}, project.path("models", f"{bundle.id}.zip"),
+    path = bundles.save_bundle(bundle, unlike.to_arrays(), project.path("models", f"{bundle.id}.zip"),
                                network=finetune_loop.state_dict_for_bundle(result.model))
     acc = test_report.balanced_accuracy
     record = runs.RunRecord(
@@ -199,6 +204,15 @@ def train_finetuned(
     )
     runs.save_run(project, record, {"test_ids": np.asarray(test_ids), "test_proba": proba[keep]})
     return record
+
+
+def _novelty(X: np.ndarray, ids: list[str], train_ids: list[str], held_out_ids: list[str],
+             seed: int) -> novelty.Novelty:
+    """What the model learned from (the training photos' features), with the limit of "unlike
+    them" calibrated on the held-out photos: kept in the model file."""
+    row = {sha: i for i, sha in enumerate(ids)}
+    return novelty.fit_novelty(X[[row[i] for i in train_ids]], X[[row[i] for i in held_out_ids if i in row]],
+                               seed=seed)
 
 
 def _story(result) -> str:
