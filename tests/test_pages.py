@@ -146,3 +146,25 @@ def test_theme_charts_and_report_share_one_palette():
     assert theme["chartCategoricalColors"] == charts.PALETTE
     assert theme["primaryColor"] == charts.PALETTE[0]
     assert (REPO / "assets" / "logo.png").is_file()
+
+
+def test_fix_labels_table_shows_the_class_names_given_on_the_data_page(tmp_path):
+    """The sheet said yes/no; once named, the Fix labels table offers "Model in shot", not "yes"."""
+    import json
+
+    from tests.conftest import photo_project
+
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    rows = ["file,label"]
+    for i in range(6):
+        Image.new("RGB", (40, 30), (i * 40, 10, 200 - i * 30)).save(folder / f"p{i}.jpg")
+        rows.append(f"p{i}.jpg,{'yes' if i % 2 else 'no'}")
+    project = photo_project("Model in shot", folder, "\n".join(rows) + "\n")
+    project.set_class_names({"yes": "Model in shot", "no": "No model"})
+    at = _app(project.slug).run()
+    at.switch_page("app_pages/steps/data.py").run()
+    assert not at.exception, at.exception
+    editor = next(d for d in at.main.get("dataframe") if "label" in json.loads(d.proto.columns))
+    options = json.loads(editor.proto.columns)["label"]["type_config"]["options"]
+    assert {o["value"]: o["label"] for o in options} == {"yes": "Model in shot", "no": "No model"}

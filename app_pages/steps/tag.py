@@ -139,21 +139,33 @@ if fixed:
         st.toast(f"Added {tagging.add_reviews_to_training(project, folder)} photos to the training labels.")
 
 @st.cache_data(max_entries=4, show_spinner="Preparing the download…")
-def _downloads(folder_str: str, version: tuple, fixed_json: str) -> tuple[str, bytes, str, bytes]:
-    """Both output files, rebuilt only when the results or the answers change."""
+def _downloads(folder_str: str, version: tuple, fixed_json: str, tags_as: str, names_json: str
+               ) -> tuple[str, bytes, str, bytes]:
+    """Both output files, rebuilt only when the results, the answers or the choice of names change."""
     folder_path, fixed_rows = Path(folder_str), {int(k): v for k, v in json.loads(fixed_json).items()}
+    written = {"tags_as": tags_as, "names": json.loads(names_json)}
     meta = tagging.load_run(folder_path)
     stem = Path(meta["catalog_name"]).stem + "-tagged"
     suffix = Path(meta["catalog"]).suffix if Path(meta["catalog"]).suffix in (".csv", ".tsv", ".txt") else ".csv"
     with tempfile.TemporaryDirectory() as tmp:
-        csv_path = tagging.write_output(folder_path, Path(tmp) / f"{stem}{suffix}", fmt="csv", overrides=fixed_rows)
-        xlsx_path = tagging.write_output(folder_path, Path(tmp) / f"{stem}.xlsx", fmt="xlsx", overrides=fixed_rows)
+        csv_path = tagging.write_output(folder_path, Path(tmp) / f"{stem}{suffix}", fmt="csv", overrides=fixed_rows,
+                                        **written)
+        xlsx_path = tagging.write_output(folder_path, Path(tmp) / f"{stem}.xlsx", fmt="xlsx", overrides=fixed_rows,
+                                         **written)
         return csv_path.name, csv_path.read_bytes(), xlsx_path.name, xlsx_path.read_bytes()
 
 
+readable = tagging.tag_names(folder, names)
+tags_as = "names"
+if readable:
+    example = next(iter(readable.items()))
+    tags_as = st.radio("Tags in the download", tagging.TAG_VALUES, horizontal=True, key="tags-as",
+                       format_func={"names": f"Your class names (e.g. “{example[1]}”), codes kept beside them",
+                                    "codes": f"The codes of your label sheet only (e.g. “{example[0]}”)"}.get)
 # Results only ever grow, so their count (with the answers) says when the files must be rebuilt.
 csv_name, csv_bytes, xlsx_name, xlsx_bytes = _downloads(
-    str(folder), (len(results),), json.dumps({str(k): v for k, v in fixed.items()}))
+    str(folder), (len(results),), json.dumps({str(k): v for k, v in fixed.items()}), tags_as,
+    json.dumps(names, sort_keys=True))
 left, right = st.columns(2)
 left.download_button("Download as CSV", csv_bytes, file_name=csv_name, mime="text/csv", type="primary")
 right.download_button("Download as Excel", xlsx_bytes, file_name=xlsx_name,

@@ -117,6 +117,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="how several photos of one row combine (default: any photo shows it)")
     p.add_argument("--review-below", type=float, default=0.75, help="flag tags less sure than this")
     p.add_argument("--chunk-rows", type=int, default=256, help="rows per checkpoint")
+    p.add_argument("--tags-as", default="names", choices=["names", "codes"],
+                   help="the tag columns hold the classes' names (default; the label sheet's codes are kept "
+                   "in predicted_code) or only the codes")
     p.add_argument("--device")
     p.set_defaults(func=model_commands.cmd_tag)
 

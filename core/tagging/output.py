@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import io
 import json
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
 import pandas as pd
@@ -12,6 +12,7 @@ import pandas as pd
 from core.base.files import atomic_write_bytes, atomic_write_text
 from core.inputs.images import ImageError, make_thumbnail
 from core.inputs.sheets import column_letter
+from core.learning import bundles
 from core.tagging.photos import PhotoFinder, project_photo_files
 from core.tagging.run import (
     TagOptions,
@@ -24,13 +25,23 @@ from core.tagging.run import (
 )
 from core.tagging.tags import combine_scored
 
-__all__ = ["OUTPUT_COLUMNS", "iter_rows_needing_review", "overrides", "review_photos", "review_thumbnails",
-           "set_override", "write_output"]
+__all__ = ["OUTPUT_COLUMNS", "TAG_VALUES", "iter_rows_needing_review", "overrides", "review_photos",
+           "review_thumbnails", "set_override", "tag_names", "write_output"]
 
 OUTPUT_COLUMNS = ("predicted_label", "confidence", "needs_review", "tag_error", "model_id")
+TAG_VALUES = ("names", "codes")  # what the tag columns of the download hold
 
 
-def write_output(folder: Path, out: Path, *, fmt: str | None = None, overrides: dict[int, str] | None = None) -> Path:
+def tag_names(folder: Path, names: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The readable name of each of the run's classes that has one other than its code: the
+    ``names`` given (the project's, as the pages show them), else the ones in the model file."""
+    if names is None:
+        names = bundles.load_bundle(load_run(folder)["bundle"])[0].class_display_names
+    return {str(code): str(name).strip() for code, name in names.items() if str(name).strip() not in ("", str(code))}
+
+
+def write_output(folder: Path, out: Path, *, fmt: str | None = None, overrides: dict[int, str] | None = None,
+                 tags_as: str = "names", names: Mapping[str, str] | None = None) -> Path:
     """The catalog with the tag columns added, as CSV or XLSX: every row and column unchanged and
     in order, cells exactly as written (spaces kept), blank rows kept where they were.
 
@@ -39,7 +50,13 @@ def write_output(folder: Path, out: Path, *, fmt: str | None = None, overrides: 
     as one plain table, and so are blank rows after the last one with content. A CSV keeps the
     catalog's delimiter and encoding (UTF-8 with the BOM Excel needs to show accents); an Excel
     catalog's CSV is comma-separated. ``overrides`` are the analyst's answers, marked "reviewed".
+
+    ``tags_as="names"`` writes the classes' readable names (``names``, else the model's; see
+    :func:`tag_names`) in the tag columns, with the codes of the label sheet kept beside them
+    in ``predicted_code`` when some class has a name; ``"codes"`` writes the codes only.
     """
+    if tags_as not in TAG_VALUES:
+        raise ValueError(f"tags_as must be one of {TAG_VALUES}, not {tags_as!r}.")
     run = load_run(folder)
     sheet = catalog_sheet(folder)
     results = results_frame(folder)
@@ -64,6 +81,13 @@ def write_output(folder: Path, out: Path, *, fmt: str | None = None, overrides: 
             tags = [(t, float(c)) for t, c in zip(group["tag"], group["conf"]) if t]
             product[product_id] = combine_scored(tags, rule=options.rule, positive=positive)[0] if tags else ""
         added["product_tag"] = [product.get(v, "") for v in rows[options.id_column]]
+    readable = tag_names(folder, names) if tags_as == "names" else {}
+    if readable:
+        codes = added.pop("predicted_label")
+        added.insert(0, "predicted_label", codes.map(lambda c: readable.get(c, c)))
+        added.insert(1, "predicted_code", codes)
+        if "product_tag" in added:
+            added["product_tag"] = added["product_tag"].map(lambda c: readable.get(c, c))
     added["model_id"] = run["model_id"]
     output = pd.concat([pd.DataFrame(sheet.raw_rows, columns=range(width)), added], axis=1)
     output.columns = [*header, *added.columns]
