@@ -61,6 +61,20 @@ def test_create_project_from_the_sidebar_and_it_survives_a_new_session():
     assert any("Summer shoes" in s.value for s in fresh.subheader)
 
 
+def test_a_project_created_from_a_page_is_the_one_the_picker_shows(project):
+    """The browser journey checks what Chromium shows; here, that the picker's value follows."""
+    at = _app(project.slug).run()
+    at.switch_page("app_pages/steps/data.py").run()
+    at.sidebar.text_input(key="new_project_name").input("Summer shoes").run()
+    at.sidebar.button(key="create_project").click().run()
+    assert not at.exception, at.exception
+    assert at.sidebar.selectbox(key="project_picker").value == "summer-shoes"
+    at.sidebar.checkbox(key="sure-summer-shoes").check().run()
+    at.sidebar.button(key="delete").click().run()
+    assert not at.exception, at.exception
+    assert at.sidebar.selectbox(key="project_picker").value is None
+
+
 def test_an_empty_name_gets_a_plain_message():
     at = _app().run()
     at.sidebar.button(key="create_project").click().run()

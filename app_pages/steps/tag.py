@@ -116,7 +116,8 @@ if split:
 queue = [r for r in tagging.iter_rows_needing_review(folder, limit=24) if r["row"] not in fixed]
 left_to_review = int(results["needs_review"].sum()) - len(fixed)
 st.subheader(f"To review ({left_to_review} row{'' if left_to_review == 1 else 's'})")
-st.caption("Rows the model is unsure about, or could not tag. Your answer goes into the download.")
+st.caption("Rows the model is unsure about, could not tag, or whose photo is unlike the training photos (its "
+           "tag is then a guess). Your answer goes into the download.")
 classes = sorted(set(results["predicted_label"]) - {""}) or list(names)
 thumbs = _thumbnails(project.slug, str(folder), tuple((r["row"], tuple(r["photos"])) for r in queue[:12]))
 for item in queue[:12]:
