@@ -42,6 +42,7 @@ def _project_picker(project: workspace.Project | None) -> None:
     st.sidebar.subheader("Project")
     if _PICK in st.session_state:  # a project was just created or deleted: the picker shows it
         st.session_state["project_picker"] = st.session_state.pop(_PICK)
+        st.session_state["new_project_name"] = ""
     if projects:
         slugs = [p.slug for p in projects]
         names = {p.slug: p.name for p in projects}
@@ -63,7 +64,6 @@ def _project_picker(project: workspace.Project | None) -> None:
             else:
                 ui.set_current_project(created.slug)
                 st.session_state[_PICK] = created.slug
-                st.session_state.pop("new_project_name", None)
                 st.rerun()
     if project is not None:
         with st.sidebar.expander("Manage project"):

@@ -130,3 +130,15 @@ def test_a_tagging_run_sends_unlike_photos_to_review_with_the_reason(trained, tm
     assert sum(novelty.REASON in results.loc[rows[n], "tag_error"] for n, _ in like) <= 3
     review = list(tagging.iter_rows_needing_review(folder))
     assert {r["row"] for r in review} >= {rows[n] for n, _ in unlike if novelty.REASON in results.loc[rows[n], "tag_error"]}
+
+
+def test_the_command_line_says_which_photos_to_check(trained, capsys):
+    from core import cli
+
+    like, unlike = trained["photos"]
+    model = models.tagging_model(trained["multi"])["path"]
+    assert cli.main(["predict", "--model", str(model), "--images", str(like[0][1].parent), "--json"]) == 0
+    rows = {r["image"]: r for r in json.loads(capsys.readouterr().out)}
+    assert sum(rows[n].get("needs_review") == novelty.REASON for n, _ in unlike) >= 5
+    assert sum("needs_review" in rows[n] for n, _ in like) <= 3
+    assert all(rows[n]["predicted_label"] for n, _ in unlike)  # still tagged: the flag says it is a guess

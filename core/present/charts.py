@@ -115,5 +115,5 @@ def grouped_share_figure(table, *, title: str = "") -> go.Figure:
         ))
     fig.update_layout(barmode="stack", title=title, height=360, yaxis_tickformat=".0%", xaxis_type="category",
                       margin=dict(l=10, r=10, t=40 if title else 10, b=10), yaxis_title="Share of rows",
-                      legend={**LEGEND_BELOW, "y": -0.12})
+                      legend={**LEGEND_BELOW, "y": -0.12, "traceorder": "normal"})
     return fig

@@ -252,8 +252,9 @@ def test_a_second_three_class_project_trains_tags_and_downloads_class_names(serv
     press(page, "Create project")
     page.get_by_text("Project: Garments").wait_for()
     page.wait_for_timeout(1000)
-    picker = sidebar.locator('[data-testid="stSelectbox"]').first
-    assert "Garments" in picker.inner_text(), picker.inner_text()  # the picker follows the new project
+    picker = sidebar.locator('[data-testid="stSelectbox"] input').first
+    assert picker.input_value() == "Garments"  # the picker follows the new project (before: the old one)
+    assert sidebar.get_by_label("Name", exact=True).input_value() == ""  # ready for the next one
 
     page.get_by_role("link", name="Go").click()
     page.get_by_role("heading", name="1 · Data").wait_for()
