@@ -30,6 +30,7 @@ REASON = "unlike the training photos"
 PERCENTILE = 95.0  # a held-out photo like the training ones is flagged about 1 time in 20
 MAX_REFERENCE = 5000  # training photos kept (float16): 5,000 x 1,280 features is 12.8 MB
 K = 3
+MIN_HELD_OUT = 20  # fewer held-out photos than this: the training photos' own distances join them
 _KEYS = ("novelty.reference", "novelty.threshold", "novelty.k")
 
 
@@ -106,16 +107,16 @@ class Novelty:
 
 def fit_novelty(X_train: np.ndarray, X_held_out: np.ndarray | None = None, *, k: int = K, seed: int = 0) -> Novelty:
     """Keep the training features and calibrate the limit on the held-out photos' distances
-    (with fewer than 5 held-out photos: each training photo's distance to the others)."""
+    (with fewer than :data:`MIN_HELD_OUT` of them, each training photo's distance to the other
+    training photos counts too: 5 held-out photos alone would put the limit at their maximum)."""
     X_train = _unit(X_train)
     if len(X_train) > MAX_REFERENCE:
         X_train = X_train[np.sort(np.random.default_rng(seed).choice(len(X_train), MAX_REFERENCE, replace=False))]
     k = max(1, min(k, len(X_train) - 1))
     reference = X_train.astype(np.float16)
     probe = Novelty(reference=reference, threshold=np.inf, k=k)
-    if X_held_out is not None and len(X_held_out) >= 5:
-        calibration = probe.distances(X_held_out)
-    else:
-        calibration = probe.distances(X_train, leave_out_self=True)
+    calibration = probe.distances(X_held_out) if X_held_out is not None else np.empty(0)
+    if len(calibration) < MIN_HELD_OUT:  # too few to trust: each training photo's distance to the others too
+        calibration = np.concatenate([calibration, probe.distances(X_train, leave_out_self=True)])
     # "higher": the limit is a distance one of them had, so at least 95 % of them are within it.
     return Novelty(reference=reference, threshold=float(np.percentile(calibration, PERCENTILE, method="higher")), k=k)
