@@ -11,10 +11,10 @@ from pathlib import Path
 
 import streamlit as st
 
+from app_pages import ui
 from core.base.problems import InputError
 from core.present import journey
 from core.projects import workspace
-from app_pages import ui
 
 ASSETS = Path(__file__).parent / "assets"
 
@@ -32,9 +32,17 @@ def _device_badge() -> str:
     return describe_device(pick_device())
 
 
+# The picker's next value, set before it is drawn: a value dropped instead (session_state.pop)
+# lets the browser keep showing the old project until a reload.
+_PICK = "_project_picker_next"
+
+
 def _project_picker(project: workspace.Project | None) -> None:
     projects = workspace.list_projects()
     st.sidebar.subheader("Project")
+    if _PICK in st.session_state:  # a project was just created or deleted: the picker shows it
+        st.session_state["project_picker"] = st.session_state.pop(_PICK)
+        st.session_state["new_project_name"] = ""
     if projects:
         slugs = [p.slug for p in projects]
         names = {p.slug: p.name for p in projects}
@@ -55,8 +63,7 @@ def _project_picker(project: workspace.Project | None) -> None:
                 st.error(str(exc))
             else:
                 ui.set_current_project(created.slug)
-                st.session_state.pop("project_picker", None)
-                st.session_state.pop("new_project_name", None)
+                st.session_state[_PICK] = created.slug
                 st.rerun()
     if project is not None:
         with st.sidebar.expander("Manage project"):
@@ -71,7 +78,7 @@ def _project_picker(project: workspace.Project | None) -> None:
             if st.button("Delete project", disabled=not sure, key="delete"):
                 workspace.delete_project(project.slug)
                 ui.set_current_project(None)
-                st.session_state.pop("project_picker", None)
+                st.session_state[_PICK] = None
                 st.rerun()
 
 

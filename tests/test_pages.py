@@ -61,6 +61,20 @@ def test_create_project_from_the_sidebar_and_it_survives_a_new_session():
     assert any("Summer shoes" in s.value for s in fresh.subheader)
 
 
+def test_a_project_created_from_a_page_is_the_one_the_picker_shows(project):
+    """The browser journey checks what Chromium shows; here, that the picker's value follows."""
+    at = _app(project.slug).run()
+    at.switch_page("app_pages/steps/data.py").run()
+    at.sidebar.text_input(key="new_project_name").input("Summer shoes").run()
+    at.sidebar.button(key="create_project").click().run()
+    assert not at.exception, at.exception
+    assert at.sidebar.selectbox(key="project_picker").value == "summer-shoes"
+    at.sidebar.checkbox(key="sure-summer-shoes").check().run()
+    at.sidebar.button(key="delete").click().run()
+    assert not at.exception, at.exception
+    assert at.sidebar.selectbox(key="project_picker").value is None
+
+
 def test_an_empty_name_gets_a_plain_message():
     at = _app().run()
     at.sidebar.button(key="create_project").click().run()
@@ -188,3 +202,25 @@ def test_data_page_counts_products_and_lets_the_analyst_choose_the_column(tmp_pa
     assert intake.sheet_state(p).group_column is None
     assert "Near-duplicate photos (several shots of one product) are looked for once" in " ".join(
         c.value for c in at.caption)
+
+
+def test_fix_labels_table_shows_the_class_names_given_on_the_data_page(tmp_path):
+    """The sheet said yes/no; once named, the Fix labels table offers "Model in shot", not "yes"."""
+    import json
+
+    from tests.conftest import photo_project
+
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    rows = ["file,label"]
+    for i in range(6):
+        Image.new("RGB", (40, 30), (i * 40, 10, 200 - i * 30)).save(folder / f"p{i}.jpg")
+        rows.append(f"p{i}.jpg,{'yes' if i % 2 else 'no'}")
+    project = photo_project("Model in shot", folder, "\n".join(rows) + "\n")
+    project.set_class_names({"yes": "Model in shot", "no": "No model"})
+    at = _app(project.slug).run()
+    at.switch_page("app_pages/steps/data.py").run()
+    assert not at.exception, at.exception
+    editor = next(d for d in at.main.get("dataframe") if "label" in json.loads(d.proto.columns))
+    options = json.loads(editor.proto.columns)["label"]["type_config"]["options"]
+    assert {o["value"]: o["label"] for o in options} == {"yes": "Model in shot", "no": "No model"}

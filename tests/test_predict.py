@@ -208,7 +208,9 @@ def test_predict_images_keeps_every_row_in_order(trained, photos):
     items = [items[2], ("missing.jpg", photos["images"] / "missing.jpg"), items[0], items[2]]
     table = predictor.predict_images(trained["bundle"], items)
     assert table["image"].tolist() == [name for name, _ in items]
-    assert list(table.columns) == ["image", "predicted_label", "confidence", "proba_no person", "proba_person", "error"]
+    assert list(table.columns) == ["image", "predicted_label", "confidence", "proba_no person", "proba_person", "error",
+                                   "unlike_training"]
+    assert not table["unlike_training"].any()  # photos like the training ones (the missing one has no answer)
     assert table["error"][1] and table["predicted_label"][1] == "" and np.isnan(table["confidence"][1])
     assert (table["error"].drop(1) == "").all()
     pd.testing.assert_series_equal(table.iloc[0, 1:], table.iloc[3, 1:], check_names=False)

@@ -595,3 +595,60 @@ def test_tag_and_data_pages_take_the_same_sheet_types_and_say_what_to_do_with_an
     at.file_uploader[0].set_value([("catalog.xls", old, "application/vnd.ms-excel")]).run()
     assert not at.exception, at.exception
     assert "old-style Excel file" in at.error[0].value and "xlsx" in at.error[0].value
+
+
+# ------------------------------------------------------------ class names in the download
+
+
+def _named_model(setup, dest: Path) -> Path:
+    """The setup's model with readable names for its classes, as the Data page gives them."""
+    from core.learning import bundles
+
+    bundle, arrays = bundles.load_bundle(setup["bundle"])
+    bundle.class_display_names = {"person": "Model in shot", "no_person": "No model"}
+    return bundles.save_bundle(bundle, arrays, dest)
+
+
+@pytest.mark.parametrize("tags_as", ["names", "codes"])
+def test_the_download_carries_the_class_names_or_the_codes(setup, tmp_path, tags_as):
+    model = _named_model(setup, tmp_path / "named.zip")
+    catalog = tmp_path / "catalog.csv"
+    catalog.write_text("sku,image\nA1,person_0.jpg\nA2,no_person_1.jpg\nA3,gone.jpg\n")
+    out = tmp_path / "tagged.csv"
+    assert cli.main(["tag", "--model", str(model), "--catalog", str(catalog), "--images", str(setup["photos"]),
+                     "--out", str(out), "--tags-as", tags_as]) == 0
+    rows = list(csv.DictReader(io.StringIO(out.read_bytes().decode("utf-8-sig"))))
+    if tags_as == "names":
+        assert list(rows[0])[:4] == ["sku", "image", "predicted_label", "predicted_code"]
+        assert [(r["predicted_label"], r["predicted_code"]) for r in rows] == [
+            ("Model in shot", "person"), ("No model", "no_person"), ("", "")]
+    else:
+        assert "predicted_code" not in rows[0]
+        assert [r["predicted_label"] for r in rows] == ["person", "no_person", ""]
+    folder = out.with_name("tagged.csv.run")  # the analyst's answers are written the same way
+    tagging.write_output(folder, tmp_path / "answered.xlsx", overrides={2: "person"}, tags_as=tags_as,
+                         names={"person": "Person in photo"})
+    import pandas as pd
+
+    answered = pd.read_excel(tmp_path / "answered.xlsx", dtype=str).fillna("")
+    assert answered.loc[2, "predicted_label"] == ("Person in photo" if tags_as == "names" else "person")
+    assert answered.loc[2, "needs_review"] == "reviewed"
+
+
+def test_tag_page_offers_names_or_codes_for_the_download(setup, tmp_path):
+    from core.learning import models
+    from core.projects import workspace
+
+    project = workspace.create_project("Named classes")
+    models.import_bundle(project, _named_model(setup, tmp_path / "named.zip"))
+    project.set_class_names({"person": "Model in shot", "no_person": "No model"})
+    run_id = tagging.start_project_run(
+        project, catalog_name="catalog.csv", catalog_data=b"sku,image\nA1,person_0.jpg\nA2,no_person_1.jpg\n",
+        bundle_path=Path(models.list_models(project)[0]["path"]), options=tagging.TagOptions(image_columns=["image"]),
+        images_dir=setup["photos"])
+    tagging.run_tagging(tagging.project_run_folder(project, run_id))
+    at = _tag_page(project)
+    choice = at.radio(key="tags-as")
+    assert choice.value == "names" and "Model in shot" in choice.options[0] and "“person”" in choice.options[1]
+    choice.set_value("codes").run()
+    assert not at.exception, at.exception

@@ -126,7 +126,8 @@ with tab_fix:
     edited = st.data_editor(
         table, hide_index=True, disabled=["name", "label_source"], column_order=["name", "label", "excluded", "label_source"],
         column_config={
-            "label": st.column_config.SelectboxColumn("Label", options=classes or None),
+            "label": st.column_config.SelectboxColumn("Label", options=classes or None,
+                                                      format_func=lambda c: names.get(c, c) if c else c),
             "excluded": st.column_config.CheckboxColumn("Leave out"),
             "label_source": st.column_config.TextColumn("From", help="sheet, manual fix, or conflict in the sheet"),
             "name": st.column_config.TextColumn("Photo"),

@@ -39,11 +39,11 @@ event = st.plotly_chart(charts.map_figure(points[["x", "y"]].to_numpy(), list(co
                         on_select="rerun", selection_mode=("points", "lasso", "box"), key="feature_map")
 chosen = sorted({p["customdata"] for p in (event.selection.points if event else []) if "customdata" in p})
 if chosen:
-    st.write(f"**{len(chosen)} selected photos**")
+    st.write(f"**{len(chosen)} selected photo{'' if len(chosen) == 1 else 's'}**")
     sel = points.iloc[chosen[:48]]
     ui.thumb_grid(project, list(sel["sha"]), [f"{ui.plain(n)} · {ui.plain(names.get(lbl, lbl))}" for n, lbl in zip(sel["name"], sel["label"])])
 else:
-    st.caption("Click a point, or draw a lasso around a group, to see the photos.")
+    st.caption("Click a point to see its photo. For a group, pick the lasso in the map's toolbar and draw around it.")
 
 st.subheader("Likely label mistakes")
 st.caption("Photos whose label the model, trained without them, finds hardest to believe. Check each one.")

@@ -116,7 +116,8 @@ if split:
 queue = [r for r in tagging.iter_rows_needing_review(folder, limit=24) if r["row"] not in fixed]
 left_to_review = int(results["needs_review"].sum()) - len(fixed)
 st.subheader(f"To review ({left_to_review} row{'' if left_to_review == 1 else 's'})")
-st.caption("Rows the model is unsure about, or could not tag. Your answer goes into the download.")
+st.caption("Rows the model is unsure about, could not tag, or whose photo is unlike the training photos (its "
+           "tag is then a guess). Your answer goes into the download.")
 classes = sorted(set(results["predicted_label"]) - {""}) or list(names)
 thumbs = _thumbnails(project.slug, str(folder), tuple((r["row"], tuple(r["photos"])) for r in queue[:12]))
 for item in queue[:12]:
@@ -138,14 +139,22 @@ if fixed:
         st.toast(f"Added {tagging.add_reviews_to_training(project, folder)} photos to the training labels.")
 
 @st.cache_data(max_entries=4, show_spinner="Preparing the download…")
-def _downloads(folder_str: str, version: tuple, fixed_json: str) -> list:
-    """The output files, rebuilt only when the results or the answers change."""
+def _downloads(folder_str: str, version: tuple, fixed_json: str, tags_as: str, names_json: str) -> list:
+    """The output files, rebuilt only when the results, the answers or the choice of names change."""
     fixed_rows = {int(k): v for k, v in json.loads(fixed_json).items()}
-    return tagging.downloads(Path(folder_str), overrides=fixed_rows)
+    return tagging.downloads(Path(folder_str), overrides=fixed_rows, tags_as=tags_as, names=json.loads(names_json))
 
 
+readable = tagging.tag_names(folder, names)
+tags_as = "names"
+if readable:
+    example = next(iter(readable.items()))
+    tags_as = st.radio("Tags in the download", tagging.TAG_VALUES, horizontal=True, key="tags-as",
+                       format_func={"names": f"Your class names (e.g. “{ui.plain(example[1])}”), codes kept beside them",
+                                    "codes": f"The codes of your label sheet only (e.g. “{ui.plain(example[0])}”)"}.get)
 # Results only ever grow, so their count (with the answers) says when the files must be rebuilt.
-files = _downloads(str(folder), (len(results),), json.dumps({str(k): v for k, v in fixed.items()}))
+files = _downloads(str(folder), (len(results),), json.dumps({str(k): v for k, v in fixed.items()}), tags_as,
+                   json.dumps(names, sort_keys=True))
 LABELS = {"csv": ("Download as CSV", "text/csv"),
           "xlsx": ("Download as Excel", "application/vnd.openxmlformats-officedocument.spreadsheetml.sheet"),
           "parquet": ("Download as Parquet", "application/vnd.apache.parquet")}

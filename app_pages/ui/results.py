@@ -132,7 +132,8 @@ def try_a_photo(project: Project, models: list[dict]) -> None:
                     right.error(f"{plain(upload.name)}: {plain(row['error'])}")
                     return
                 label = names.get(row["predicted_label"], row["predicted_label"])
-                right.markdown(f"**{title}:** {plain(label)} — {100 * row['confidence']:.0f} % sure")
+                doubt = " — but the photo is unlike the training photos, so check it" if row["unlike_training"] else ""
+                right.markdown(f"**{title}:** {plain(label)} — {100 * row['confidence']:.0f} % sure{doubt}")
 
 
 def import_model(project: Project) -> None:

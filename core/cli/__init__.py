@@ -138,6 +138,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--chunk-rows", type=int, default=256, help="rows per checkpoint")
     p.add_argument("--fetch-timeout", type=float, metavar="SECONDS",
                    help="most time one photo link may take to download, retries included (default 30)")
+    p.add_argument("--tags-as", default="names", choices=["names", "codes"],
+                   help="the tag columns hold the classes' names (default; the label sheet's codes are kept "
+                   "in predicted_code) or only the codes")
     p.add_argument("--device")
     p.set_defaults(func=model_commands.cmd_tag)
 

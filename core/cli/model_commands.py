@@ -16,7 +16,7 @@ from core.base.problems import InputError
 from core.cli.common import find_project, print_result, progress_printer
 from core.inputs import fetch
 from core.inputs.images import looks_like_image_name
-from core.learning import bundles, extraction, finetune_config, models, onnx_export, predictor, training
+from core.learning import bundles, extraction, finetune_config, models, novelty, onnx_export, predictor, training
 from core.projects import intake, workspace
 from core.tagging import distributed
 from core.vision import backbones, weights
@@ -151,6 +151,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
                "confidence": None if math.isnan(r.confidence) else float(r.confidence)}
         if r.error:
             row["error"] = r.error
+        elif r.unlike_training:
+            row["needs_review"] = novelty.REASON
         rows.append(row)
     if args.json:
         print(json.dumps(rows, indent=2))
@@ -162,7 +164,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
         if "error" in r:
             print(f"{r['image']:<{width}}  {'-':<{label_width}}  -  could not be read: {r['error']}")
         else:
-            print(f"{r['image']:<{width}}  {r['predicted_label']:<{label_width}}  {100 * r['confidence']:5.1f} %")
+            check = f"  (check it: {r['needs_review']})" if "needs_review" in r else ""
+            print(f"{r['image']:<{width}}  {r['predicted_label']:<{label_width}}  {100 * r['confidence']:5.1f} %{check}")
     return 0
 
 
@@ -239,7 +242,7 @@ def cmd_tag(args: argparse.Namespace) -> int:
     else:
         summary = tagging.run_tagging(folder, device=args.device, project_files=files, on_progress=show,
                                       feature_store=extraction.feature_store(project) if project else None)
-    tagging.write_output(folder, out)
+    tagging.write_output(folder, out, tags_as=args.tags_as, names=project.class_names() if project else None)
     result = {**summary.to_dict(), "out": str(out), "checkpoint": str(folder), "model_id": tagging.load_run(folder)["model_id"],
               "threshold": tagging.load_run(folder).get("threshold")}
     print_result(result, args.json)

@@ -26,7 +26,7 @@ import pandas as pd
 
 from core.base.files import sha256_file
 from core.base.problems import InputError
-from core.learning import bundles, finetune_loop
+from core.learning import bundles, finetune_loop, novelty
 from core.learning.calibration import apply_calibration
 from core.learning.evaluation import predict_labels
 from core.vision import backbones, features, weights
@@ -114,6 +114,8 @@ class Predictor:
             self._head = bundles.frozen_head_from_bundle(self.bundle, arrays)
         else:
             self._network = load_network(self.path, self.bundle).to(self.device)
+        self._novelty = self._load_novelty(arrays)
+        self._seen: tuple[list[int], np.ndarray] | None = None
 
     @property
     def classes(self) -> list[str]:
@@ -139,11 +141,13 @@ class Predictor:
         bytes, as the project names its photos); a frozen model uses them as feature cache
         keys and computes them when not given. Columns: ``image``, ``predicted_label``,
         ``confidence`` (the calibrated probability of the predicted label), ``proba_<class>`` for every
-        class, and ``error`` ("" or a plain reason why the photo could not be read; such a
-        row has no label and NaN numbers).
+        class, ``error`` ("" or a plain reason why the photo could not be read; such a
+        row has no label and NaN numbers) and ``unlike_training`` (True for a photo unlike
+        anything the model learned from, :mod:`core.learning.novelty`; its label is a guess).
         """
         names = [str(name) for name, _ in items]
         paths = [Path(path) for _, path in items]
+        self._seen = None  # backbone features of the rows read, for the novelty check
         if not paths:
             proba, errors = np.empty((0, len(self.classes))), {}
         elif self.bundle.kind == "frozen":
@@ -151,9 +155,49 @@ class Predictor:
         else:
             proba, errors = self._finetuned_proba(paths, on_progress)
         # the confidence the model states is its calibrated one, as on the Train page (the bundle carries it)
-        return self._table(names, apply_calibration(proba, self.bundle.calibration), errors)
+        out = self._table(names, apply_calibration(proba, self.bundle.calibration), errors)
+        out["unlike_training"] = self._unlike(paths, ids, errors)
+        return out
+
+    def _load_novelty(self, arrays) -> novelty.Novelty | None:
+        """The bundle's training-photo features, when it has them and this computer's backbone
+        weights are the ones they were computed with (a fine-tuned model tags without them)."""
+        found = novelty.Novelty.from_arrays(arrays, n_features=backbones.get_backbone(self.bundle.backbone_id).feature_dim)
+        if found is not None and self.bundle.kind != "frozen":
+            try:
+                check_weights(self.bundle)
+            except (InputError, weights.WeightsUnavailable):
+                return None
+        return found
+
+    def _unlike(self, paths: list[Path], ids: Sequence[str] | None, errors: dict[int, str]) -> np.ndarray:
+        flags = np.zeros(len(paths), dtype=bool)
+        if self._novelty is None or not paths:
+            return flags
+        if self._seen is None:  # a fine-tuned model: the backbone's pretrained features, once more
+            self._frozen_features(paths, ids, None)
+        rows, X = self._seen
+        flags[rows] = self._novelty.unlike(X)
+        flags[list(errors)] = False
+        return flags
 
     def _frozen_proba(self, paths: list[Path], ids: Sequence[str] | None, on_progress):
+        proba = np.full((len(paths), len(self.classes)), np.nan)
+        errors, ok, X = self._frozen_features(paths, ids, on_progress)
+        if ok:
+            expected = self._head.named_steps["scale"].n_features_in_
+            if X.shape[1] != expected:
+                raise bundles.BundleError(
+                    f"This model expects {expected} features per photo but {self.bundle.backbone_id} gives "
+                    f"{X.shape[1]}; the model file is damaged or was made for another network."
+                )
+            column = {str(c): j for j, c in enumerate(self._head.classes_)}
+            proba[ok] = self._head.predict_proba(X)[:, [column[c] for c in self.classes]]
+        return proba, errors
+
+    def _frozen_features(self, paths: list[Path], ids: Sequence[str] | None, on_progress):
+        """The backbone's features of the photos (computed once, kept in the feature store):
+        the reasons of those that could not be read, the rows read and their features."""
         unreadable: dict[int, str] = {}
         if ids is None:
             ids = []
@@ -171,19 +215,10 @@ class Predictor:
         failed = dict(result.failed)
         errors = {row: unreadable.get(row) or failed.get(i) or "The photo could not be read."
                   for row, i in enumerate(ids) if not i or i in failed}
-        proba = np.full((len(paths), len(self.classes)), np.nan)
         ok = [row for row in range(len(paths)) if row not in errors]
-        if ok:
-            X = store.load(result.key, [ids[row] for row in ok])
-            expected = self._head.named_steps["scale"].n_features_in_
-            if X.shape[1] != expected:
-                raise bundles.BundleError(
-                    f"This model expects {expected} features per photo but {self.bundle.backbone_id} gives "
-                    f"{X.shape[1]}; the model file is damaged or was made for another network."
-                )
-            column = {str(c): j for j, c in enumerate(self._head.classes_)}
-            proba[ok] = self._head.predict_proba(X)[:, [column[c] for c in self.classes]]
-        return proba, errors
+        X = store.load(result.key, [ids[row] for row in ok]) if ok else np.empty((0, 0))
+        self._seen = (ok, X)
+        return errors, ok, X
 
     def _feature_store(self) -> FeatureStore:
         if self._store is None:

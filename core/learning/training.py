@@ -27,6 +27,7 @@ from core.learning import (
     finetune_loop,
     groups,
     heads,
+    novelty,
     runs,
     splits,
 )
@@ -102,6 +103,7 @@ def train_frozen(
         on_progress=lambda done, total: report(done, total, "Cross-validating the frozen classifier"),
     )
     seconds = time.time() - started
+    unlike = _novelty(X, ids, plan.train_ids + plan.val_ids, plan.test_ids, seed)
     bundle = bundles.ModelBundle(
         kind="frozen",
         backbone_id=backbone_id,
@@ -111,14 +113,16 @@ def train_frozen(
         class_display_names={c: names[c] for c in cv.classes if c in names},
         positive=cv.positive,
         threshold=cv.threshold,
-        metrics={"test": cv.test_report.to_dict(), "cv": cv.summary, "reliability": cv.reliability},
+        metrics={"test": cv.test_report.to_dict(), "cv": cv.summary, "reliability": cv.reliability,
+                 "novelty": unlike.summary()},
         calibration=cv.calibration,
         seed=seed,
         split=plan.to_dict(),
         training_manifest=bundles.training_manifest(plan.train_ids + plan.val_ids, [dict(zip(ids, y))[i] for i in plan.train_ids + plan.val_ids]),
         name=f"{project.name} · frozen {backbones.get_backbone(backbone_id).name}",
     )
-    path = bundles.save_bundle(bundle, heads.head_to_arrays(cv.model), project.path("models", f"{bundle.id}.zip"))
+    path = bundles.save_bundle(bundle, {**heads.head_to_arrays(cv.model), **unlike.to_arrays()},
+                               project.path("models", f"{bundle.id}.zip"))
     record = runs.RunRecord(
         id=bundle.id, kind="frozen", backbone_id=backbone_id, bundle_path=str(path),
         classes=list(cv.classes), positive=cv.positive, threshold=cv.threshold,
@@ -207,16 +211,18 @@ def train_finetuned(
            "after": calibration.reliability(truth, proba[keep], classes=classes, positive=positive,
                                             threshold=threshold)}
     seconds = time.time() - job_started + earlier_attempts  # what the user waited for
+    unlike = _novelty(X, ids, plan.train_ids, plan.test_ids, seed)
     bundle = bundles.ModelBundle(
         kind="finetuned", backbone_id=backbone_id, weights_hash=weights.weights_hash(backbone_id),
         preprocessing=backbones.preprocessing_record(backbone_id), classes=classes,
         class_display_names={c: names[c] for c in classes if c in names}, positive=positive,
-        threshold=threshold, metrics={"test": test_report.to_dict(), "history": result.history, "reliability": rel},
+        threshold=threshold, metrics={"test": test_report.to_dict(), "history": result.history, "reliability": rel,
+                                      "novelty": unlike.summary()},
         calibration=cal.to_dict() if cal else None, seed=seed, split=plan.to_dict(),
         training_manifest=bundles.training_manifest(plan.train_ids, [label[i] for i in plan.train_ids]),
         name=f"{project.name} · fine-tuned {backbones.get_backbone(backbone_id).name}",
     )
-    path = bundles.save_bundle(bundle, {}, project.path("models", f"{bundle.id}.zip"),
+    path = bundles.save_bundle(bundle, unlike.to_arrays(), project.path("models", f"{bundle.id}.zip"),
                                network=finetune_loop.state_dict_for_bundle(result.model))
     acc = test_report.balanced_accuracy
     record = runs.RunRecord(
@@ -313,6 +319,15 @@ def _calibrate_on_validation(result, label: dict, classes: list[str], positive: 
     if cal is None or positive is None:
         return cal, result.threshold
     return cal, evaluation.choose_threshold(truth, cal.apply(val_proba)[:, classes.index(positive)], positive=positive)
+
+
+def _novelty(X: np.ndarray, ids: list[str], train_ids: list[str], held_out_ids: list[str],
+             seed: int) -> novelty.Novelty:
+    """What the model learned from (the training photos' features), with the limit of "unlike
+    them" calibrated on the held-out photos: kept in the model file."""
+    row = {sha: i for i, sha in enumerate(ids)}
+    return novelty.fit_novelty(X[[row[i] for i in train_ids]], X[[row[i] for i in held_out_ids if i in row]],
+                               seed=seed)
 
 
 def _story(result, *, quick_kept: bool = False) -> str:

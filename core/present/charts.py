@@ -14,6 +14,9 @@ import numpy as np
 import plotly.graph_objects as go
 
 PALETTE = ["#2F6FEB", "#E8663D", "#2BA84A", "#9B59B6", "#F1C40F", "#16A085", "#C0392B", "#7F8C8D"]
+# Legends sit in one row under the chart: at the top right, where Plotly puts them, the
+# chart's toolbar (zoom, download...) covers their first entries.
+LEGEND_BELOW = dict(orientation="h", x=0, xanchor="left", y=-0.04, yanchor="top", title_text="")
 
 
 def escape(text: object) -> str:
@@ -89,7 +92,8 @@ def history_figure(history: Sequence[Mapping]) -> go.Figure:
     for key, label, colour in (("train_loss", "Training loss", PALETTE[0]), ("val_loss", "Validation loss", PALETTE[1])):
         fig.add_trace(go.Scatter(x=rounds, y=[h.get(key) for h in history], name=label, mode="lines+markers",
                                  line=dict(color=colour)))
-    fig.update_layout(xaxis_title="Round", yaxis_title="Loss", height=300, margin=dict(l=10, r=10, t=10, b=10))
+    fig.update_layout(xaxis_title="Round", yaxis_title="Loss", height=300, margin=dict(l=10, r=10, t=10, b=10),
+                      legend={**LEGEND_BELOW, "y": -0.25})
     return fig
 
 
@@ -115,7 +119,12 @@ def share_figure(counts: Mapping[str, int], *, title: str = "", horizontal: bool
 
 def map_figure(xy: np.ndarray, colour: Sequence[str], hover: Sequence[str], *, title: str = "") -> go.Figure:
     """A 2-D map of the photos, one colour per group; ``hover`` is Plotly text (user text in it
-    passed through :func:`escape`)."""
+    passed through :func:`escape`).
+
+    No drag tool is set: a page that lets people pick photos (Streamlit's ``on_select``) then
+    pans on drag and selects the point clicked, and the lasso is one click away in the
+    toolbar. With the lasso as the starting tool, Plotly turns a click into a hover only.
+    """
     fig = go.Figure()
     groups = list(dict.fromkeys(colour))
     colour = np.asarray(colour)
@@ -128,7 +137,7 @@ def map_figure(xy: np.ndarray, colour: Sequence[str], hover: Sequence[str], *, t
             marker=dict(size=8, color=PALETTE[i % len(PALETTE)], line=dict(width=0.5, color="white")),
         ))
     fig.update_layout(title=title, height=560, margin=dict(l=10, r=10, t=40 if title else 10, b=10),
-                      xaxis=dict(visible=False), yaxis=dict(visible=False), legend_title_text="", dragmode="lasso")
+                      xaxis=dict(visible=False), yaxis=dict(visible=False), legend=LEGEND_BELOW)
     return fig
 
 
@@ -143,5 +152,6 @@ def grouped_share_figure(table, *, title: str = "") -> go.Figure:
             hovertemplate="%{x}: %{y:.0%} (%{text} rows)<extra>%{fullData.name}</extra>",
         ))
     fig.update_layout(barmode="stack", title=title, height=360, yaxis_tickformat=".0%", xaxis_type="category",
-                      margin=dict(l=10, r=10, t=40 if title else 10, b=10), yaxis_title="Share of rows")
+                      margin=dict(l=10, r=10, t=40 if title else 10, b=10), yaxis_title="Share of rows",
+                      legend={**LEGEND_BELOW, "y": -0.12, "traceorder": "normal"})
     return fig

@@ -9,6 +9,7 @@ counting tags), :mod:`~core.tagging.output` (the tagged sheet, the review queue)
 
 from core.tagging.output import (
     OUTPUT_COLUMNS,
+    TAG_VALUES,
     Download,
     downloads,
     iter_rows_needing_review,
@@ -16,6 +17,7 @@ from core.tagging.output import (
     review_photos,
     review_thumbnails,
     set_override,
+    tag_names,
     write_output,
 )
 from core.tagging.photos import IMAGE_ROOTS_ENV, PhotoFinder, project_photo_files
@@ -49,4 +51,5 @@ __all__ = [
     "create_run", "downloads", "final_labels", "iter_rows_needing_review", "load_run", "out_of_date", "overrides", "project_photo_files",
     "project_run_folder", "results_frame", "resume_conflict", "review_photos", "review_thumbnails", "run_tagging",
     "set_override", "share_by", "split_columns", "start_project_run", "tag_counts", "write_output",
+    "TAG_VALUES", "tag_names",
 ]

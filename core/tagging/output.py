@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,6 +13,7 @@ from core.base import exports
 from core.base.files import atomic_write_text
 from core.inputs.images import preview
 from core.inputs.sheets import column_letter
+from core.learning import bundles
 from core.tagging.photos import PhotoFinder, project_photo_files
 from core.tagging.run import (
     TagOptions,
@@ -25,13 +26,23 @@ from core.tagging.run import (
 )
 from core.tagging.tags import combine_scored
 
-__all__ = ["OUTPUT_COLUMNS", "Download", "downloads", "iter_rows_needing_review", "overrides", "review_photos",
-           "review_thumbnails", "set_override", "write_output"]
+__all__ = ["OUTPUT_COLUMNS", "TAG_VALUES", "Download", "downloads", "iter_rows_needing_review", "overrides",
+           "review_photos", "review_thumbnails", "set_override", "tag_names", "write_output"]
 
 OUTPUT_COLUMNS = ("predicted_label", "confidence", "needs_review", "tag_error", "model_id")
+TAG_VALUES = ("names", "codes")  # what the tag columns of the download hold
 
 
-def write_output(folder: Path, out: Path, *, fmt: str | None = None, overrides: dict[int, str] | None = None) -> Path:
+def tag_names(folder: Path, names: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The readable name of each of the run's classes that has one other than its code: the
+    ``names`` given (the project's, as the pages show them), else the ones in the model file."""
+    if names is None:
+        names = bundles.load_bundle(load_run(folder)["bundle"])[0].class_display_names
+    return {str(code): str(name).strip() for code, name in names.items() if str(name).strip() not in ("", str(code))}
+
+
+def write_output(folder: Path, out: Path, *, fmt: str | None = None, overrides: dict[int, str] | None = None,
+                 tags_as: str = "names", names: Mapping[str, str] | None = None) -> Path:
     """The catalog with the tag columns added, as CSV, XLSX or Parquet (``fmt``, else the name's
     suffix): every row and column unchanged and in order, cells exactly as written (spaces kept),
     blank rows kept where they were. The file is written by :mod:`core.base.exports`, so no
@@ -43,8 +54,12 @@ def write_output(folder: Path, out: Path, *, fmt: str | None = None, overrides: 
     as one plain table, and so are blank rows after the last one with content. A CSV keeps the
     catalog's delimiter and encoding (UTF-8 with the BOM Excel needs to show accents); an Excel
     catalog's CSV is comma-separated. ``overrides`` are the analyst's answers, marked "reviewed".
+
+    ``tags_as="names"`` writes the classes' readable names (``names``, else the model's; see
+    :func:`tag_names`) in the tag columns, with the codes of the label sheet kept beside them
+    in ``predicted_code`` when some class has a name; ``"codes"`` writes the codes only.
     """
-    table, csv_options = _tagged_table(folder, overrides)
+    table, csv_options = _tagged_table(folder, overrides, tags_as=tags_as, names=names)
     return exports.write_table(table, out, fmt=fmt, **csv_options)
 
 
@@ -58,13 +73,14 @@ class Download:
     refused: str | None = None
 
 
-def downloads(folder: Path, *, overrides: dict[int, str] | None = None) -> list[Download]:
+def downloads(folder: Path, *, overrides: dict[int, str] | None = None, tags_as: str = "names",
+              names: Mapping[str, str] | None = None) -> list[Download]:
     """The tagged catalog as CSV, Excel and Parquet (the table built once), as :func:`write_output`
     writes them; a format that cannot hold the table (Excel's row limit) is refused, with why."""
     run = load_run(folder)
     stem = Path(run["catalog_name"]).stem + "-tagged"
     own = Path(run["catalog"]).suffix
-    table, csv_options = _tagged_table(folder, overrides)
+    table, csv_options = _tagged_table(folder, overrides, tags_as=tags_as, names=names)
     out = []
     for fmt, suffix in (("csv", own if own in (".csv", ".tsv", ".txt") else ".csv"), ("xlsx", ".xlsx"),
                         ("parquet", ".parquet")):
@@ -75,8 +91,11 @@ def downloads(folder: Path, *, overrides: dict[int, str] | None = None) -> list[
     return out
 
 
-def _tagged_table(folder: Path, overrides: dict[int, str] | None) -> tuple[pd.DataFrame, dict]:
+def _tagged_table(folder: Path, overrides: dict[int, str] | None, *, tags_as: str = "names",
+                  names: Mapping[str, str] | None = None) -> tuple[pd.DataFrame, dict]:
     """The output table and the CSV options that keep the catalog's delimiter and encoding."""
+    if tags_as not in TAG_VALUES:
+        raise ValueError(f"tags_as must be one of {TAG_VALUES}, not {tags_as!r}.")
     run = load_run(folder)
     sheet = catalog_sheet(folder)
     results = results_frame(folder)
@@ -101,6 +120,13 @@ def _tagged_table(folder: Path, overrides: dict[int, str] | None) -> tuple[pd.Da
             tags = [(t, float(c)) for t, c in zip(group["tag"], group["conf"]) if t]
             product[product_id] = combine_scored(tags, rule=options.rule, positive=positive)[0] if tags else ""
         added["product_tag"] = [product.get(v, "") for v in rows[options.id_column]]
+    readable = tag_names(folder, names) if tags_as == "names" else {}
+    if readable:
+        codes = added.pop("predicted_label")
+        added.insert(0, "predicted_label", codes.map(lambda c: readable.get(c, c)))
+        added.insert(1, "predicted_code", codes)
+        if "product_tag" in added:
+            added["product_tag"] = added["product_tag"].map(lambda c: readable.get(c, c))
     added["model_id"] = run["model_id"]
     output = pd.concat([pd.DataFrame(sheet.raw_rows, columns=range(width)), added], axis=1)
     output.columns = [*header, *added.columns]

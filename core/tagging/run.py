@@ -31,7 +31,7 @@ from core.base.files import atomic_write_bytes, atomic_write_text, sha256_file
 from core.base.problems import InputError
 from core.inputs.catalog import catalog_of, split_cell
 from core.inputs.sheets import Sheet, read_sheet
-from core.learning import bundles
+from core.learning import bundles, novelty
 from core.learning.predictor import Predictor
 from core.tagging.photos import PhotoFinder
 from core.tagging.tags import combine_scored
@@ -211,16 +211,18 @@ def positive_class(run: dict) -> str | None:
 
 
 def _predict(predictor: Predictor, items: Sequence[tuple[str, Path]]) -> dict[str, tuple]:
-    """The model's (label, confidence, error) for each photo: the one place tagging runs the model."""
+    """The model's (label, confidence, error, unlike the training photos) for each photo: the one
+    place tagging runs the model."""
     if not items:
         return {}
     predictions = predictor.predict(items)
-    return {r.image: (r.predicted_label, r.confidence, r.error) for r in predictions.itertuples()}
+    return {r.image: (r.predicted_label, r.confidence, r.error, bool(r.unlike_training))
+            for r in predictions.itertuples()}
 
 
 def _row_result(i: int, refs: list[str], resolved: dict, answer: dict, options: TagOptions,
                 positive: str | None) -> tuple:
-    tags, reasons = [], []
+    tags, reasons, unlike = [], [], []
     for ref in refs:
         path, why = resolved[ref]
         if path is None:
@@ -229,12 +231,16 @@ def _row_result(i: int, refs: list[str], resolved: dict, answer: dict, options: 
             reasons.append(f"{ref}: {answer[ref][2]}")
         else:
             tags.append((answer[ref][0], float(answer[ref][1])))
+            unlike += [ref] if answer[ref][3] else []
     if not refs:
         reasons.append("the row has no photo")
     if not tags:
         return (i, "", None, 1, "; ".join(reasons) or "no usable photo", json.dumps(refs))
     label, conf = combine_scored(tags, rule=options.rule, positive=positive)
-    return (i, label, round(conf, 4), int(conf < options.review_below), "; ".join(reasons), json.dumps(refs))
+    if unlike:  # the model had to pick one of its classes for a photo like none of them
+        reasons.append(novelty.REASON if len(refs) == 1 else f"{', '.join(unlike)}: {novelty.REASON}")
+    review = conf < options.review_below or bool(unlike)
+    return (i, label, round(conf, 4), int(review), "; ".join(reasons), json.dumps(refs))
 
 
 class RowTagger:

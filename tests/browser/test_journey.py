@@ -180,3 +180,142 @@ def test_tag_a_catalog_and_export_the_report_in_the_browser(server, page, tmp_pa
     page.reload()
     page.get_by_role("heading", name="6 · Report").wait_for()
     assert re.search(r"6 · Report\s*✓", page.locator('[data-testid="stSidebarNav"]').inner_text())
+
+
+# ------------------------------------------------------- a second project, three classes
+
+GARMENTS = {"1": ("pants", "Trousers"), "2": ("t-shirt", "T-shirt"), "3": ("shoes", "Shoes")}
+
+
+def _three_class_set(tmp: Path) -> tuple[Path, Path]:
+    """Photos of three classes with a label sheet of codes 1/2/3: the shared flat-lay garments
+    when present, else crops of scikit-image's sample photos."""
+    folder = tmp / "garments"
+    folder.mkdir()
+    rows = ["photo;code"]
+    flat = SHARED_DATA / "flat-lay"
+    if (flat / "labels.csv").is_file():
+        lines = (flat / "labels.csv").read_text().splitlines()[1:]
+        for code, (garment, _) in GARMENTS.items():
+            for line in [x for x in lines if x.split(",")[2] == garment][:12]:
+                shutil.copy(flat / line.split(",")[0], folder)
+                rows.append(f"{line.split(',')[0]};{code}")
+    else:
+        from skimage import data
+
+        for code, array in (("1", data.astronaut()), ("2", data.coffee()), ("3", data.chelsea())):
+            for i in range(10):
+                img = Image.fromarray(array).convert("RGB").rotate(i * 5)
+                img.crop((i * 6, i * 4, img.width - i * 5, img.height - i * 3)).save(folder / f"c{code}_{i}.jpg")
+                rows.append(f"c{code}_{i}.jpg;{code}")
+    sheet = tmp / "garment-codes.csv"
+    sheet.write_text("\n".join(rows) + "\n")
+    return folder, sheet
+
+
+def _boxes_overlap(page, chart) -> list[str]:
+    """Legend entries of a chart that its toolbar (the Plotly modebar) covers."""
+    return chart.evaluate("""el => {
+        const bar = el.querySelector('.modebar'); if (!bar) return [];
+        const b = bar.getBoundingClientRect();
+        return [...el.querySelectorAll('.legend .traces')].filter(t => {
+            const r = t.getBoundingClientRect();
+            return r.left < b.right && b.left < r.right && r.top < b.bottom && b.top < r.bottom;
+        }).map(t => t.textContent);
+    }""")
+
+
+def _check_toolbar_and_legend(page, chart, name: str) -> None:
+    for width in (1024, 1400):
+        page.set_viewport_size({"width": width, "height": 1000})
+        page.wait_for_timeout(800)
+        chart.hover()  # the toolbar shows on hover
+        page.wait_for_timeout(300)
+        assert chart.locator(".legend .traces").count() >= 2
+        assert _boxes_overlap(page, chart) == [], f"the toolbar covers legend entries of the {name} at {width} px"
+        shot(page, f"{name}-{width}")
+    page.set_viewport_size({"width": 1400, "height": 1000})
+
+
+def test_a_second_three_class_project_trains_tags_and_downloads_class_names(server, page, tmp_path, monkeypatch):
+    from core.projects import workspace
+
+    folder, sheet = _three_class_set(tmp_path)
+    photos = sorted(folder.iterdir())
+    monkeypatch.setenv(workspace.HOME_ENV, str(server["home"]))  # the server's workspace
+    first = workspace.list_projects()[0] if workspace.list_projects() else workspace.create_project("First one")
+    page.goto(f"{server['url']}/?project={first.slug}")
+    page.get_by_text(f"Project: {first.name}").wait_for()
+    sidebar = page.locator('[data-testid="stSidebar"]')
+    sidebar.get_by_text("New project").click()
+    sidebar.get_by_label("Name", exact=True).fill("Garments")
+    press(page, "Create project")
+    page.get_by_text("Project: Garments").wait_for()
+    page.wait_for_timeout(1000)
+    picker = sidebar.locator('[data-testid="stSelectbox"] input').first
+    assert picker.input_value() == "Garments"  # the picker follows the new project (before: the old one)
+    assert sidebar.get_by_label("Name", exact=True).input_value() == ""  # ready for the next one
+
+    page.get_by_role("link", name="Go").click()
+    page.get_by_role("heading", name="1 · Data").wait_for()
+    archive = tmp_path / "garments.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        for p in photos:
+            zf.write(p, p.name)
+    page.locator(UPLOAD).nth(0).set_input_files(str(archive))
+    page.get_by_text(f"Checked {len(photos)} files").wait_for(timeout=120_000)
+    page.locator(UPLOAD).nth(1).set_input_files(str(sheet))
+    page.get_by_text("Name the classes").wait_for()
+    for code, (_, name) in GARMENTS.items():
+        page.get_by_label(f"Label “{code}”").fill(name)
+    page.get_by_role("button", name="Save names").click()
+    page.get_by_text("Trousers:").first.wait_for()  # photos per class, by name
+
+    next_step(page, "2 · Backbone")
+    press(page, "Extract features")
+    page.get_by_text("Features are ready for all").wait_for(timeout=300_000)
+    next_step(page, "3 · Train & compare")
+    press(page, "Train the quick model")
+    page.get_by_text("Balanced accuracy on held-out photos").wait_for(timeout=240_000)
+    assert page.locator('[data-testid="stException"]').count() == 0
+
+    next_step(page, "4 · Explore")
+    chart = page.locator(".js-plotly-plot").first
+    chart.wait_for(timeout=120_000)
+    page.get_by_text("Click a point to see its photo").wait_for()
+    _check_toolbar_and_legend(page, chart, "explore-map")
+    point = chart.evaluate("""el => {
+        const L = el._fullLayout, t = el._fullData[0], box = el.querySelector('.nsewdrag').getBoundingClientRect();
+        return [box.left + L.xaxis.l2p(t.x[0]), box.top + L.yaxis.l2p(t.y[0])];
+    }""")
+    page.mouse.click(*point)  # one click on one photo's point...
+    page.get_by_text("1 selected photo", exact=True).wait_for(timeout=60_000)  # ...shows that photo
+    assert page.locator('[data-testid="stImage"] img').count() >= 1
+    shot(page, "explore-clicked")
+
+    names = [p.name for p in photos]
+    catalog = tmp_path / "garment-catalog.csv"
+    catalog.write_text("sku;category;image\n" + "".join(
+        f"G{i};{'Summer' if i % 2 else 'Winter'};{n}\n" for i, n in enumerate(names)))
+    next_step(page, "5 · Tag catalog")
+    page.locator(UPLOAD).nth(0).set_input_files(str(catalog))
+    press(page, "Start tagging")
+    page.get_by_text(f"{len(names)} of {len(names)} rows done").wait_for(timeout=240_000)
+    assert page.locator('[data-testid="stException"]').count() == 0
+    split_chart = page.locator(".js-plotly-plot").nth(1)
+    split_chart.wait_for()
+    _check_toolbar_and_legend(page, split_chart, "tag-split")
+    page.get_by_text("Your class names").wait_for()  # the default choice for the download
+    with page.expect_download() as download:
+        press(page, "Download as CSV")
+    tagged = tmp_path / "garments-tagged.csv"
+    download.value.save_as(tagged)
+    rows = [line.split(";") for line in tagged.read_text(encoding="utf-8-sig").splitlines()]
+    header, body = rows[0], rows[1:]
+    label, code = header.index("predicted_label"), header.index("predicted_code")
+    assert len(body) == len(names)
+    assert {r[label] for r in body} <= {"Trousers", "T-shirt", "Shoes"} and len({r[label] for r in body}) == 3
+    truth = {line.split(";")[0]: line.split(";")[1] for line in sheet.read_text().splitlines()[1:]}
+    right = sum(r[code] == truth[r[header.index("image")]] for r in body)
+    assert right >= 0.8 * len(body), f"{right} of {len(body)} right"
+    assert all(GARMENTS[r[code]][1] == r[label] for r in body)  # the name and its code agree
