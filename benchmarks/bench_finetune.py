@@ -36,6 +36,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import core  # noqa: E402,F401  (first: sets OpenMP's wait policy before torch loads)
+
+# isort: split
 import torch  # noqa: E402
 
 from core.inputs.images import load_for_model  # noqa: E402
