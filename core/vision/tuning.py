@@ -93,7 +93,7 @@ def choose_run_settings(
     input_size: int = 224,
     rounds: int = 5,
     min_images: int = 32,
-    tolerance: float = 0.04,
+    tolerance: float = 0.03,
     max_seconds: float = 40.0,
     remember_as: str | None = None,
 ) -> RunSettings:
@@ -202,7 +202,7 @@ def _rounds(keys: list, samples: dict, per_image: Callable, rounds: int, started
             samples[key].append(per_image(key))
 
 
-def pick_batch(samples: Mapping, *, tolerance: float = 0.04) -> tuple:
+def pick_batch(samples: Mapping, *, tolerance: float = 0.03) -> tuple:
     """The choice among timed candidates and whether it is robust: ``samples`` maps a key
     whose first item is the batch size to its seconds per photo, one per round.
 
