@@ -174,9 +174,12 @@ def choose_run_settings(
                     break
             if time.perf_counter() - started > max_seconds / 3:
                 break
+        if not samples:  # not even the smallest batch fits: it is the one to try, halved on the way
+            return RunSettings(candidates[0])
         contenders = [k for k, v in samples.items() if v[0] <= 1.5 * best_time]
         _rounds(contenders, samples, per_image, rounds, started, max_seconds)
         chosen, robust = pick_batch({k: samples[k] for k in contenders}, tolerance=tolerance)
+        robust = robust and all(len(samples[k]) >= 3 for k in contenders)  # out of time: no verdict to keep
         plain = (chosen[0], False)
         prepare(*plain)
         samples[plain] = []
