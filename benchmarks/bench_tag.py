@@ -175,6 +175,8 @@ def main() -> None:
             time.sleep(0.05)
         proc.send_signal(signal.SIGKILL)
         proc.wait()
+        if not db.exists():
+            sys.exit(f"the tag command ended before it wrote a row (exit code {proc.returncode})")
         done = sqlite3.connect(db).execute("SELECT COUNT(*) FROM results").fetchone()[0]
         subprocess.run([sys.executable, "-m", "core", *base, "--resume", "--json"], cwd=ROOT, check=True,
                        capture_output=True)
