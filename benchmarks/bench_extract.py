@@ -28,6 +28,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+import core  # noqa: E402,F401  (first: sets OpenMP's wait policy before torch loads)
+
+# isort: split
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 

@@ -10,6 +10,11 @@ scored on the same test photos, and on 300 flat-lay phone photos without people 
 many does each call "person"?) when ../shared/data/flat-lay is there.
 
 Run:  .venv/bin/python benchmarks/bench_finetune.py [--epochs N] [--random-head] [--batch-sweep]
+      .venv/bin/python benchmarks/bench_finetune.py --compare OTHER_CHECKOUT [--repeats 2]
+With ``--compare`` the default run goes as a child process from this checkout and from the
+other one (an earlier commit: ``git worktree add --detach ../before main``), alternating
+(other, this, this, other, ...), and prints each one's seconds per epoch, the ratio and the
+held-out result of each.
 Timings on shared 2-core machines swing by +-40 % (more when another job runs): the
 per-epoch photos/s are the figures to compare, and only within one run.
 """
@@ -20,7 +25,9 @@ import argparse
 import csv
 import json
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -28,6 +35,9 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import core  # noqa: E402,F401  (first: sets OpenMP's wait policy before torch loads)
+
+# isort: split
 import torch  # noqa: E402
 
 from core.inputs.images import load_for_model  # noqa: E402
@@ -104,6 +114,39 @@ def print_epochs(title: str, result: ft.FinetuneResult) -> None:
           f"{result.seconds:.0f} s in all; batch {result.batch_size}; threshold {result.threshold:.3f}")
 
 
+def seconds_per_epoch(result_history: list[dict]) -> float:
+    """Mean seconds of the epochs that ran (training and the validation pass after it)."""
+    return statistics.mean(h["seconds"] for h in result_history) if result_history else float("nan")
+
+
+def compare(other: Path, *, repeats: int, passthrough: list[str]) -> None:
+    """The default run from this checkout and from ``other``, alternating; figures side by side."""
+    this = Path(__file__).resolve().parents[1]
+    repos = {"this checkout": this, f"compare ({other.name})": other.resolve()}
+    runs: dict[str, list[dict]] = {name: [] for name in repos}
+    with tempfile.TemporaryDirectory() as tmp:
+        for attempt in range(repeats):
+            for name, repo in (reversed(repos.items()) if attempt % 2 == 0 else repos.items()):
+                out = Path(tmp) / f"{attempt}-{len(runs[name])}-{repo.name}.json"
+                started = time.perf_counter()
+                proc = subprocess.run([sys.executable, "benchmarks/bench_finetune.py", "--json", str(out), *passthrough],
+                                      cwd=repo, capture_output=True, text=True)
+                if proc.returncode:
+                    sys.exit(f"{repo}: bench_finetune failed:\n{proc.stderr[-2000:]}")
+                method = json.loads(out.read_text())["methods"]["fine-tuned (LP-FT)"]
+                runs[name].append(method)
+                print(f"  {name:<28} {seconds_per_epoch(method['history']):6.1f} s/epoch  "
+                      f"{len(method['history'])} epochs  test acc {method['acc']:.3f} "
+                      f"[{method['low']:.3f}-{method['high']:.3f}]  ({time.perf_counter() - started:.0f} s in all)",
+                      flush=True)
+    medians = {name: statistics.median(seconds_per_epoch(m["history"]) for m in ms) for name, ms in runs.items()}
+    for name, ms in runs.items():
+        print(f"median seconds per epoch, {name}: {medians[name]:.1f}; test accuracy "
+              f"{', '.join(format(m['acc'], '.3f') for m in ms)}")
+    before, after = medians[f"compare ({other.name})"], medians["this checkout"]
+    print(f"speed-up this/compare (seconds per epoch): {before / after:.2f}x")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--backbone", default=bb.DEFAULT_BACKBONE_ID)
@@ -115,7 +158,13 @@ def main() -> None:
     parser.add_argument("--random-head", action="store_true", help="also fine-tune from a random head")
     parser.add_argument("--batch-sweep", action="store_true", help="also time training steps by batch size")
     parser.add_argument("--json", type=Path, default=None, help="write the figures here")
+    parser.add_argument("--compare", type=Path, help="another checkout: time the same run there too, alternating")
+    parser.add_argument("--repeats", type=int, default=2, help="with --compare: runs from each checkout")
     args = parser.parse_args()
+    if args.compare:
+        print(f"Fine-tuning at the default settings, {args.repeats} run(s) from each checkout, alternating:")
+        compare(args.compare, repeats=args.repeats, passthrough=["--epochs", str(args.epochs), "--seed", str(args.seed)])
+        return
 
     if not (SHARED / "labels.csv").is_file():
         print(f"Skipping: the shared product photos are not at {SHARED} (a fresh clone has no ../shared).")
@@ -155,6 +204,8 @@ def main() -> None:
                          head_arrays=head_to_arrays(probe), head_classes=list(probe.classes_), device=device)
     runs["fine-tuned (LP-FT)"] = result
     print_epochs(f"Fine-tuning from the frozen head, default config, {args.epochs} epochs:", result)
+    print(f"  seconds per epoch (training and validation, mean of {len(result.history)}): "
+          f"{seconds_per_epoch(result.history):.1f}")
     if args.random_head:
         result = ft.finetune(train_items, val_items, backbone_id=args.backbone, classes=classes, config=config,
                              device=device)

@@ -472,6 +472,19 @@ def test_depth_groups_follow_the_network():
     assert lrs == sorted(lrs, reverse=True)  # earlier layers learn more slowly
 
 
+def test_the_first_groups_never_train():
+    model = nw.build_classifier_model(LITE0, 2, pretrained=False)
+    groups = fc.depth_groups(model.features)
+    optimizer = torch.optim.AdamW(fc.param_groups(model, fc.FinetuneConfig()))
+    for epoch, phase in ((0, "head"), (1, "top"), (2, "all"), (7, "all")):
+        assert fc.set_trainable(model, optimizer, epoch) == phase
+    trains = [all(p.requires_grad for _, p in g) for g in groups]
+    assert trains == [False] * 3 + [True] * (len(groups) - 3)
+    optimizer = torch.optim.AdamW(fc.param_groups(model, fc.FinetuneConfig(frozen_groups=0)))
+    fc.set_trainable(model, optimizer, 2)
+    assert all(p.requires_grad for p in model.features.parameters())
+
+
 def test_bad_settings_and_inputs_are_plain_errors(photos):
     with pytest.raises(ValueError, match="epochs"):
         fc.FinetuneConfig(epochs=0)

@@ -8,7 +8,7 @@
     python -m core extract --project P [--backbone ID] [--device cuda]
     python -m core train --images DIR --labels SHEET --method frozen|finetune --out BUNDLE
     python -m core predict --model BUNDLE --images DIR
-    python -m core bench extract --images DIR [--upscale 2000]
+    python -m core bench extract --images DIR [--upscale 2000] [--runs 5] [--busy]
     python -m core tag --model BUNDLE|--project P --catalog FILE [--images DIR|ZIP] --out FILE [--resume]
                        [--engine ray [--address ray://HOST:PORT]]
     python -m core export --model BUNDLE --format onnx --out MODEL.onnx
@@ -111,7 +111,10 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--device", help="auto, cpu, cuda or mps")
     b.add_argument("--upscale", type=int, help="first make JPEG copies with this longer side (e.g. 2000)")
     b.add_argument("--limit", type=int, help="with --upscale: how many photos to copy")
-    b.add_argument("--repeats", type=int, default=3)
+    b.add_argument("--repeats", type=int, default=3, help="timed passes per figure (medians)")
+    b.add_argument("--runs", "--repeat", dest="runs", type=int, default=1,
+                   help="time the automatic path this many times, each on a fresh cache (choices made anew)")
+    b.add_argument("--busy", action="store_true", help="also time it while another process keeps one core busy")
     b.set_defaults(func=project_commands.cmd_bench)
 
     p = sub.add_parser("tag", help="tag every row of a catalog export with a model")

@@ -135,10 +135,17 @@ def cmd_bench(args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         if args.upscale:
             folder = bench.upscale_folder(folder, Path(tmp) / "large", size=args.upscale, limit=args.limit)
-        result = bench.bench_extract(folder, backbone_id=args.backbone, device=args.device, repeats=args.repeats)
+        result = bench.bench_extract(folder, backbone_id=args.backbone, device=args.device, repeats=args.repeats,
+                                     runs=args.runs, busy=args.busy)
     if args.upscale:
         result["upscaled_to_px"] = args.upscale
+    runs = result.pop("runs", []) if not args.json else []
     print_result(result, args.json)
+    for i, run in enumerate(runs, 1):
+        print(f"run {i} (fresh cache): batch {run['batch_size']}, {'channels-last' if run['channels_last'] else 'plain'}"
+              f", {run['workers']} workers, chosen in {run['chooser_s']} s; forward {run['forward_img_s']}, pipeline "
+              f"{run['pipeline_img_s']}, notebook {run['naive_img_s']} photos/s; pipeline/forward "
+              f"{run['pipeline_vs_forward']}, pipeline/notebook {run['pipeline_vs_naive']}")
     return 0
 
 

@@ -38,6 +38,7 @@ __all__ = [
 # of the product, never of the label "person").
 TRAIN_CROP_SCALE = (0.7, 1.0)
 TRAIN_CROP_RATIO = (3 / 4, 4 / 3)
+NEVER = 10**9  # the start epoch of groups that never train (frozen_groups)
 TRAIN_COLOR_JITTER = {"brightness": 0.2, "contrast": 0.2, "saturation": 0.2, "hue": 0.02}
 
 
@@ -50,6 +51,11 @@ class FinetuneConfig:
     backbone; after that everything trains. Backbone group ``g`` (counted from the top)
     learns at ``lr_backbone * layer_decay ** g``. Early stopping counts only epochs where
     everything trains. ``max_train_seconds`` stops cleanly after the batch that crosses it.
+
+    The first ``frozen_groups`` groups from the input never train: at full resolution they
+    cost about half of every training step's time (measured on Lite0, 2-core CPU: 3.2 s a
+    step of 8 photos with them, 1.6 s without) for 0.5 % of the weights, which hold generic
+    edge and colour filters and, under ``layer_decay``, learn at a tenth of the top's rate.
 
     ``train_bn_stats=False`` keeps every BatchNorm layer on its pretrained statistics
     (its scale and shift still train), as Keras' and detectron2's fine-tuning recipes do
@@ -65,6 +71,7 @@ class FinetuneConfig:
     head_only_epochs: int = 1
     partial_epochs: int = 1
     partial_groups: int = 2
+    frozen_groups: int = 3
     weight_decay: float = 0.05
     warmup_epochs: float = 1.0
     label_smoothing: float = 0.1
@@ -93,6 +100,7 @@ class FinetuneConfig:
         check("head_only_epochs", self.head_only_epochs, allow_zero=True)
         check("partial_epochs", self.partial_epochs, allow_zero=True)
         check("partial_groups", self.partial_groups, allow_zero=True)
+        check("frozen_groups", self.frozen_groups, allow_zero=True)
         check("patience", self.patience)
         check("min_delta", self.min_delta, allow_zero=True)
         if self.batch_size is not None:
@@ -288,6 +296,8 @@ def param_groups(model: nn.Module, config: FinetuneConfig) -> list[dict[str, Any
     add(list(model.head.named_parameters()), name="head", lr=config.lr_head, start=0)
     for rank, named in enumerate(reversed(depth)):  # rank 0 = the group next to the head
         start = config.head_only_epochs if rank < config.partial_groups else full_epoch
+        if rank >= n - config.frozen_groups:
+            start = NEVER
         add(named, name=f"backbone.{n - 1 - rank}", lr=config.lr_backbone * config.layer_decay**rank, start=start)
     return groups
 
@@ -331,7 +341,7 @@ def set_trainable(model: nn.Module, optimizer, epoch: int, *, train_bn_stats: bo
         on = epoch >= group["start_epoch"]
         for p in group["params"]:
             p.requires_grad_(on)
-        if group["name"] != "head":
+        if group["name"] != "head" and group["start_epoch"] < NEVER:
             backbone_on.append(on)
     model.train()
     if not any(backbone_on):

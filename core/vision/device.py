@@ -221,17 +221,19 @@ def worker_init(_worker_id: int) -> None:
 
 def infer_with_backoff(model: nn.Module, x: torch.Tensor, device: torch.device, state: dict) -> np.ndarray:
     """``model``'s output for batch ``x`` (float32 numpy), run in sub-batches of
-    ``state['batch']`` on ``device``. When the device runs out of memory the sub-batch is
-    halved (remembered in ``state``) and the same rows are tried again, down to one."""
+    ``state['batch']`` on ``device``, channels-last unless ``state['channels_last']`` is
+    False. When the device runs out of memory the sub-batch is halved (remembered in
+    ``state``) and the same rows are tried again, down to one."""
     import numpy as np
     import torch
 
+    fmt = torch.channels_last if state.get("channels_last", True) else torch.contiguous_format
     outputs, start = [], 0
     while start < len(x):
         step = state["batch"]
         try:
             with torch.inference_mode(), autocast(device):
-                part = x[start : start + step].to(device, non_blocking=True, memory_format=torch.channels_last)
+                part = x[start : start + step].to(device, non_blocking=True, memory_format=fmt)
                 out = model(part)
             outputs.append(out.float().cpu().numpy())
             start += step

@@ -22,7 +22,7 @@ from core.vision import backbones, networks, weights
 from core.vision.device import compute_settings, default_workers, infer_with_backoff, pick_device
 from core.vision.photos import PhotoDataset, decode_jpegs, failure_reason, make_loader
 from core.vision.store import FeatureStore
-from core.vision.tuning import choose_batch_size
+from core.vision.tuning import RunSettings, choose_run_settings
 
 if TYPE_CHECKING:
     import torch
@@ -122,7 +122,10 @@ def extract_features(
     backbone = backbones.get_backbone(backbone_id)
     model, transform = networks.load_feature_extractor(backbone_id, device=dev, fold=fold)
     if batch_size is None:
-        batch_size = choose_batch_size(model, dev, input_size=backbone.input_size, remember_as=backbone.id)
+        settings = choose_run_settings(model, dev, input_size=backbone.input_size, remember_as=backbone.id)
+    else:
+        settings = RunSettings(batch_size)
+    batch_size = settings.batch_size
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}.")
     workers = default_workers(dev) if num_workers is None else max(0, num_workers)
@@ -130,7 +133,7 @@ def extract_features(
     gpu_decode = 2 * prep.resize_size if dev.type == "cuda" else None  # nvJPEG for large JPEGs
     loader = make_loader(PhotoDataset(todo, transform, load_size=prep.resize_size, raw_jpeg_min_side=gpu_decode),
                          batch_size=batch_size, device=dev, workers=workers)
-    state = {"batch": batch_size}
+    state = {"batch": batch_size, "channels_last": settings.channels_last}
     buffer = _Buffer(store, key)
     bad: dict[str, str] = {}
     done = total - len(todo)

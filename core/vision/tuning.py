@@ -11,9 +11,11 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import random
 import statistics
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -36,10 +38,20 @@ if TYPE_CHECKING:
     from torch import nn
 
 
-__all__ = ["CPU_CANDIDATES", "CUDA_CANDIDATES", "choose_batch_size", "measure_speed", "remembered_speed"]
+__all__ = [
+    "CPU_CANDIDATES", "CUDA_CANDIDATES", "RunSettings", "choose_batch_size", "choose_run_settings", "measure_speed",
+    "pick_batch", "remembered_speed",
+]
 
 CPU_CANDIDATES = (1, 2, 4, 8, 16, 32, 64)
 CUDA_CANDIDATES = (8, 16, 32, 64, 128, 256)
+# When a loaded machine leaves no time for a verdict: the batch measured best on 2-core CPUs
+# (issue 12 and the extraction benchmark's forward-only limit: 4) and on GPUs.
+FALLBACK_BATCH = {"cpu": 4, "cuda": 64, "mps": 32}
+
+# Choices not measured robustly enough to be saved are kept for this process's lifetime
+# (per cache folder), so that one run of many extractions measures once.
+_THIS_PROCESS: dict[tuple[str, str], RunSettings] = {}
 
 
 def _json_memo(name: str) -> tuple[Path, dict]:
@@ -63,103 +75,159 @@ def _machine_key(device: torch.device) -> str:
     return f"{describe_device(device)}|torch {torch.__version__}"
 
 
-def choose_batch_size(
+@dataclass(frozen=True)
+class RunSettings:
+    """How the network runs best here: photos per call and the input's memory layout."""
+
+    batch_size: int
+    channels_last: bool = True
+
+
+def choose_batch_size(model: nn.Module, device: str | torch.device | None = None, **kwargs) -> int:
+    """The batch size of :func:`choose_run_settings` (same arguments)."""
+    return choose_run_settings(model, device, **kwargs).batch_size
+
+
+def choose_run_settings(
     model: nn.Module,
     device: str | torch.device | None = None,
     *,
     candidates: Sequence[int] | None = None,
     input_size: int = 224,
-    repeats: int = 3,
-    min_images: int = 16,
-    max_seconds: float = 20.0,
+    rounds: int = 5,
+    min_images: int = 32,
+    tolerance: float = 0.03,
+    max_seconds: float = 40.0,
     remember_as: str | None = None,
-) -> int:
-    """The batch size with the fastest time per photo for ``model`` on ``device``.
+) -> RunSettings:
+    """The batch size and input layout with the fastest time per photo for ``model`` on ``device``.
 
-    First a sweep times each candidate, in increasing order, on ``repeats`` samples of at
-    least ``min_images`` photos (one call of a small batch is too short to time); it stops
-    once larger batches keep getting slower, when memory runs out, or when the next
-    candidate would overrun ``max_seconds``. Then a run-off times the sweep's best and its
-    two neighbours in turn, round after round, and keeps the best median: on a shared or
-    throttled CPU a burst of load during one candidate's turn otherwise decides the choice
-    (measured here: the sweep alone picked 16, 8, 4 and 2 on the same machine, where 4 runs
-    1.7x faster than 16). With ``remember_as`` (a backbone id) the choice is saved per
-    machine and device, and later calls return it at once.
+    A short sweep in increasing order finds where larger batches stop paying (it stops
+    after two candidates more than 15 % slower than the best, or when memory runs out).
+    Then every candidate within 1.5x of the best is timed in ``rounds`` interleaved rounds,
+    in a new order each round, on at least ``min_images`` photos a sample, and each keeps
+    its fastest sample: load from elsewhere only ever adds time, and interleaving spreads
+    it over all candidates. The choice is the SMALLEST batch within ``tolerance`` of the
+    fastest: batches that close in speed are a tie that noise would decide, and the smaller
+    one costs less memory (measured, issue 12: a sweep of single samples picked 1 where 4
+    ran 2.3x faster, and 16, 8, 4 or 2 on one machine). Channels-last input is kept unless
+    the plain layout beats it by more than ``tolerance`` in interleaved rounds of its own.
+
+    With ``remember_as`` (a backbone id) the choice is saved per machine and device, and
+    later calls return it at once, but only when it was measured robustly: the median
+    samples must point to the same choice as the fastest ones. A choice that noise could
+    have made is used for this run only and measured again next time.
     """
     import torch
 
     dev = pick_device(device)
-    # Choices remembered by the sweep-only chooser, on networks not yet folded, are measured again once.
-    memo_key = f"{remember_as}|{_machine_key(dev)}|folded, run-off" if remember_as else None
+    memo_key = f"{remember_as}|{_machine_key(dev)}|interleaved rounds v2" if remember_as else None
     if memo_key:
-        _, memo = _json_memo("batch_sizes.json")
-        if memo_key in memo:
-            return int(memo[memo_key])
+        path, memo = _json_memo("batch_sizes.json")
+        if (str(path), memo_key) in _THIS_PROCESS:
+            return _THIS_PROCESS[str(path), memo_key]
+        if isinstance(memo.get(memo_key), dict):
+            known = memo[memo_key]
+            return RunSettings(int(known["batch_size"]), bool(known.get("channels_last", True)))
     if candidates is None:
         candidates = CUDA_CANDIDATES if dev.type == "cuda" else CPU_CANDIDATES
     candidates = sorted(set(int(c) for c in candidates))
     if not candidates or candidates[0] < 1:
         raise ValueError(f"Batch size candidates must be positive whole numbers: {candidates}.")
     started = time.perf_counter()
-    inputs: dict[int, torch.Tensor] = {}
+    inputs: dict[tuple[int, bool], torch.Tensor] = {}
 
-    def per_image(bs: int) -> float:
+    def per_image(key: tuple[int, bool]) -> float:
         """Seconds per photo of one sample of at least ``min_images`` photos."""
-        x = inputs[bs]
+        x, bs = inputs[key], key[0]
         calls = max(1, math.ceil(min_images / bs))
+        synchronize(dev)
         t = time.perf_counter()
         for _ in range(calls):
             model(x)
         synchronize(dev)
         return (time.perf_counter() - t) / (calls * bs)
 
-    tested: list[int] = []
-    best, best_time, worse_in_a_row = candidates[0], float("inf"), 0
+    def prepare(bs: int, channels_last: bool) -> None:
+        fmt = torch.channels_last if channels_last else torch.contiguous_format
+        inputs[bs, channels_last] = torch.randn(bs, 3, input_size, input_size, device=dev).contiguous(
+            memory_format=fmt)
+        for _ in range(2):  # warm-up for this shape: kernels, allocator, caches
+            model(inputs[bs, channels_last])
+
+    samples: dict[tuple[int, bool], list[float]] = {}
     with compute_settings(dev), torch.inference_mode(), autocast(dev):
-        warm = torch.randn(candidates[0], 3, input_size, input_size, device=dev)
-        for _ in range(2):  # first calls pay one-off costs (kernel selection, allocator)
-            model(warm.to(memory_format=torch.channels_last))
-        for i, bs in enumerate(candidates):
+        best_time, worse_in_a_row = float("inf"), 0
+        for bs in candidates:  # the sweep: where do larger batches stop paying?
             try:
-                inputs[bs] = torch.randn(bs, 3, input_size, input_size, device=dev).to(
-                    memory_format=torch.channels_last
-                )
-                for _ in range(2):  # warm-up for this shape: kernels, allocator, caches
-                    model(inputs[bs])
-                synchronize(dev)
-                sample = min(per_image(bs) for _ in range(repeats))  # load only ever adds time
+                prepare(bs, True)
+                sample = per_image((bs, True))
             except (RuntimeError, torch.OutOfMemoryError) as exc:
                 if not is_oom(exc):
                     raise
-                inputs.pop(bs, None)
+                inputs.pop((bs, True), None)
                 empty_cache(dev)
                 break
-            tested.append(bs)
+            samples[bs, True] = [sample]
             if sample < best_time:
-                best, best_time, worse_in_a_row = bs, sample, 0
+                best_time, worse_in_a_row = sample, 0
             elif sample > 1.15 * best_time:
                 worse_in_a_row += 1
                 if worse_in_a_row >= 2:
                     break
-            if i + 1 < len(candidates):
-                per_call = sample * candidates[i + 1]
-                projected = (repeats * max(1, math.ceil(min_images / candidates[i + 1])) + 2) * per_call
-                if time.perf_counter() - started + projected > max_seconds:
-                    break
-        at = tested.index(best)
-        contenders = tested[max(0, at - 1): at + 2]
-        if len(contenders) > 1:
-            times: dict[int, list[float]] = {bs: [] for bs in contenders}
-            for _ in range(max(3, repeats)):
-                if time.perf_counter() - started > max_seconds:
-                    break
-                for bs in contenders:
-                    times[bs].append(per_image(bs))
-            if all(times.values()):
-                best = min(contenders, key=lambda bs: statistics.median(times[bs]))
+            if time.perf_counter() - started > max_seconds / 3:
+                break
+        if not samples:  # not even the smallest batch fits: it is the one to try, halved on the way
+            return RunSettings(candidates[0])
+        contenders = [k for k, v in samples.items() if v[0] <= 1.5 * best_time]
+        _rounds(contenders, samples, per_image, rounds, started, max_seconds)
+        chosen, robust = pick_batch({k: samples[k] for k in contenders}, tolerance=tolerance)
+        if not all(len(samples[k]) >= 3 for k in contenders):  # out of time (a loaded machine): no verdict
+            robust = False
+            fallback = (FALLBACK_BATCH.get(dev.type, FALLBACK_BATCH["cpu"]), True)
+            if fallback in contenders:  # the batch measured best on such machines, if it is a close one here
+                chosen = fallback
+        plain = (chosen[0], False)
+        prepare(*plain)
+        samples[plain] = []
+        _rounds([chosen, plain], samples, per_image, max(3, rounds // 2), started, 1.25 * max_seconds)
+        if samples[plain] and min(samples[plain]) < (1 - tolerance) * min(samples[chosen]):
+            chosen = plain
+    settings = RunSettings(chosen[0], chosen[1])
     if memo_key:
-        _json_remember("batch_sizes.json", memo_key, best)
-    return best
+        _THIS_PROCESS[str(_json_memo("batch_sizes.json")[0]), memo_key] = settings
+    if memo_key and robust:
+        _json_remember("batch_sizes.json", memo_key, {"batch_size": settings.batch_size,
+                                                      "channels_last": settings.channels_last})
+    return settings
+
+
+def _rounds(keys: list, samples: dict, per_image: Callable, rounds: int, started: float, max_seconds: float) -> None:
+    """Time every key once per round, in a new order each round (seeded: reproducible)."""
+    order = random.Random(len(keys))
+    for _ in range(rounds):
+        if time.perf_counter() - started > max_seconds:
+            break
+        for key in order.sample(keys, len(keys)):
+            samples[key].append(per_image(key))
+
+
+def pick_batch(samples: Mapping, *, tolerance: float = 0.03) -> tuple:
+    """The choice among timed candidates and whether it is robust: ``samples`` maps a key
+    whose first item is the batch size to its seconds per photo, one per round.
+
+    The choice is the smallest batch whose fastest sample is within ``tolerance`` of the
+    fastest of all (load only adds time, so the fastest sample is the truest). It is robust
+    when the median samples, ranked the same way, choose it too.
+    """
+
+    def smallest_within(summary: Callable):
+        scores = {k: summary(v) for k, v in samples.items() if v}
+        best = min(scores.values())
+        return min((k for k in scores if scores[k] <= (1 + tolerance) * best), key=lambda k: k[0])
+
+    chosen = smallest_within(min)
+    return chosen, chosen == smallest_within(statistics.median)
 
 
 def measure_speed(
