@@ -122,6 +122,20 @@ def test_worker_processes_give_the_same_features(photos, full_run, tmp_path):
     )
 
 
+def test_a_large_network_batch_still_gives_every_decoding_worker_photos(photos, tmp_path):
+    """On a GPU the chosen batch is 256: 480 photos then made 2 decoding batches, so 2 of 8
+    workers decoded and the pipeline ran at 82 photos/s beside a network doing 18,800/s. The
+    decoding batches are now small enough for every worker to get several."""
+    progress = []
+    result = ft.extract_features(
+        photos["items"], backbone_id=LITE0, store=FeatureStore(tmp_path), batch_size=256, num_workers=2,
+        on_progress=lambda done, total: progress.append(done),
+    )
+    assert result.computed == 5 and len(result.failed) == 1
+    assert len(progress) - 1 >= 4, progress  # one call per decoding batch after the first
+    assert ft.loader_batch(256, 480, 8) == 15 and ft.loader_batch(4, 600, 0) == 4
+
+
 def test_cancel_keeps_finished_chunks_and_resume_completes(photos, full_run, tmp_path):
     store, first, _ = full_run
     partial = FeatureStore(tmp_path)

@@ -132,7 +132,7 @@ def extract_features(
     prep = backbone.preprocessing
     gpu_decode = 2 * prep.resize_size if dev.type == "cuda" else None  # nvJPEG for large JPEGs
     loader = make_loader(PhotoDataset(todo, transform, load_size=prep.resize_size, raw_jpeg_min_side=gpu_decode),
-                         batch_size=batch_size, device=dev, workers=workers)
+                         batch_size=loader_batch(batch_size, len(todo), workers), device=dev, workers=workers)
     state = {"batch": batch_size, "channels_last": settings.channels_last}
     buffer = _Buffer(store, key)
     bad: dict[str, str] = {}
@@ -163,6 +163,16 @@ def extract_features(
     result.photos_per_s = result.computed / result.seconds if result.seconds > 0 else 0.0
     result.batch_size = state["batch"]
     return result
+
+
+def loader_batch(batch_size: int, n_photos: int, workers: int) -> int:
+    """Photos per decoding batch. Each worker decodes a whole batch, so with workers the batch
+    is small enough that every worker gets several (480 photos in batches of 256, as a GPU
+    chooses, kept 2 of 8 workers busy: 82 photos/s on an H200 whose network runs 18,800/s);
+    the network still runs each batch in one go. Without workers it is the network's batch."""
+    if workers <= 0:
+        return batch_size
+    return max(1, min(batch_size, 64, -(-n_photos // (4 * workers))))
 
 
 def _inputs(batch: dict, todo: list, transform, prep, dev, result: ExtractionResult):
