@@ -340,3 +340,19 @@ def test_the_command_line_says_it_in_a_sentence(tmp_path, good_members, capsys):
     assert cli.main(["predict", "--model", str(model), "--images", str(tmp_path / "photos")]) == 2
     err = capsys.readouterr().err
     assert "nested thousands of levels deep" in err and "Traceback" not in err
+
+
+def test_the_novelty_part_of_a_head_is_bounded_before_its_data_is_read():
+    """A model keeps its training photos' features for the "unlike the training photos" flag;
+    the file's header must declare exactly that part, of a believable size, or it is refused
+    (before: any frozen model carrying it was refused as "3 unknown arrays")."""
+    from core.learning import bundle_limits
+
+    fine = {"novelty.reference": ("F16", (300, 1280)), "novelty.threshold": ("F32", (1,)), "novelty.k": ("I32", (1,)),
+            "scaler.mean": ("F64", (1280,))}
+    assert bundle_limits.without_novelty(fine, "efficientnet_lite0") == {"scaler.mean": ("F64", (1280,))}
+    for bad in ({**fine, "novelty.reference": ("F16", (10_000_000, 1280))},  # 25 GB of "training photos"
+                {**fine, "novelty.reference": ("F16", (300, 16))},  # not the backbone's width
+                {k: v for k, v in fine.items() if k != "novelty.k"}):
+        with pytest.raises(bundles.BundleError):
+            bundle_limits.without_novelty(bad, "efficientnet_lite0")

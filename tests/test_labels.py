@@ -9,12 +9,11 @@ import openpyxl
 import pytest
 
 from core.base.problems import InputError, Problem
+from core.inputs.columns import guess_columns, labels_look_coded
 from core.inputs.labels import (
     MatchResult,
     Sheet,
     class_display_defaults,
-    guess_columns,
-    labels_look_coded,
     match_labels,
     normalise_name,
     read_sheet,

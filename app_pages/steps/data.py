@@ -5,7 +5,7 @@ import streamlit as st
 from app_pages import ui
 from core import tasks
 from core.base.problems import InputError
-from core.inputs import images, labels, sheets
+from core.inputs import columns, images, sheets
 from core.learning import groups
 from core.projects import intake
 
@@ -92,7 +92,7 @@ names = project.class_names()
 classes = list(summary["classes"])
 if classes:
     st.write("**Photos per class:** " + " · ".join(f"{ui.plain(names.get(k, k))}: {v}" for k, v in summary["classes"].items()))
-    coded = labels.labels_look_coded(classes)
+    coded = columns.labels_look_coded(classes)
     with st.expander("Name the classes", expanded=coded and not names):
         st.caption("Your labels are short codes. Give each a name people will understand, e.g. 1 → “Person in photo”.")
         with st.form("class_names", border=False):

@@ -20,6 +20,7 @@ from pathlib import Path, PurePath
 from typing import Literal
 
 from core.base.problems import InputError
+from core.inputs.columns import name_key
 from core.inputs.labels import normalise_name
 from core.inputs.sheets import Sheet, read_sheet
 
@@ -130,10 +131,6 @@ def catalog_of(sheet: Sheet, *, image_columns: Sequence[str] = ()) -> Catalog:
     )
 
 
-def _name_key(name: str) -> str:
-    return re.sub(r"[^0-9a-z]+", "_", name.casefold()).strip("_")
-
-
 def _looks_like_ref(value: str) -> bool:
     return bool(_SCHEME_RE.match(value)) or bool(_IMAGE_EXT_RE.search(value))
 
@@ -160,7 +157,7 @@ def guess_columns(sheet: Sheet) -> tuple[str | None, list[str]]:
     image_columns: list[str] = []
     for name in frame.columns:
         values = [v for v in frame[name].tolist() if v]
-        tokens = set(_name_key(name).split("_"))
+        tokens = set(name_key(name).split("_"))
         if values:
             pieces = [p for v in values for p in split_cell(v)]
             if sum(map(_looks_like_ref, pieces)) >= 0.5 * len(pieces):
@@ -177,7 +174,7 @@ def _guess_id_column(frame, image_columns: Sequence[str]) -> str | None:
     for pos, name in enumerate(frame.columns):
         if name in image_columns:
             continue
-        key = _name_key(name)
+        key = name_key(name)
         tokens = key.split("_")
         values = [v for v in frame[name].tolist() if v]
         if not values:

@@ -19,6 +19,7 @@ from collections.abc import Mapping
 from typing import Any, BinaryIO
 
 from core.base.problems import InputError
+from core.learning import novelty
 from core.vision.backbones import get_backbone
 from core.vision.networks import build_classifier_model
 
@@ -155,6 +156,24 @@ def check_network(arrays: Mapping[str, tuple], backbone_id: str, classes: list) 
     except ValueError:
         raise BundleError(f"This model was made for the network {backbone_id!r}, which this app does not have.") from None
     _compare(arrays, _network_shapes(backbone_id, len(classes)), f"a fine-tuned {backbone_id} with {len(classes)} labels")
+
+
+def without_novelty(arrays: Mapping[str, tuple], backbone_id: str) -> dict[str, tuple]:
+    """The head member's arrays other than the optional "unlike the training photos" part
+    (:mod:`core.learning.novelty`), which must be exactly its three arrays: at most
+    ``MAX_REFERENCE`` training photos' features of the backbone's width, one limit, one k."""
+    part = {k: v for k, v in arrays.items() if k.startswith("novelty.")}
+    if part:
+        try:
+            width = get_backbone(backbone_id).feature_dim
+        except ValueError:
+            raise BundleError(f"This model was made for the network {backbone_id!r}, which this app does not have.") from None
+        shape = tuple(part.get("novelty.reference", ("", ()))[1])
+        if len(shape) != 2 or not 0 < shape[0] <= novelty.MAX_REFERENCE:
+            shape = (-1, -1)
+        _compare(part, {"novelty.reference": (shape[0], width), "novelty.threshold": (1,), "novelty.k": (1,)},
+                 f"the training photos' features of {backbone_id}")
+    return {k: v for k, v in arrays.items() if k not in part}
 
 
 def check_head(arrays: Mapping[str, tuple], classes: list) -> None:

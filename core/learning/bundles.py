@@ -415,8 +415,12 @@ def _check_arrays(name: str, arrays: dict, read: dict[str, bytes]) -> None:
     bundle = _parse_json(read[BUNDLE_JSON])
     if name == NETWORK_FILE:
         limits.check_network(arrays, bundle.backbone_id, bundle.classes)
-    elif bundle.kind == "frozen":
-        limits.check_head(arrays, bundle.classes)
+        return
+    rest = limits.without_novelty(arrays, bundle.backbone_id)
+    if bundle.kind == "frozen":
+        limits.check_head(rest, bundle.classes)
+    elif rest:
+        raise BundleError(f"This model file is damaged: its {HEAD_FILE} holds unknown arrays, e.g. {next(iter(rest))[:80]!r}.")
 
 
 def _read_folder(path: Path, wanted: Sequence[str]) -> tuple[dict[str, bytes], set[str]]:

@@ -26,6 +26,7 @@ from core.base import exports
 from core.base.files import atomic_file, atomic_write_bytes, sha256_file
 from core.base.problems import InputError, Problem
 from core.inputs import images, labels, sheets, uploads
+from core.inputs.columns import guess_columns, guess_group_column
 from core.projects.workspace import Project
 
 JUNK_NAMES = {".ds_store", "thumbs.db", "desktop.ini"}
@@ -252,11 +253,11 @@ def apply_sheet(
             raise InputError("Upload a label sheet first.")
         stored = Path(state.stored)
         sheet = labels.read_sheet(stored.read_bytes(), filename=state.filename, photo_names=_photo_names(project))
-    guessed_image, guessed_label = labels.guess_columns(sheet)
+    guessed_image, guessed_label = guess_columns(sheet)
     image_column = image_column or guessed_image
     label_column = label_column or guessed_label
     if group_column is None:
-        group_column = labels.guess_group_column(sheet, image_column=image_column, label_column=label_column)
+        group_column = guess_group_column(sheet, image_column=image_column, label_column=label_column)
     columns = [str(c) for c in sheet.frame.columns]
     for chosen, what in ((image_column, "photo file names"), (label_column, "labels"), (group_column or None, "products")):
         if chosen is not None and chosen not in columns:
