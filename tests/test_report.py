@@ -98,6 +98,7 @@ def test_demo_refuses_to_overwrite_a_project(binary_photos, capsys):
 def test_report_of_a_finished_binary_project(demo):
     built = report.build_report(demo)
     assert built.question == "Does the photo show “Person in photo”?"
+    # every labelled photo it used: learned from, chosen and calibrated on, or held out
     assert list(built.classes) == ["Person in photo", "no_person"] and sum(built.classes.values()) == 20
     assert all(len(p) == report.EXAMPLES_PER_CLASS for p in built.examples.values())
     assert [m.kind for m in built.methods] == ["frozen", "finetuned"]
@@ -136,6 +137,7 @@ def test_analysts_answers_and_wording_reach_the_report(demo):
     row = int(results.index[results["predicted_label"] == "person"][0])
     tagging.set_override(folder, row, "no_person")
     ProjectState(demo).save_report_choices(question="Is a model wearing the product?", category="")
+    learned = report.build_report(demo).classes
     try:
         built = report.build_report(demo)
         assert built.catalog.answered == 1 and built.catalog.by_category is None
@@ -144,7 +146,7 @@ def test_analysts_answers_and_wording_reach_the_report(demo):
         assert not any("changed since this model was trained" in limit for limit in built.limits)
         tagging.add_reviews_to_training(demo, folder)  # the answer relabels that photo...
         built = report.build_report(demo)
-        assert built.classes == {"Person in photo": 10, "no_person": 10}  # ...which the model learned as it was
+        assert built.classes == learned == {"Person in photo": 10, "no_person": 10}  # ...which the model learned as it was
         assert "now 9 “Person in photo”, 11 “no_person”; then 10 “Person in photo”, 10 “no_person”" in built.limits[0]
 
         from streamlit.testing.v1 import AppTest

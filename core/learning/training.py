@@ -219,7 +219,9 @@ def train_finetuned(
         threshold=threshold, metrics={"test": test_report.to_dict(), "history": result.history, "reliability": rel,
                                       "novelty": unlike.summary()},
         calibration=cal.to_dict() if cal else None, seed=seed, split=plan.to_dict(),
-        training_manifest=bundles.training_manifest(plan.train_ids, [label[i] for i in plan.train_ids]),
+        # the photos it learned from: trained on, and chosen and calibrated on (all but the held-out ones)
+        training_manifest=bundles.training_manifest(plan.train_ids + plan.val_ids,
+                                                    [label[i] for i in plan.train_ids + plan.val_ids]),
         name=f"{project.name} · fine-tuned {backbones.get_backbone(backbone_id).name}",
     )
     path = bundles.save_bundle(bundle, unlike.to_arrays(), project.path("models", f"{bundle.id}.zip"),
