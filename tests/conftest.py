@@ -56,3 +56,11 @@ def photo_project(name: str, folder: Path, sheet: str | bytes):
     intake.process_staged(project)
     intake.apply_sheet(project, filename="labels.csv", data=sheet.encode() if isinstance(sheet, str) else sheet)
     return project
+
+
+def shown(markdown: str) -> str:
+    """The text a reader sees of page markdown that went through ``app_pages.ui.plain``:
+    backslash escapes and invisible word joiners removed."""
+    import re
+
+    return re.sub(r"\\(.)", r"\1", markdown).replace("\u2060", "")

@@ -180,7 +180,7 @@ def test_data_page_counts_products_and_lets_the_analyst_choose_the_column(tmp_pa
     from skimage import data
 
     from core.projects import intake
-    from tests.conftest import photo_project, sample_photo_set
+    from tests.conftest import photo_project, sample_photo_set, shown
 
     sheet = sample_photo_set(tmp_path / "photos", {"person": [data.astronaut()],
                                                   "no_person": [data.coffee(), data.chelsea()]}, per_class=6)
@@ -191,7 +191,7 @@ def test_data_page_counts_products_and_lets_the_analyst_choose_the_column(tmp_pa
     at = _app(p.slug).run()
     at.switch_page("app_pages/steps/data.py").run()
     assert not at.exception, at.exception
-    captions = " ".join(c.value for c in at.caption)
+    captions = shown(" ".join(c.value for c in at.caption))
     assert "12 labelled photos belong to 6 products (column “product_id”)" in captions
     assert "12 photos share their product with another photo" in captions
     box = next(s for s in at.selectbox if s.label.startswith("Column with the product"))
