@@ -107,7 +107,7 @@ def _tag(setup, out, *extra):
 
 
 def test_ray_gives_the_single_machine_output_cell_for_cell(setup, tmp_path, monkeypatch, capsys):
-    monkeypatch.setenv("CATALOG_LENS_ALLOW_PRIVATE_URLS", "1")  # the test server is on 127.0.0.1
+    monkeypatch.setenv("CATALOG_LENS_ALLOWED_HOSTS", "127.0.0.1")  # the test server
     local, on_ray = tmp_path / "local.csv", tmp_path / "ray.csv"
     _tag(setup, local)
     capsys.readouterr()

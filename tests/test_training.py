@@ -105,7 +105,11 @@ def test_finetune_run_is_compared_on_the_same_photos(project):
     verdict = training.compare(p)
     assert verdict is not None and verdict.n == len(run.test_ids)
     assert "not evidence" in verdict.verdict  # 5 held-out photos cannot settle anything
-    assert models.tagging_model(p)["kind"] == "frozen"  # not better, and much cheaper
+    # not better: the simpler quick model, unless fine-tuning was clearly quicker to wait for
+    # (both durations are whole jobs; on a few photos one fine-tuning round can beat the quick
+    # model's cross-validation)
+    quick, tuned = runs.latest_runs(p)["frozen"].seconds, run.seconds
+    assert models.tagging_model(p)["kind"] == ("finetuned" if 1.2 * tuned <= quick else "frozen")
 
 
 def test_a_finetune_that_keeps_its_start_is_the_quick_model(project):

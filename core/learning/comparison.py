@@ -145,7 +145,8 @@ def compare_methods(
         recommended = name_a
         if costs:
             ratio = max(cost_a_seconds, cost_b_seconds) / min(cost_a_seconds, cost_b_seconds)
-            recommended = name_a if cost_a_seconds <= cost_b_seconds else name_b
+            # the simpler one, unless the other was clearly quicker to wait for
+            recommended = name_b if ratio >= 1.2 and cost_b_seconds < cost_a_seconds else name_a
             verdict += (
                 f" {name_a} took {duration_text(cost_a_seconds)} to train, {name_b} {duration_text(cost_b_seconds)}: "
                 f"use {recommended}."
