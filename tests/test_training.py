@@ -361,6 +361,8 @@ def test_pages_say_what_the_split_kept_together_and_how_honest_the_confidence_is
     assert honest and "of the time" in honest[0] and "points away from how often it is right" in honest[0]
     assert any(e.label.startswith("Reliability chart") for e in at.expander)
 
+    tuned = training.train_finetuned(p, config=finetune.FinetuneConfig(epochs=1))
+    assert tuned is not None and training.compare(p) is not None
     # Two photos per product in the sheet: the next plan keeps each product on one side.
     ds = p.dataset()
     labelled = ds[ds["label"] != ""].sort_values("name")
@@ -375,6 +377,10 @@ def test_pages_say_what_the_split_kept_together_and_how_honest_the_confidence_is
     assert plan.kept_together and test_products
     assert not test_products & {product[i] for i in plan.training_ids}
     assert run.extra["split"]["source"] == "column" and run.extra["split"]["kept_together"]
+    # the fine-tuned run was scored on the old split: no comparison (it crashed every page
+    # with "Predictions are missing for 3 of the 4 photos"), until it is trained again
+    assert training.compare(p) is None and models.tagging_model(p)["kind"] == "frozen"
     at.run()
+    assert not at.exception, at.exception
     assert "The split kept the" in groups.split_sentence(run.extra["split"])
     assert groups.split_sentence(run.extra["split"]) in [shown(c.value) for c in at.caption]

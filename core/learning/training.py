@@ -353,7 +353,8 @@ def _story(result, *, quick_kept: bool = False) -> str:
 
 
 def compare(project: Project, *, names: tuple[str, str] = ("Frozen", "Fine-tuned")) -> comparison.Comparison | None:
-    """Frozen vs fine-tuned on the same held-out photos, once both exist (``names`` word the verdict)."""
+    """Frozen vs fine-tuned on the same held-out photos, once both exist (``names`` word the verdict);
+    None while they were scored on different photos (one was trained before the split changed)."""
     latest = runs.latest_runs(project)
     if "frozen" not in latest or "finetuned" not in latest:
         return None
@@ -361,6 +362,8 @@ def compare(project: Project, *, names: tuple[str, str] = ("Frozen", "Fine-tuned
     _, pa = runs.load_run(project, a.id)
     _, pb = runs.load_run(project, b.id)
     ids = [str(i) for i in pa["test_ids"]]
+    if not set(ids) <= {str(i) for i in pb["test_ids"]}:
+        return None  # scored on other photos (the split changed since): no fair comparison until retrained
     proba_b = comparison.align_proba(pb["test_proba"], [str(i) for i in pb["test_ids"]], to=ids)
     truth = project.dataset().set_index("sha")["label"]
     return comparison.compare_methods(
