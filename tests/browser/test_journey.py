@@ -290,7 +290,7 @@ def test_a_second_three_class_project_trains_tags_and_downloads_class_names(serv
     }""")
     page.mouse.click(*point)  # one click on one photo's point...
     page.get_by_text("1 selected photo", exact=True).wait_for(timeout=60_000)  # ...shows that photo
-    assert page.locator('[data-testid="stImage"] img').count() >= 1
+    page.locator('[data-testid="stImage"] img').first.wait_for(timeout=60_000)  # its thumbnail (drawn just after)
     shot(page, "explore-clicked")
 
     names = [p.name for p in photos]
