@@ -28,6 +28,7 @@ import sys
 from core.base.problems import InputError
 from core.cli import model_commands, project_commands
 from core.inputs.sheets import SHEET_TYPES
+from core.tagging import TAG_VALUES
 
 __all__ = ["build_parser", "main"]
 
@@ -141,7 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--chunk-rows", type=int, default=256, help="rows per checkpoint")
     p.add_argument("--fetch-timeout", type=float, metavar="SECONDS",
                    help="most time one photo link may take to download, retries included (default 30)")
-    p.add_argument("--tags-as", default="names", choices=["names", "codes"],
+    p.add_argument("--tags-as", default="names", choices=TAG_VALUES,
                    help="the tag columns hold the classes' names (default; the label sheet's codes are kept "
                    "in predicted_code) or only the codes")
     p.add_argument("--device")
