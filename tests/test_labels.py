@@ -294,6 +294,21 @@ def test_normalise_name(ref: str) -> None:
     assert normalise_name(ref) == "img_001"
 
 
+def test_every_photo_type_the_app_decodes_is_a_photo_name_in_a_sheet() -> None:
+    """One list owns photo extensions: a sheet naming `scan_7` labels the uploaded `scan_7.dib`
+    (the sheet reader kept its own list, without .dib, so the two did not match), and a
+    phone's .heic is a photo name even where its decoder is missing."""
+    from core.inputs.images import IMAGE_EXTENSIONS, PHOTO_NAME_EXTENSIONS
+    from core.inputs.sheets import looks_like_image_ref
+
+    assert IMAGE_EXTENSIONS <= PHOTO_NAME_EXTENSIONS and {".heic", ".avif"} <= PHOTO_NAME_EXTENSIONS
+    for ext in PHOTO_NAME_EXTENSIONS:
+        assert normalise_name(f"Scan_7{ext.upper()}") == "scan_7" and looks_like_image_ref(f"scan_7{ext}")
+    sheet = read_sheet(b"photo,label\nscan_7,person\nscan_8,no person\n", filename="labels.csv")
+    result = match_labels(sheet, image_column="photo", label_column="label", image_names=["scan_7.dib", "scan_8.bmp"])
+    assert result.labels == {"scan_7.dib": "person", "scan_8.bmp": "no person"}
+
+
 def test_normalise_name_unicode_forms_and_numbers() -> None:
     assert normalise_name("Cafe\u0301.JPG") == normalise_name("café.jpg") == "café"
     assert normalise_name("13734.0") == "13734"

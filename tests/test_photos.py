@@ -60,3 +60,48 @@ def test_each_epoch_of_the_shuffle_depends_on_the_seed_and_the_epoch_alone(tmp_p
                             drop_last=True)
     loader.sampler.set_epoch(3)
     assert [i for batch in loader for i in batch["index"]] == order[:8]
+
+
+def _real_photos(tmp_path, n: int = 3):
+    from skimage import data
+
+    paths = []
+    for i, name in enumerate(("astronaut", "coffee", "chelsea")[:n]):
+        path = tmp_path / f"{name}.jpg"
+        Image.fromarray(getattr(data, name)()).save(path, quality=90)
+        paths.append((name, path, i % 2))
+    return paths
+
+
+def test_published_transforms_split_into_per_photo_geometry_and_one_batch_normalisation(tmp_path):
+    """Scaling and normalising run once per batch (uint8 per photo): the batch is the same as
+    the library's transform applied photo by photo, for timm's, torchvision's and the training one."""
+    from core.inputs.images import load_for_model
+    from core.learning.finetune_config import build_train_transform
+    from core.vision.networks import build_transform
+
+    items = _real_photos(tmp_path)
+    for transform in (build_transform("efficientnet_lite0"), build_transform("resnet18"),
+                      build_train_transform("efficientnet_lite0")):
+        dataset = ph.PhotoDataset(items, transform, load_size=256)
+        assert dataset.finish is not None
+        samples = [dataset[(i, 1234 + i)] for i in range(len(items))]
+        assert all(kind == "tensor" and value.dtype == torch.uint8 for _, kind, value, _ in samples)
+        batch = next(iter(ph.make_loader(dataset, batch_size=3, device=torch.device("cpu"), workers=0)))
+        expected = []
+        for i, (_, path, _) in enumerate(items):
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(1234 + i)
+                expected.append(transform(load_for_model(path, size=256)))
+        assert batch["x"].dtype == torch.float32
+        assert torch.allclose(ph.collate(samples, finish=dataset.finish)["x"], torch.stack(expected), atol=1e-6)
+        if "RandomResizedCrop" not in repr(transform):  # evaluation: bit for bit, in the loader's own batch
+            assert torch.equal(batch["x"], torch.stack([transform(load_for_model(p, size=256)) for _, p, _ in items]))
+
+
+def test_a_transform_of_unknown_shape_runs_whole_photo_by_photo(tmp_path):
+    items = _real_photos(tmp_path, 1)
+    dataset = ph.PhotoDataset(items, lambda img: torch.ones(3, 2, 2), load_size=64)
+    assert dataset.finish is None
+    batch = next(iter(ph.make_loader(dataset, batch_size=1, device=torch.device("cpu"), workers=0)))
+    assert torch.equal(batch["x"], torch.ones(1, 3, 2, 2))

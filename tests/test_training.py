@@ -313,6 +313,25 @@ def test_the_map_follows_new_photos(project, tmp_path):
     assert len(after) == len(before) + 1
 
 
+def test_near_duplicates_are_found_once_per_set_of_photos(project, monkeypatch):
+    """The Data page asks for the groups on every redraw: they are kept in the project, found
+    again only for another set of photos, and the same as found directly."""
+    from core.learning import groups
+
+    p, _ = project
+    X, _, ids = extraction.load_training_features(p, "efficientnet_lite0")
+    found = []
+    real = groups.near_duplicate_groups
+    monkeypatch.setattr(groups, "near_duplicate_groups", lambda X: found.append(len(X)) or real(X))
+    first = groups.photo_grouping(p, ids, backbone_id="efficientnet_lite0")
+    again = groups.photo_grouping(p, ids, backbone_id="efficientnet_lite0")
+    assert again == first and first.groups == np.unique(real(X), return_inverse=True)[1].tolist()
+    assert len(found) <= 1  # at most once (an earlier test may have drawn these groups already)
+    fewer = groups.photo_grouping(p, ids[1:], backbone_id="efficientnet_lite0")
+    assert found[-1] == len(ids) - 1 and len(fewer.ids) == len(ids) - 1
+    assert len(list(p.path("runs").glob("near-duplicates-*.npy"))) == 1  # the older set's file is gone
+
+
 def test_an_interrupted_finetune_resumes_at_the_project_level(project):
     """The job's path: a fine-tune cancelled (or killed) after its first epoch continues from
     there when asked again, and a finished one leaves nothing behind to resume."""

@@ -69,6 +69,11 @@ IMAGE_EXTENSIONS: frozenset[str] = frozenset(
 )
 """File-name extensions (lower case, with the dot) of the photo formats we decode."""
 
+PHOTO_NAME_EXTENSIONS: frozenset[str] = IMAGE_EXTENSIONS | {".heic", ".heif", ".avif"}
+"""The extensions that make a name in a sheet a photo: the ones we decode, and the phone and web
+formats whose decoder may be missing here, so that such a photo is named and refused plainly
+instead of the cell not being taken for a photo at all."""
+
 # Only these Pillow plugins are ever tried. Besides matching IMAGE_EXTENSIONS, this keeps
 # exotic decoders (EPS runs Ghostscript, for one) away from untrusted uploads.
 # (Multi-picture JPEGs from cameras, MPO, are opened by the JPEG plugin.)

@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 from urllib.parse import unquote, urlsplit
 
 from core.base.problems import InputError, Problem
+from core.inputs.images import PHOTO_NAME_EXTENSIONS
 from core.inputs.sheets import (  # Sheet and read_sheet are re-exported: a label sheet is read here
-    IMAGE_EXTENSIONS,
     INTEGRAL_RE,
     INVISIBLE_CHARS,
     QUERY_AFTER_EXT_RE,
@@ -57,7 +57,7 @@ def _ref_parts(ref: str) -> list[str]:
     if parts:
         last = parts[-1]
         stem, dot, ext = last.rpartition(".")
-        if dot and stem and f".{ext}" in IMAGE_EXTENSIONS:
+        if dot and stem and f".{ext}" in PHOTO_NAME_EXTENSIONS:
             last = stem
         elif integral := INTEGRAL_RE.fullmatch(last):  # SKU typed as a number: "13734.0"
             last = integral.group(1)

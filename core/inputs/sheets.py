@@ -23,10 +23,10 @@ import pandas as pd
 
 from core.base.problems import InputError, Problem
 from core.inputs.encodings import decode_text
+from core.inputs.images import PHOTO_NAME_EXTENSIONS
 
-__all__ = ["IMAGE_EXTENSIONS", "SHEET_TYPES", "Sheet", "column_letter", "looks_like_image_ref", "read_sheet"]
+__all__ = ["SHEET_TYPES", "Sheet", "column_letter", "looks_like_image_ref", "read_sheet"]
 
-IMAGE_EXTENSIONS = frozenset(".jpg .jpeg .jpe .jfif .png .gif .webp .bmp .tif .tiff .heic .heif .avif".split())
 SHEET_TYPES: tuple[str, ...] = ("csv", "tsv", "txt", "xlsx", "xlsm", "xls")
 """The one list of sheet file types (lower case, no dot) the Data and Tag pages' uploaders and the
 command line take. An old .xls gets in so that :func:`read_sheet` can say how to save it as .xlsx."""
@@ -36,7 +36,7 @@ _SNIFF_ROWS = 200
 _NO_DELIMITER = "\x1f"  # ASCII unit separator: never found in a real sheet
 
 URL_RE = re.compile(r"^[a-z][a-z0-9+.-]*://", re.IGNORECASE)
-_EXT_PATTERN = "|".join(re.escape(e[1:]) for e in sorted(IMAGE_EXTENSIONS))
+_EXT_PATTERN = "|".join(re.escape(e[1:]) for e in sorted(PHOTO_NAME_EXTENSIONS))
 QUERY_AFTER_EXT_RE = re.compile(rf"(\.(?:{_EXT_PATTERN}))[?#].*$", re.IGNORECASE)
 _IMAGE_REF_RE = re.compile(rf"\.(?:{_EXT_PATTERN})(?:[?#].*)?$", re.IGNORECASE)
 INTEGRAL_RE = re.compile(r"([+-]?\d+)\.0+")

@@ -7,14 +7,12 @@ set of photos and kept), with its label and the quick model's out-of-fold answer
 
 from __future__ import annotations
 
-import hashlib
 
 import numpy as np
 import pandas as pd
 
-from core.base.files import atomic_file
 from core.learning import comparison, evaluation, projection, runs
-from core.learning.extraction import feature_store
+from core.learning.extraction import cached_array, feature_store
 from core.projects.state import ProjectState
 from core.projects.workspace import Project
 from core.vision import features
@@ -37,14 +35,8 @@ def feature_map(project: Project, *, method: str = "umap") -> pd.DataFrame:
     ds = ds[ds["sha"].isin(store.has(key))].reset_index(drop=True)
     if len(ds) < 3:
         return pd.DataFrame()
-    digest = hashlib.sha256("\n".join([key, *ds["sha"]]).encode()).hexdigest()[:16]
-    cache = project.path("runs", f"map-{method}-{digest}.npy")
-    if cache.is_file():
-        xy = np.load(cache, allow_pickle=False)
-    else:
-        xy = projection.project_2d(store.load(key, list(ds["sha"])), method=method)
-        with atomic_file(cache) as fh:
-            np.save(fh, xy)
+    xy = cached_array(project, f"map-{method}", [key, *ds["sha"]],
+                      lambda: projection.project_2d(store.load(key, list(ds["sha"])), method=method))
     ds["x"], ds["y"] = xy[:, 0], xy[:, 1]
     ds["predicted"], ds["confidence"] = "", np.nan
     run = runs.latest_runs(project).get("frozen")

@@ -6,11 +6,13 @@ the background job and the command line all go through it.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import hashlib
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
+from core.base.files import atomic_file
 from core.base.problems import Problem
 from core.projects.state import ProjectState
 from core.projects.workspace import Project
@@ -113,6 +115,26 @@ def load_training_features(project: Project, backbone_id: str) -> tuple[np.ndarr
     """Features, labels and photo ids of the training set (photos without features are left out)."""
     y, ids = training_labels(project, backbone_id)
     return feature_store(project).load(features.feature_key(backbone_id), ids), y, ids
+
+
+def cached_array(project: Project, name: str, depends_on: Sequence[str], compute: Callable[[], np.ndarray]) -> np.ndarray:
+    """``compute()``, kept in the project's runs folder under ``name`` and a digest of what it
+    ``depends_on`` (the feature key and the photo ids), so a page drawn again reads a file instead
+    of recomputing it; the file of ``name`` computed for other photos before is removed."""
+    digest = hashlib.sha256("\n".join(depends_on).encode()).hexdigest()[:16]
+    path = project.path("runs", f"{name}-{digest}.npy")
+    if path.is_file():
+        try:
+            return np.load(path, allow_pickle=False)
+        except (OSError, ValueError):  # damaged: computed again
+            pass
+    value = np.asarray(compute())
+    with atomic_file(path) as fh:
+        np.save(fh, value, allow_pickle=False)
+    for old in path.parent.glob(f"{name}-*.npy"):
+        if old != path:
+            old.unlink(missing_ok=True)
+    return value
 
 
 def known_speed(backbone_id: str, *, device: str | None = None, n_images: int = 32) -> float | None:

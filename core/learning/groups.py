@@ -32,7 +32,7 @@ from core.learning.splits import SplitPlan
 from core.projects import intake
 from core.projects.state import ProjectState
 from core.projects.workspace import Project
-from core.vision import backbones
+from core.vision import backbones, features
 
 __all__ = [
     "NEAR_DUPLICATE_SIMILARITY",
@@ -143,10 +143,15 @@ def photo_grouping(project: Project, ids: Sequence[str], X=None, *, backbone_id:
     backbone_id = backbone_id or ProjectState(project).backbone or backbones.DEFAULT_BACKBONE_ID
     if not extraction.status(project, backbone_id).complete:
         return Grouping(ids, list(range(len(ids))), "none")
-    X_all, _, all_ids = extraction.load_training_features(project, backbone_id)
-    row = {s: r for r, s in enumerate(all_ids)}
-    have = [i for i in ids if i in row]  # a photo whose features failed is its own group
-    found = dict(zip(have, near_duplicate_groups(X_all[[row[i] for i in have]]).tolist())) if have else {}
+    key = features.feature_key(backbone_id)
+    store = extraction.feature_store(project)
+    stored = store.has(key)
+    have = [i for i in ids if i in stored]  # a photo whose features failed is its own group
+    # Kept in the project: the Data page asks on every redraw, and at 10,000 photos comparing every
+    # pair takes seconds.
+    found = dict(zip(have, extraction.cached_array(
+        project, "near-duplicates", [key, str(NEAR_DUPLICATE_SIMILARITY), *have],
+        lambda: near_duplicate_groups(store.load(key, have))).tolist())) if have else {}
     groups = [found[i] if i in found else len(ids) + k for k, i in enumerate(ids)]
     return Grouping(ids, np.unique(groups, return_inverse=True)[1].tolist(), "near_duplicates")
 
