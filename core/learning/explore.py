@@ -7,7 +7,6 @@ set of photos and kept), with its label and the quick model's out-of-fold answer
 
 from __future__ import annotations
 
-
 import numpy as np
 import pandas as pd
 
