@@ -1,4 +1,4 @@
-"""Folding BatchNorm into convolutions: same features on real photos, less work, never wrong."""
+"""Inference rewrites (BatchNorm folded, static padding): same features on real photos, less work, never wrong."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from torch import nn
 
 from core.vision import backbones
 from core.vision import networks as nw
-from core.vision.fuse import fold_batch_norms
+from core.vision.fuse import fold_batch_norms, for_inference, static_same_padding
 
 
 def _photos(n: int = 6) -> torch.Tensor:
@@ -77,3 +77,46 @@ def test_only_a_batchnorm_fed_by_a_convolution_is_folded(make, expected):
 def test_a_model_in_training_mode_is_refused():
     with pytest.raises(ValueError, match="eval mode"):
         fold_batch_norms(nn.Sequential(nn.Conv2d(3, 3, 1), nn.BatchNorm2d(3)).train(), torch.randn(1, 3, 4, 4))
+
+
+# --------------------------------------------------------------------------- static "same" padding
+
+
+@pytest.mark.parametrize("size", [224, 240, 260, 17, 18])
+@pytest.mark.parametrize("kernel, stride", [(3, 2), (5, 2), (3, 1), (4, 2), (1, 2)])
+def test_static_same_padding_computes_what_timm_pads_on_every_call(size, kernel, stride):
+    """Every kernel/stride/size case, odd and even (asymmetric and symmetric padding): the same
+    output at the planned size, and at other sizes (the original path)."""
+    from timm.layers.conv2d_same import Conv2dSame
+
+    torch.manual_seed(size * kernel)
+    model = nn.Sequential(Conv2dSame(3, 8, kernel, stride), nn.ReLU(), Conv2dSame(8, 8, kernel, stride, groups=8)).eval()
+    x = torch.randn(2, 3, size, size)
+    static, n = static_same_padding(model, x)
+    assert n == 2 and not any(isinstance(m, Conv2dSame) for m in static.modules())
+    with torch.inference_mode():
+        for probe in (x, torch.randn(1, 3, size + 1, size + 3)):
+            assert torch.allclose(static(probe), model(probe), atol=1e-6)
+
+
+@pytest.mark.parametrize("backbone_id", ["efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"])
+def test_the_lite_networks_give_the_same_features_with_static_padding(backbone_id):
+    from timm.layers.conv2d_same import Conv2dSame
+
+    backbone = backbones.get_backbone(backbone_id)
+    size = backbone.input_size
+    plain = backbones.features_of(backbone, nw.load_pretrained(backbone)).eval()
+    fast = for_inference(plain, torch.randn(2, 3, size, size))
+    assert sum(isinstance(m, Conv2dSame) for m in plain.modules()) == 5
+    assert not any(isinstance(m, (Conv2dSame, nn.BatchNorm2d)) for m in fast.modules())
+    x = nn.functional.interpolate(_photos(4), size=(size, size), mode="bilinear")
+    with torch.inference_mode():
+        a, b = plain(x), fast(x)
+    assert float((a - b).abs().max()) < 1e-4 * float(a.abs().max())
+
+
+def test_the_app_extractor_pads_statically():
+    from timm.layers.conv2d_same import Conv2dSame
+
+    model, _ = nw.load_feature_extractor("efficientnet_lite0", device="cpu")
+    assert not any(isinstance(m, Conv2dSame) for m in model.modules())

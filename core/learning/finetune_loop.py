@@ -19,6 +19,7 @@ import numpy as np
 from core.learning.finetune_config import default_batch_size
 from core.vision.backbones import get_backbone
 from core.vision.device import autocast, compute_settings, default_workers, mixed_precision, pick_device
+from core.vision.fuse import for_inference
 from core.vision.networks import build_classifier_model, build_transform
 from core.vision.photos import PhotoDataset, make_loader
 
@@ -202,8 +203,12 @@ def predict_proba(
     loader = make_loader(PhotoDataset(items, build_transform(backbone_id), load_size=prep.resize_size),
                          batch_size=bs, device=dev, workers=workers)
     model.to(dev, memory_format=torch.channels_last)
+    # BatchNorm folded and padding made static, in a copy: the same probabilities, faster.
+    was_training, size = model.training, get_backbone(backbone_id).input_size
+    fast = for_inference(model.eval(), torch.randn(2, 3, size, size, device=dev))
+    model.train(was_training)
     with compute_settings(dev, workers=workers):
-        ev = evaluate(model, loader, device=dev, amp_dtype=mixed_precision(dev, None), on_batch=on_progress)
+        ev = evaluate(fast, loader, device=dev, amp_dtype=mixed_precision(dev, None), on_batch=on_progress)
     del loader
     if ev["index"]:
         out[ev["index"]] = ev["proba"]

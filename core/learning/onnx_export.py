@@ -28,7 +28,7 @@ from core.base.files import atomic_path
 from core.learning import bundles
 from core.learning.predictor import check_backbone, check_weights, load_network
 from core.vision import backbones, networks
-from core.vision.fuse import fold_batch_norms
+from core.vision.fuse import for_inference
 
 if TYPE_CHECKING:
     from torch import nn
@@ -89,7 +89,7 @@ def _network(bundle_path: Path, bundle: bundles.ModelBundle, arrays) -> nn.Modul
         backbone = backbones.get_backbone(bundle.backbone_id)
         features = backbones.features_of(backbone, networks.load_pretrained(backbone)).eval()
         size = backbone.input_size
-        features, _ = fold_batch_norms(features, torch.randn(2, 3, size, size))  # as the app extracts
+        features = for_inference(features, torch.randn(2, 3, size, size))  # as the app extracts
         linear = nn.Linear(weight.shape[1], weight.shape[0])
         with torch.no_grad():
             linear.weight.copy_(torch.from_numpy(weight))

@@ -1,4 +1,7 @@
-"""Folding BatchNorm layers into the convolutions before them, for inference only.
+"""Inference-only rewrites of a frozen network that compute the same output faster:
+:func:`for_inference` applies both below.
+
+**Folding BatchNorm layers into the convolutions before them.**
 
 A frozen backbone in eval mode applies each BatchNorm as a fixed scale and shift, which
 can be folded into the weights of the convolution that feeds it: the same features
@@ -6,18 +9,28 @@ can be folded into the weights of the convolution that feeds it: the same featur
 Lite0 on a 2-core CPU, batch 4: 123.8 vs 74.1; ``benchmarks/bench_extract.py`` row (f)). Which convolution feeds which BatchNorm is read from one real forward
 pass, not from layer names, and the folded copy is only used when its output matches the
 original's on that pass.
+
+**Static "same" padding.** Networks ported from TensorFlow (the EfficientNet-Lite family) pad
+the input of every strided convolution asymmetrically, one row and column more at the bottom
+and right, and timm does it with a padded copy of the activations on every call: 17 % of
+Lite0's time on a 2-core CPU. For the fixed input size the network always runs at, such a
+convolution equals a plain one with symmetric padding and a kernel one row and column larger
+whose first row and column are zero (window ``j`` then starts one pixel earlier on a zero
+weight). Lite0 on 128 catalog photos, batch 8, 2-core CPU, one run: 104.8 → 146.0 photos/s,
+outputs identical to the last bit. An input of another size takes the original path.
 """
 
 from __future__ import annotations
 
 import copy
+import functools
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     import torch
     from torch import nn
 
-__all__ = ["fold_batch_norms"]
+__all__ = ["fold_batch_norms", "for_inference", "static_same_padding"]
 
 MAX_RELATIVE_ERROR = 1e-4  # folded vs original output, relative to the output's largest value
 
@@ -79,3 +92,90 @@ def fold_batch_norms(model: nn.Module, probe: torch.Tensor) -> tuple[nn.Module, 
     if output.shape != reference.shape or float((output - reference).abs().max()) > MAX_RELATIVE_ERROR * scale:
         return model, 0
     return folded.eval(), len(pairs)
+
+
+def for_inference(model: nn.Module, probe: torch.Tensor) -> nn.Module:
+    """A faster copy of the eval-mode ``model`` for inputs shaped like ``probe`` (one batch):
+    BatchNorm folded (:func:`fold_batch_norms`), then "same" padding made static
+    (:func:`static_same_padding`). Each step is kept only when its output matches."""
+    model, _ = fold_batch_norms(model, probe)
+    model, _ = static_same_padding(model, probe)
+    return model
+
+
+def _same_pad(n: int, kernel: int, stride: int, dilation: int) -> tuple[int, int]:
+    """TensorFlow's "same" padding before and after one dimension of size ``n``."""
+    total = max((-(-n // stride) - 1) * stride + (kernel - 1) * dilation + 1 - n, 0)
+    return total // 2, total - total // 2
+
+
+@functools.cache
+def _static_same_class():
+    from timm.layers.conv2d_same import conv2d_same
+    from torch import nn
+
+    class StaticSameConv2d(nn.Conv2d):
+        """A "same"-padded convolution planned for one input size (see the module's notes)."""
+
+        def __init__(self, conv: nn.Conv2d, size: tuple[int, int]):
+            import torch
+
+            (top, bottom), (left, right) = (
+                _same_pad(n, k, s, 1) for n, k, s in zip(size, conv.kernel_size, conv.stride, strict=True))
+            self.grow = (bottom - top, right - left)  # 0 or 1: rows / columns of zeros in front
+            kernel = (conv.kernel_size[0] + self.grow[0], conv.kernel_size[1] + self.grow[1])
+            super().__init__(conv.in_channels, conv.out_channels, kernel, conv.stride, (bottom, right),
+                             conv.dilation, conv.groups, conv.bias is not None,
+                             device=conv.weight.device, dtype=conv.weight.dtype)
+            with torch.no_grad():
+                self.weight.zero_()
+                self.weight[:, :, self.grow[0]:, self.grow[1]:] = conv.weight
+                if conv.bias is not None:
+                    self.bias.copy_(conv.bias)
+            self.size = tuple(size)
+
+        def forward(self, x):
+            if tuple(x.shape[-2:]) == self.size:
+                return super().forward(x)
+            weight = self.weight[:, :, self.grow[0]:, self.grow[1]:]  # the original kernel
+            return conv2d_same(x, weight, self.bias, self.stride, (0, 0), self.dilation, self.groups)
+
+    return StaticSameConv2d
+
+
+def static_same_padding(model: nn.Module, probe: torch.Tensor) -> tuple[nn.Module, int]:
+    """A copy of the eval-mode ``model`` whose timm ``Conv2dSame`` layers pad statically for the
+    input size each sees on ``probe``, and how many were changed; ``(model, 0)`` unchanged when
+    there are none, or when the copy's output differs from the original's by more than
+    ``MAX_RELATIVE_ERROR`` (on a CPU it is the same to the last bit)."""
+    import torch
+    from timm.layers.conv2d_same import Conv2dSame
+
+    if model.training:
+        raise ValueError("Only a model in eval mode can have its padding made static.")
+    sizes: dict[str, list[tuple[int, int]]] = {}
+
+    def record(name):
+        return lambda module, inputs, output: sizes.setdefault(name, []).append(tuple(inputs[0].shape[-2:]))
+
+    hooks = [module.register_forward_hook(record(name)) for name, module in model.named_modules()
+             if isinstance(module, Conv2dSame) and tuple(module.dilation) == (1, 1)]
+    try:
+        with torch.inference_mode():
+            reference = model(probe)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    planned = {name: seen[0] for name, seen in sizes.items() if len(seen) == 1}  # shared layers are left alone
+    if not planned:
+        return model, 0
+    static = copy.deepcopy(model)
+    cls = _static_same_class()
+    for name, size in planned.items():
+        static.set_submodule(name, cls(static.get_submodule(name), size))
+    with torch.inference_mode():
+        output = static(probe)
+    scale = max(float(reference.abs().max()), 1e-6)
+    if output.shape != reference.shape or float((output - reference).abs().max()) > MAX_RELATIVE_ERROR * scale:
+        return model, 0
+    return static.eval(), len(planned)

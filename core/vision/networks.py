@@ -2,7 +2,7 @@
 
 Builds the architecture from the registry (:mod:`core.vision.backbones`), loads the local
 weights (:mod:`core.vision.weights`) and gives back what the rest of the app needs: a
-frozen feature extractor (BatchNorm folded, on the device, cached in the process), the
+frozen feature extractor (BatchNorm folded, padding made static, on the device, cached in the process), the
 starting point for fine-tuning (features + a new head), the published ImageNet network
 and the evaluation transform made by the library that published the weights.
 """
@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 from core.vision.backbones import Backbone, features_of, get_backbone
 from core.vision.device import pick_device
-from core.vision.fuse import fold_batch_norms
+from core.vision.fuse import for_inference
 from core.vision.weights import ProgressCallback, ensure_weights, read_state_dict, rename_in_order
 
 if TYPE_CHECKING:
@@ -81,7 +81,8 @@ def load_feature_extractor(
     """The backbone with its pretrained weights as a feature extractor (eval mode, on
     ``device``), and the transform for its input. Downloads the weights the first time;
     raises :class:`WeightsUnavailable` when that is impossible. ``fold`` folds BatchNorm
-    layers into the convolutions before them (:mod:`core.vision.fuse`): the same features, faster.
+    layers into the convolutions before them and makes "same" padding static
+    (:func:`core.vision.fuse.for_inference`): the same features, faster.
 
     A small in-process cache keeps the two most recent extractors, so repeated calls cost
     nothing; callers must not modify the returned module.
@@ -99,7 +100,7 @@ def load_feature_extractor(
     model = features_of(backbone, load_pretrained(backbone, None)).eval()
     size = backbone.input_size
     if fold:
-        model, _ = fold_batch_norms(model, torch.randn(2, 3, size, size))
+        model = for_inference(model, torch.randn(2, 3, size, size))
     model = model.to(dev, memory_format=torch.channels_last)
     model.requires_grad_(False)
     result = (model, build_transform(backbone))

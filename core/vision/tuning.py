@@ -30,7 +30,7 @@ from core.vision.device import (
     pick_device,
     synchronize,
 )
-from core.vision.fuse import fold_batch_norms
+from core.vision.fuse import for_inference
 from core.vision.weights import cache_dir
 
 if TYPE_CHECKING:
@@ -121,7 +121,7 @@ def choose_run_settings(
     import torch
 
     dev = pick_device(device)
-    memo_key = f"{remember_as}|{_machine_key(dev)}|interleaved rounds v2" if remember_as else None
+    memo_key = f"{remember_as}|{_machine_key(dev)}|interleaved rounds v3" if remember_as else None
     if memo_key:
         path, memo = _json_memo("batch_sizes.json")
         if (str(path), memo_key) in _THIS_PROCESS:
@@ -245,7 +245,7 @@ def measure_speed(
         return known
     model = backbone.builder().eval().requires_grad_(False)
     size = backbone.input_size
-    model, _ = fold_batch_norms(model, torch.randn(2, 3, size, size))  # as load_feature_extractor does
+    model = for_inference(model, torch.randn(2, 3, size, size))  # as load_feature_extractor does
     model = model.to(dev, memory_format=torch.channels_last)
     bs = choose_batch_size(model, dev, input_size=size, remember_as=backbone.id)
     bs = max(1, min(bs, n_images))
@@ -264,8 +264,8 @@ def measure_speed(
 
 
 def _speed_key(backbone_id: str, device: torch.device, n_images: int) -> str:
-    # "folded": speeds remembered before BatchNorm folding (slower) are measured again.
-    return f"{backbone_id}|{_machine_key(device)}|n={n_images}|folded"
+    # Speeds remembered before BatchNorm folding and static padding (slower) are measured again.
+    return f"{backbone_id}|{_machine_key(device)}|n={n_images}|folded, static padding"
 
 
 def remembered_speed(backbone_id: str, device: str | torch.device | None = None, *, n_images: int = 32) -> float | None:
