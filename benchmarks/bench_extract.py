@@ -12,7 +12,8 @@ they share the machine's ups and downs (figures are medians over short samples):
   (c) chosen     extract_features with the measured batch size and the default workers
   (d) chosen+1w  as (c) with one decoding worker process (to check the default)
   (e) --compare-batch N: as (c) with batch size N (e.g. an earlier choice)
-  (f) unfolded   as (c) with the network as published (BatchNorm not folded, core/fuse.py)
+  (f) unfolded   as (c) with the network as published (BatchNorm not folded, "same" padding
+                 not static: core/vision/fuse.py)
 """
 
 from __future__ import annotations
@@ -127,7 +128,7 @@ def main() -> None:
         if args.compare_batch:
             configs[f"(e) extract_features, batch {args.compare_batch}, {workers} workers"] = (
                 lambda p, i: library(i, args.backbone, device, args.compare_batch, workers))
-        configs["(f) as (c), BatchNorm not folded into the convolutions"] = (
+        configs["(f) as (c), the network as published (not folded, padding not static)"] = (
             lambda p, i: library(i, args.backbone, device, chosen, workers, fold=False))
         for title, paths in datasets.items():
             items = sha_items(paths)

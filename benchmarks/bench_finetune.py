@@ -133,12 +133,15 @@ def compare(other: Path, *, repeats: int, passthrough: list[str]) -> None:
                                       cwd=repo, capture_output=True, text=True)
                 if proc.returncode:
                     sys.exit(f"{repo}: bench_finetune failed:\n{proc.stderr[-2000:]}")
-                method = json.loads(out.read_text())["methods"]["fine-tuned (LP-FT)"]
+                methods = json.loads(out.read_text())["methods"]
+                method = methods["fine-tuned (LP-FT)"]
                 runs[name].append(method)
                 print(f"  {name:<28} {seconds_per_epoch(method['history']):6.1f} s/epoch  "
                       f"{len(method['history'])} epochs  test acc {method['acc']:.3f} "
-                      f"[{method['low']:.3f}-{method['high']:.3f}]  ({time.perf_counter() - started:.0f} s in all)",
-                      flush=True)
+                      f"[{method['low']:.3f}-{method['high']:.3f}]  flat-lay called person: fine-tuned "
+                      f"{method['flat_lay_called_person']}, quick model "
+                      f"{methods['frozen head (app)']['flat_lay_called_person']}  "
+                      f"({time.perf_counter() - started:.0f} s in all)", flush=True)
     medians = {name: statistics.median(seconds_per_epoch(m["history"]) for m in ms) for name, ms in runs.items()}
     for name, ms in runs.items():
         print(f"median seconds per epoch, {name}: {medians[name]:.1f}; test accuracy "

@@ -86,8 +86,10 @@ def split_transform(transform: Callable) -> tuple[Callable, Normalize] | None:
     :class:`Normalize` that finishes a whole batch at once. None when its shape is not one of
     those known here (it then runs whole, photo by photo).
 
-    Scaling and normalising 8 photos in one vectorised step instead of one by one took 480
-    catalog photos' preparation from 0.37 s to 0.0x s on 2 cores (``bench extract``)."""
+    Measured on 480 catalog photos (224 px JPEGs, 2-core CPU): timm's transform photo by photo
+    took 0.35 s; split, 0.06 s of per-photo geometry and 0.16 s of normalising, all photos at
+    once. With it, ``core bench extract`` rose from 0.83-0.89x to 0.90-0.94x of the network's
+    forward-only speed (5 fresh runs each, same machine, same hour)."""
     import torch
     from torchvision import transforms as v1
     from torchvision.transforms import v2
