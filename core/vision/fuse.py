@@ -53,26 +53,15 @@ def fold_batch_norms(model: nn.Module, probe: torch.Tensor) -> tuple[nn.Module, 
     or when the folded copy's output differs from the original's by more than
     ``MAX_RELATIVE_ERROR`` (then some layer is used in a way this pass did not see).
     """
-    import torch
     from torch import nn
     from torch.nn.utils.fusion import fuse_conv_bn_eval
 
     if model.training:
         raise ValueError("Only a model in eval mode can have its BatchNorm layers folded.")
     calls: list[tuple[str, nn.Module, torch.Tensor, torch.Tensor]] = []
-
-    def record(name):
-        # The tensors are kept, so no object id is reused during the pass.
-        return lambda module, inputs, output: calls.append((name, module, inputs[0], output))
-
-    hooks = [module.register_forward_hook(record(name)) for name, module in model.named_modules()
-             if isinstance(module, (nn.Conv2d, nn.BatchNorm2d))]
-    try:
-        with torch.inference_mode():
-            reference = model(probe)
-    finally:
-        for hook in hooks:
-            hook.remove()
+    # The tensors are kept, so no object id is reused during the pass.
+    reference = _traced_pass(model, probe, (nn.Conv2d, nn.BatchNorm2d),
+                             lambda name, module, x, out: calls.append((name, module, x, out)))
     pairs = [(conv_name, bn_name) for (conv_name, conv, _, out), (bn_name, bn, bn_in, _) in zip(calls, calls[1:])
              if isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d) and bn_in is out
              and bn.track_running_stats and bn.running_mean is not None]
@@ -86,12 +75,37 @@ def fold_batch_norms(model: nn.Module, probe: torch.Tensor) -> tuple[nn.Module, 
         conv, bn = folded.get_submodule(conv_name), folded.get_submodule(bn_name)
         folded.set_submodule(conv_name, fuse_conv_bn_eval(conv, bn))
         folded.set_submodule(bn_name, _replacement(bn))
-    with torch.inference_mode():
-        output = folded(probe)
-    scale = max(float(reference.abs().max()), 1e-6)
-    if output.shape != reference.shape or float((output - reference).abs().max()) > MAX_RELATIVE_ERROR * scale:
+    if not _same_output(folded, probe, reference):
         return model, 0
     return folded.eval(), len(pairs)
+
+
+def _traced_pass(model: nn.Module, probe: torch.Tensor, kinds: tuple, on_call) -> torch.Tensor:
+    """``model``'s output on ``probe`` (inference mode), calling ``on_call(name, module, input,
+    output)`` for every call of a submodule of one of ``kinds`` on the way."""
+    import torch
+
+    def record(name):
+        return lambda module, inputs, output: on_call(name, module, inputs[0], output)
+
+    hooks = [module.register_forward_hook(record(name)) for name, module in model.named_modules()
+             if isinstance(module, kinds)]
+    try:
+        with torch.inference_mode():
+            return model(probe)
+    finally:
+        for hook in hooks:
+            hook.remove()
+
+
+def _same_output(rewritten: nn.Module, probe: torch.Tensor, reference: torch.Tensor) -> bool:
+    """Whether ``rewritten`` gives ``reference`` on ``probe``, within ``MAX_RELATIVE_ERROR``."""
+    import torch
+
+    with torch.inference_mode():
+        output = rewritten(probe)
+    scale = max(float(reference.abs().max()), 1e-6)
+    return output.shape == reference.shape and float((output - reference).abs().max()) <= MAX_RELATIVE_ERROR * scale
 
 
 def for_inference(model: nn.Module, probe: torch.Tensor) -> nn.Module:
@@ -148,34 +162,21 @@ def static_same_padding(model: nn.Module, probe: torch.Tensor) -> tuple[nn.Modul
     input size each sees on ``probe``, and how many were changed; ``(model, 0)`` unchanged when
     there are none, or when the copy's output differs from the original's by more than
     ``MAX_RELATIVE_ERROR`` (on a CPU it is the same to the last bit)."""
-    import torch
     from timm.layers.conv2d_same import Conv2dSame
 
     if model.training:
         raise ValueError("Only a model in eval mode can have its padding made static.")
     sizes: dict[str, list[tuple[int, int]]] = {}
-
-    def record(name):
-        return lambda module, inputs, output: sizes.setdefault(name, []).append(tuple(inputs[0].shape[-2:]))
-
-    hooks = [module.register_forward_hook(record(name)) for name, module in model.named_modules()
-             if isinstance(module, Conv2dSame) and tuple(module.dilation) == (1, 1)]
-    try:
-        with torch.inference_mode():
-            reference = model(probe)
-    finally:
-        for hook in hooks:
-            hook.remove()
-    planned = {name: seen[0] for name, seen in sizes.items() if len(seen) == 1}  # shared layers are left alone
+    reference = _traced_pass(model, probe, (Conv2dSame,),
+                             lambda name, module, x, out: sizes.setdefault(name, []).append(tuple(x.shape[-2:])))
+    planned = {name: seen[0] for name, seen in sizes.items()  # shared layers are left alone
+               if len(seen) == 1 and tuple(model.get_submodule(name).dilation) == (1, 1)}
     if not planned:
         return model, 0
     static = copy.deepcopy(model)
     cls = _static_same_class()
     for name, size in planned.items():
         static.set_submodule(name, cls(static.get_submodule(name), size))
-    with torch.inference_mode():
-        output = static(probe)
-    scale = max(float(reference.abs().max()), 1e-6)
-    if output.shape != reference.shape or float((output - reference).abs().max()) > MAX_RELATIVE_ERROR * scale:
+    if not _same_output(static, probe, reference):
         return model, 0
     return static.eval(), len(planned)
