@@ -205,7 +205,7 @@ def predict_proba(
     model.to(dev, memory_format=torch.channels_last)
     # BatchNorm folded and padding made static, in a copy: the same probabilities, faster.
     was_training, size = model.training, get_backbone(backbone_id).input_size
-    fast = for_inference(model.eval(), torch.randn(2, 3, size, size, device=dev))
+    fast = for_inference(model.eval(), torch.randn(2, 3, size, size, device=dev), static_padding=dev.type == "cpu")
     model.train(was_training)
     with compute_settings(dev, workers=workers):
         ev = evaluate(fast, loader, device=dev, amp_dtype=mixed_precision(dev, None), on_batch=on_progress)

@@ -108,12 +108,18 @@ def _same_output(rewritten: nn.Module, probe: torch.Tensor, reference: torch.Ten
     return output.shape == reference.shape and float((output - reference).abs().max()) <= MAX_RELATIVE_ERROR * scale
 
 
-def for_inference(model: nn.Module, probe: torch.Tensor) -> nn.Module:
+def for_inference(model: nn.Module, probe: torch.Tensor, *, static_padding: bool = True) -> nn.Module:
     """A faster copy of the eval-mode ``model`` for inputs shaped like ``probe`` (one batch):
     BatchNorm folded (:func:`fold_batch_norms`), then "same" padding made static
-    (:func:`static_same_padding`). Each step is kept only when its output matches."""
+    (:func:`static_same_padding`) unless ``static_padding`` is False. Each step is kept only
+    when its output matches.
+
+    Callers pass ``static_padding=False`` for a GPU: the gain was measured on CPUs, where the
+    padded copy is costly; on a GPU the copy is cheap and cuDNN's depthwise kernels are tuned
+    for 3x3 and 5x5, not the 4x4 and 6x6 this makes (not measured there)."""
     model, _ = fold_batch_norms(model, probe)
-    model, _ = static_same_padding(model, probe)
+    if static_padding:
+        model, _ = static_same_padding(model, probe)
     return model
 
 

@@ -100,7 +100,7 @@ def load_feature_extractor(
     model = features_of(backbone, load_pretrained(backbone, None)).eval()
     size = backbone.input_size
     if fold:
-        model = for_inference(model, torch.randn(2, 3, size, size))
+        model = for_inference(model, torch.randn(2, 3, size, size), static_padding=dev.type == "cpu")
     model = model.to(dev, memory_format=torch.channels_last)
     model.requires_grad_(False)
     result = (model, build_transform(backbone))

@@ -245,7 +245,8 @@ def measure_speed(
         return known
     model = backbone.builder().eval().requires_grad_(False)
     size = backbone.input_size
-    model = for_inference(model, torch.randn(2, 3, size, size))  # as load_feature_extractor does
+    # as load_feature_extractor does
+    model = for_inference(model, torch.randn(2, 3, size, size), static_padding=dev.type == "cpu")
     model = model.to(dev, memory_format=torch.channels_last)
     bs = choose_batch_size(model, dev, input_size=size, remember_as=backbone.id)
     bs = max(1, min(bs, n_images))
