@@ -54,8 +54,12 @@ def load_set(name: str, cache: Path):
     folder = SHARED / SETS[name]
     with open(folder / "labels.csv", newline="") as fh:
         rows = list(csv.DictReader(fh))
-    paths = [folder / r["file"] for r in rows]
-    ids = [sha256_file(p) for p in paths]
+    by_content: dict[str, tuple[Path, dict]] = {}  # a file listed twice, or copied, counts once (as in the app)
+    for r in rows:
+        by_content.setdefault(sha256_file(folder / r["file"]), (folder / r["file"], r))
+    ids = list(by_content)
+    paths = [path for path, _ in by_content.values()]
+    rows = [row for _, row in by_content.values()]
     store = FeatureStore(cache)
     result = extract_features(list(zip(ids, paths, strict=True)), backbone_id=BACKBONE, store=store)
     # everyday-photos also marks "ambiguous" and "body_part_only" photos: its README counts them

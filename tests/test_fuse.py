@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -120,3 +121,41 @@ def test_the_app_extractor_pads_statically():
 
     model, _ = nw.load_feature_extractor("efficientnet_lite0", device="cpu")
     assert not any(isinstance(m, Conv2dSame) for m in model.modules())
+
+
+def test_training_with_the_frozen_parts_swapped_is_the_same_training():
+    """The parts that do not train run as inference copies while the top trains: the same loss
+    and the same weights after two steps, and the original modules (and state dict) are back."""
+    import contextlib
+    import copy
+
+    from core.vision.fuse import frozen_parts_for_inference
+
+    torch.manual_seed(0)
+    base = nw.build_classifier_model("efficientnet_lite0", 2)
+    top = ("head.", "features.model.blocks.6", "features.model.conv_head", "features.model.bn2")
+    for name, p in base.named_parameters():
+        p.requires_grad_(name.startswith(top))
+    x, y = _photos(4), torch.tensor([0, 1, 0, 1])
+    runs = []
+    for swap in (False, True):
+        model = copy.deepcopy(base).train()
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.eval()  # frozen statistics, as fine-tuning runs by default
+        modules_before = dict(model.named_modules())
+        opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
+        losses = []
+        with frozen_parts_for_inference(model, x[:2]) if swap else contextlib.nullcontext(0) as swapped:
+            for _ in range(2):
+                loss = nn.functional.cross_entropy(model(x), y)
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                losses.append(float(loss.detach()))
+        assert dict(model.named_modules()) == modules_before
+        runs.append((swapped, losses, model.state_dict()))
+    (_, plain_losses, plain), (swapped, fast_losses, fast) = runs
+    assert swapped >= 3 and plain.keys() == fast.keys()
+    assert np.allclose(plain_losses, fast_losses, atol=1e-5) and plain_losses[1] < plain_losses[0]
+    assert all(torch.allclose(plain[k], fast[k], atol=1e-5) for k in plain)

@@ -19,7 +19,7 @@ import numpy as np
 from core.learning.finetune_config import default_batch_size
 from core.vision.backbones import get_backbone
 from core.vision.device import autocast, compute_settings, default_workers, mixed_precision, pick_device
-from core.vision.fuse import for_inference
+from core.vision.fuse import for_inference, frozen_parts_for_inference
 from core.vision.networks import build_classifier_model, build_transform
 from core.vision.photos import PhotoDataset, make_loader
 
@@ -28,7 +28,10 @@ if TYPE_CHECKING:
     from torch import nn
 
 
-__all__ = ["evaluate", "load_finetuned", "predict_proba", "sorted_classes", "state_dict_for_bundle", "train_one_epoch"]
+__all__ = [
+    "evaluate", "frozen_parts_fast", "inference_copy", "load_finetuned", "predict_proba", "sorted_classes",
+    "state_dict_for_bundle", "train_one_epoch",
+]
 
 PredictItem = tuple[str, "str | Path"]  # (photo id, path)
 
@@ -203,12 +206,9 @@ def predict_proba(
     loader = make_loader(PhotoDataset(items, build_transform(backbone_id), load_size=prep.resize_size),
                          batch_size=bs, device=dev, workers=workers)
     model.to(dev, memory_format=torch.channels_last)
-    # BatchNorm folded and padding made static, in a copy: the same probabilities, faster.
-    was_training, size = model.training, get_backbone(backbone_id).input_size
-    fast = for_inference(model.eval(), torch.randn(2, 3, size, size, device=dev), static_padding=dev.type == "cpu")
-    model.train(was_training)
     with compute_settings(dev, workers=workers):
-        ev = evaluate(fast, loader, device=dev, amp_dtype=mixed_precision(dev, None), on_batch=on_progress)
+        ev = evaluate(inference_copy(model, backbone_id=backbone_id, device=dev), loader, device=dev,
+                      amp_dtype=mixed_precision(dev, None), on_batch=on_progress)
     del loader
     if ev["index"]:
         out[ev["index"]] = ev["proba"]
@@ -216,6 +216,30 @@ def predict_proba(
         for pos, reason, *_ in ev["failures"]:
             on_failure(items[pos][0], reason)
     return out
+
+
+def _probe(backbone_id: str, device: torch.device) -> torch.Tensor:
+    import torch
+
+    size = get_backbone(backbone_id).input_size
+    return torch.randn(2, 3, size, size, device=device)
+
+
+def inference_copy(model: nn.Module, *, backbone_id: str, device: torch.device) -> nn.Module:
+    """``model`` (on ``device``) as a faster copy for scoring photos: BatchNorm folded and, on a
+    CPU, padding made static (:func:`core.vision.fuse.for_inference`); the same probabilities.
+    ``model`` keeps its mode."""
+    was_training = model.training
+    fast = for_inference(model.eval(), _probe(backbone_id, device), static_padding=device.type == "cpu")
+    model.train(was_training)
+    return fast
+
+
+def frozen_parts_fast(model: nn.Module, *, backbone_id: str, device: torch.device):
+    """A context in which the parts of ``model`` that do not train this epoch run as faster
+    inference copies (:func:`core.vision.fuse.frozen_parts_for_inference`): the same
+    training, less time per step."""
+    return frozen_parts_for_inference(model, _probe(backbone_id, device), static_padding=device.type == "cpu")
 
 
 def state_dict_for_bundle(model: nn.Module) -> dict[str, torch.Tensor]:

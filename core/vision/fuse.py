@@ -22,15 +22,17 @@ outputs identical to the last bit. An input of another size takes the original p
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
+from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     import torch
     from torch import nn
 
-__all__ = ["fold_batch_norms", "for_inference", "static_same_padding"]
+__all__ = ["fold_batch_norms", "for_inference", "frozen_parts_for_inference", "static_same_padding"]
 
 MAX_RELATIVE_ERROR = 1e-4  # folded vs original output, relative to the output's largest value
 
@@ -182,7 +184,91 @@ def static_same_padding(model: nn.Module, probe: torch.Tensor) -> tuple[nn.Modul
     static = copy.deepcopy(model)
     cls = _static_same_class()
     for name, size in planned.items():
-        static.set_submodule(name, cls(static.get_submodule(name), size))
+        if name:
+            static.set_submodule(name, cls(static.get_submodule(name), size))
+        else:  # the model is one such convolution (a network's first layer, on its own)
+            static = cls(static, size)
     if not _same_output(static, probe, reference):
         return model, 0
     return static.eval(), len(planned)
+
+
+# --------------------------------------------------------------------------- while training
+
+
+def _runs_as_in_eval(module: nn.Module) -> bool:
+    """Whether ``module`` computes what it computes in eval mode: no BatchNorm updating its
+    statistics, no dropout or drop-path active."""
+    from torch import nn
+
+    for m in module.modules():
+        if not m.training:
+            continue
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats:
+            return False
+        rate = getattr(m, "p", None) if isinstance(m, nn.modules.dropout._DropoutNd) else getattr(m, "drop_prob", None)
+        if rate:
+            return False
+    return True
+
+
+def _frozen_parts(model: nn.Module) -> list[str]:
+    """The largest submodules of ``model`` that do not train now: parameters all frozen, and
+    computing as in eval mode."""
+    found: list[str] = []
+
+    def visit(name: str, module: nn.Module) -> None:
+        params = list(module.parameters())
+        if name and params and not any(p.requires_grad for p in params) and _runs_as_in_eval(module):
+            found.append(name)
+            return
+        for child, sub in module.named_children():
+            visit(f"{name}.{child}" if name else child, sub)
+
+    visit("", model)
+    return found
+
+
+@contextlib.contextmanager
+def frozen_parts_for_inference(model: nn.Module, probe: torch.Tensor, *, static_padding: bool = True) -> Iterator[int]:
+    """While training ``model``, its parts that do not train (the whole backbone while only the
+    head trains, the first stages while the top trains) run as :func:`for_inference` copies:
+    the same activations, faster; no gradient goes through them, so the training is the same.
+    The originals are back when the block ends, for saving and for the next epoch's choice of
+    what trains. Yields how many parts were swapped. ``probe`` is one input batch (its shape
+    reaches each part as in training)."""
+    import torch
+
+    names = _frozen_parts(model)
+    inputs: dict[str, torch.Tensor] = {}
+    modes = {m: m.training for m in model.modules()}
+    hooks = []
+    for name in names:
+        def record(module, args, name=name):
+            if len(args) == 1 and isinstance(args[0], torch.Tensor):
+                inputs[name] = args[0].detach().clone()
+        hooks.append(model.get_submodule(name).register_forward_pre_hook(record))
+    try:
+        model.eval()  # the probe must not move any BatchNorm statistics
+        with torch.inference_mode():
+            model(probe)
+    finally:
+        for hook in hooks:
+            hook.remove()
+        for m, mode in modes.items():
+            m.train(mode)
+    originals: dict[str, nn.Module] = {}
+    try:
+        for name, x in inputs.items():
+            part = model.get_submodule(name)
+            part_modes = {m: m.training for m in part.modules()}
+            fast = for_inference(part.eval(), x, static_padding=static_padding)
+            for m, mode in part_modes.items():
+                m.train(mode)
+            if fast is not part:
+                originals[name] = part
+                model.set_submodule(name, fast.to(memory_format=torch.channels_last))
+        yield len(originals)
+    finally:
+        for name, part in originals.items():
+            model.set_submodule(name, part)
