@@ -83,6 +83,13 @@ def test_a_model_in_training_mode_is_refused():
 # --------------------------------------------------------------------------- static "same" padding
 
 
+def _pads_each_call(module: nn.Module) -> bool:
+    """timm's layer as published, which pads a copy of its input on every call."""
+    from timm.layers.conv2d_same import Conv2dSame
+
+    return type(module) is Conv2dSame
+
+
 @pytest.mark.parametrize("size", [224, 240, 260, 17, 18])
 @pytest.mark.parametrize("kernel, stride", [(3, 2), (5, 2), (3, 1), (4, 2), (1, 2)])
 def test_static_same_padding_computes_what_timm_pads_on_every_call(size, kernel, stride):
@@ -91,10 +98,11 @@ def test_static_same_padding_computes_what_timm_pads_on_every_call(size, kernel,
     from timm.layers.conv2d_same import Conv2dSame
 
     torch.manual_seed(size * kernel)
-    model = nn.Sequential(Conv2dSame(3, 8, kernel, stride), nn.ReLU(), Conv2dSame(8, 8, kernel, stride, groups=8)).eval()
+    model = nn.Sequential(Conv2dSame(3, 8, kernel, stride), nn.ReLU(), Conv2dSame(8, 8, kernel, stride, groups=8)).eval().requires_grad_(False)
     x = torch.randn(2, 3, size, size)
     static, n = static_same_padding(model, x)
-    assert n == 2 and not any(isinstance(m, Conv2dSame) for m in static.modules())
+    assert n == 2 and not any(_pads_each_call(m) for m in static.modules())
+    assert not any(p.requires_grad for p in static.parameters())  # a frozen layer stays frozen
     with torch.inference_mode():
         for probe in (x, torch.randn(1, 3, size + 1, size + 3)):
             assert torch.allclose(static(probe), model(probe), atol=1e-6)
@@ -109,7 +117,7 @@ def test_the_lite_networks_give_the_same_features_with_static_padding(backbone_i
     plain = backbones.features_of(backbone, nw.load_pretrained(backbone)).eval()
     fast = for_inference(plain, torch.randn(2, 3, size, size))
     assert sum(isinstance(m, Conv2dSame) for m in plain.modules()) == 5
-    assert not any(isinstance(m, (Conv2dSame, nn.BatchNorm2d)) for m in fast.modules())
+    assert not any(_pads_each_call(m) or isinstance(m, nn.BatchNorm2d) for m in fast.modules())
     x = nn.functional.interpolate(_photos(4), size=(size, size), mode="bilinear")
     with torch.inference_mode():
         a, b = plain(x), fast(x)
@@ -117,10 +125,47 @@ def test_the_lite_networks_give_the_same_features_with_static_padding(backbone_i
 
 
 def test_the_app_extractor_pads_statically():
-    from timm.layers.conv2d_same import Conv2dSame
 
     model, _ = nw.load_feature_extractor("efficientnet_lite0", device="cpu")
-    assert not any(isinstance(m, Conv2dSame) for m in model.modules())
+    assert not any(_pads_each_call(m) for m in model.modules())
+
+
+def test_a_network_trains_the_same_with_its_padding_planned():
+    """Planning changes no parameter: a planned network trains the same (losses and weights after
+    two steps; the strided 5x5 layer of blocks.5 trains) and has the same state dict names and shapes."""
+    import copy
+
+    from core.vision.fuse import plan_static_padding
+
+    torch.manual_seed(0)
+    base = nw.build_classifier_model("efficientnet_lite0", 2)
+    top = ("head.", "features.model.blocks.5", "features.model.blocks.6", "features.model.conv_head")
+    for name, p in base.named_parameters():
+        p.requires_grad_(name.startswith(top))
+    x, y = _photos(4), torch.tensor([0, 1, 0, 1])
+    runs = []
+    for plan in (False, True):
+        model = copy.deepcopy(base).train()
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.eval()
+        if plan:
+            assert plan_static_padding(model, x[:2]) == 5 and model.training
+        opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.05)
+        losses = []
+        for _ in range(2):
+            loss = nn.functional.cross_entropy(model(x), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            losses.append(float(loss.detach()))
+        runs.append((losses, model.state_dict()))
+    (plain_losses, plain), (planned_losses, planned) = runs
+    assert np.allclose(plain_losses, planned_losses, atol=1e-5) and plain_losses[1] < plain_losses[0]
+    assert [(k, v.shape) for k, v in plain.items()] == [(k, v.shape) for k, v in planned.items()]
+    assert all(torch.allclose(plain[k], planned[k], atol=1e-5) for k in plain)
+    changed = "features.model.blocks.5.0.conv_dw.weight"
+    assert not torch.equal(planned[changed], base.state_dict()[changed])  # a planned layer did train
 
 
 def test_training_with_the_frozen_parts_swapped_is_the_same_training():
@@ -146,7 +191,10 @@ def test_training_with_the_frozen_parts_swapped_is_the_same_training():
         modules_before = dict(model.named_modules())
         opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
         losses = []
+        trainable = [p for p in model.parameters() if p.requires_grad]
         with frozen_parts_for_inference(model, x[:2]) if swap else contextlib.nullcontext(0) as swapped:
+            # no gradient is computed for the copies (backward would run through the whole network)
+            assert [p for p in model.parameters() if p.requires_grad] == trainable
             for _ in range(2):
                 loss = nn.functional.cross_entropy(model(x), y)
                 opt.zero_grad()
