@@ -130,6 +130,39 @@ def test_the_app_extractor_pads_statically():
     assert not any(_pads_each_call(m) for m in model.modules())
 
 
+def _top_trains(top: tuple[str, ...]) -> nn.Module:
+    """Lite0 with a new head, in training mode, where only parameters named from ``top`` train
+    and BatchNorm keeps its statistics, as fine-tuning runs by default."""
+    torch.manual_seed(0)
+    model = nw.build_classifier_model("efficientnet_lite0", 2)
+    for name, p in model.named_parameters():
+        p.requires_grad_(name.startswith(top))
+    model.train()
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.eval()
+    return model
+
+
+def _two_steps(model: nn.Module, x: torch.Tensor, y: torch.Tensor, lr: float) -> list[float]:
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=lr)
+    losses = []
+    for _ in range(2):
+        loss = nn.functional.cross_entropy(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+    return losses
+
+
+def _trained_alike(a: tuple[list[float], dict], b: tuple[list[float], dict]) -> bool:
+    (losses_a, state_a), (losses_b, state_b) = a, b
+    return (np.allclose(losses_a, losses_b, atol=1e-5) and losses_a[1] < losses_a[0]
+            and [(k, v.shape) for k, v in state_a.items()] == [(k, v.shape) for k, v in state_b.items()]
+            and all(torch.allclose(state_a[k], state_b[k], atol=1e-5) for k in state_a))
+
+
 def test_a_network_trains_the_same_with_its_padding_planned():
     """Planning changes no parameter: a planned network trains the same (losses and weights after
     two steps; the strided 5x5 layer of blocks.5 trains) and has the same state dict names and shapes."""
@@ -137,73 +170,30 @@ def test_a_network_trains_the_same_with_its_padding_planned():
 
     from core.vision.fuse import plan_static_padding
 
-    torch.manual_seed(0)
-    base = nw.build_classifier_model("efficientnet_lite0", 2)
-    top = ("head.", "features.model.blocks.5", "features.model.blocks.6", "features.model.conv_head")
-    for name, p in base.named_parameters():
-        p.requires_grad_(name.startswith(top))
+    base = _top_trains(("head.", "features.model.blocks.5", "features.model.blocks.6", "features.model.conv_head"))
     x, y = _photos(4), torch.tensor([0, 1, 0, 1])
-    runs = []
-    for plan in (False, True):
-        model = copy.deepcopy(base).train()
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.eval()
-        if plan:
-            assert plan_static_padding(model, x[:2]) == 5 and model.training
-        opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.05)
-        losses = []
-        for _ in range(2):
-            loss = nn.functional.cross_entropy(model(x), y)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            losses.append(float(loss.detach()))
-        runs.append((losses, model.state_dict()))
-    (plain_losses, plain), (planned_losses, planned) = runs
-    assert np.allclose(plain_losses, planned_losses, atol=1e-5) and plain_losses[1] < plain_losses[0]
-    assert [(k, v.shape) for k, v in plain.items()] == [(k, v.shape) for k, v in planned.items()]
-    assert all(torch.allclose(plain[k], planned[k], atol=1e-5) for k in plain)
+    plain, planned = copy.deepcopy(base), copy.deepcopy(base)
+    assert plan_static_padding(planned, x[:2]) == 5 and planned.training
+    runs = [(_two_steps(model, x, y, lr=0.05), model.state_dict()) for model in (plain, planned)]
+    assert _trained_alike(*runs)
     changed = "features.model.blocks.5.0.conv_dw.weight"
-    assert not torch.equal(planned[changed], base.state_dict()[changed])  # a planned layer did train
+    assert not torch.equal(runs[1][1][changed], base.state_dict()[changed])  # a planned layer did train
 
 
 def test_training_with_the_frozen_parts_swapped_is_the_same_training():
     """The parts that do not train run as inference copies while the top trains: the same loss
     and the same weights after two steps, and the original modules (and state dict) are back."""
-    import contextlib
     import copy
 
     from core.vision.fuse import frozen_parts_for_inference
 
-    torch.manual_seed(0)
-    base = nw.build_classifier_model("efficientnet_lite0", 2)
-    top = ("head.", "features.model.blocks.6", "features.model.conv_head", "features.model.bn2")
-    for name, p in base.named_parameters():
-        p.requires_grad_(name.startswith(top))
+    base = _top_trains(("head.", "features.model.blocks.6", "features.model.conv_head", "features.model.bn2"))
     x, y = _photos(4), torch.tensor([0, 1, 0, 1])
-    runs = []
-    for swap in (False, True):
-        model = copy.deepcopy(base).train()
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.eval()  # frozen statistics, as fine-tuning runs by default
-        modules_before = dict(model.named_modules())
-        opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
-        losses = []
-        trainable = [p for p in model.parameters() if p.requires_grad]
-        with frozen_parts_for_inference(model, x[:2]) if swap else contextlib.nullcontext(0) as swapped:
-            # no gradient is computed for the copies (backward would run through the whole network)
-            assert [p for p in model.parameters() if p.requires_grad] == trainable
-            for _ in range(2):
-                loss = nn.functional.cross_entropy(model(x), y)
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
-                losses.append(float(loss.detach()))
-        assert dict(model.named_modules()) == modules_before
-        runs.append((swapped, losses, model.state_dict()))
-    (_, plain_losses, plain), (swapped, fast_losses, fast) = runs
-    assert swapped >= 3 and plain.keys() == fast.keys()
-    assert np.allclose(plain_losses, fast_losses, atol=1e-5) and plain_losses[1] < plain_losses[0]
-    assert all(torch.allclose(plain[k], fast[k], atol=1e-5) for k in plain)
+    plain, model = copy.deepcopy(base), copy.deepcopy(base)
+    modules_before, trainable = dict(model.named_modules()), [p for p in model.parameters() if p.requires_grad]
+    with frozen_parts_for_inference(model, x[:2]) as swapped:
+        # no gradient is computed for the copies (backward would run through the whole network)
+        assert [p for p in model.parameters() if p.requires_grad] == trainable
+        fast_losses = _two_steps(model, x, y, lr=0.5)
+    assert swapped >= 3 and dict(model.named_modules()) == modules_before
+    assert _trained_alike((_two_steps(plain, x, y, lr=0.5), plain.state_dict()), (fast_losses, model.state_dict()))

@@ -165,9 +165,7 @@ def plan_static_padding(model: nn.Module, probe: torch.Tensor) -> int:
     the same to the last bit). Works on a model being trained: the check runs in eval mode."""
     from timm.layers.conv2d_same import Conv2dSame
 
-    modes = {m: m.training for m in model.modules()}
-    model.eval()  # the probe moves no BatchNorm statistics
-    try:
+    with _eval_mode(model):  # the probe moves no BatchNorm statistics
         sizes: dict[str, list[tuple[int, int]]] = {}
         reference = _traced_pass(model, probe, (Conv2dSame,),
                                  lambda name, module, x, out: sizes.setdefault(name, []).append(tuple(x.shape[-2:])))
@@ -185,6 +183,14 @@ def plan_static_padding(model: nn.Module, probe: torch.Tensor) -> int:
                 model.get_submodule(name).__class__ = Conv2dSame
             return 0
         return len(planned)
+
+
+@contextlib.contextmanager
+def _eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """``model`` in eval mode for the block; every submodule's own mode is back afterwards."""
+    modes = {m: m.training for m in model.modules()}
+    try:
+        yield model.eval()
     finally:
         for m, mode in modes.items():
             m.train(mode)
@@ -246,32 +252,27 @@ def frozen_parts_for_inference(model: nn.Module, probe: torch.Tensor, *, static_
     reaches each part as in training)."""
     import torch
 
-    names = _frozen_parts(model)
     inputs: dict[str, torch.Tensor] = {}
-    modes = {m: m.training for m in model.modules()}
-    hooks = []
-    for name in names:
-        def record(module, args, name=name):
+
+    def record(name):
+        def hook(module, args):
             if len(args) == 1 and isinstance(args[0], torch.Tensor):
                 inputs[name] = args[0].detach().clone()
-        hooks.append(model.get_submodule(name).register_forward_pre_hook(record))
+        return hook
+
+    hooks = [model.get_submodule(name).register_forward_pre_hook(record(name)) for name in _frozen_parts(model)]
     try:
-        model.eval()  # the probe must not move any BatchNorm statistics
-        with torch.inference_mode():
+        with _eval_mode(model), torch.inference_mode():  # the probe moves no BatchNorm statistics
             model(probe)
     finally:
         for hook in hooks:
             hook.remove()
-        for m, mode in modes.items():
-            m.train(mode)
     originals: dict[str, nn.Module] = {}
     try:
         for name, x in inputs.items():
             part = model.get_submodule(name)
-            part_modes = {m: m.training for m in part.modules()}
-            fast = for_inference(part.eval(), x, static_padding=static_padding)
-            for m, mode in part_modes.items():
-                m.train(mode)
+            with _eval_mode(part):
+                fast = for_inference(part, x, static_padding=static_padding)
             if fast is not part:
                 originals[name] = part
                 model.set_submodule(name, fast.requires_grad_(False).to(memory_format=torch.channels_last))
