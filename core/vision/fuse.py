@@ -152,8 +152,14 @@ def _static_same_class():
         def forward(self, x):
             if tuple(x.shape[-2:]) != self.planned:
                 return super().forward(x)
-            weight = F.pad(self.weight, (self.grow[1], 0, self.grow[0], 0)) if any(self.grow) else self.weight
+            weight = self.weight
+            if any(self.grow):  # a frozen layer's kernel is padded once (ONNX export needs it so)
+                frozen = getattr(self, "padded_weight", None)
+                weight = frozen if frozen is not None and not weight.requires_grad else self.padded(weight)
             return F.conv2d(x, weight, self.bias, self.stride, self.pad, self.dilation, self.groups)
+
+        def padded(self, weight):
+            return F.pad(weight, (self.grow[1], 0, self.grow[0], 0))
 
     return StaticSameConv2d
 
@@ -178,9 +184,13 @@ def plan_static_padding(model: nn.Module, probe: torch.Tensor) -> int:
                                                                                       strict=True))
             conv.__class__ = cls
             conv.planned, conv.grow, conv.pad = tuple(size), (bottom - top, right - left), (bottom, right)
+            if any(conv.grow) and not conv.weight.requires_grad:  # not in the state dict
+                conv.register_buffer("padded_weight", conv.padded(conv.weight.detach()), persistent=False)
         if planned and not _same_output(model, probe, reference):
             for name in planned:
-                model.get_submodule(name).__class__ = Conv2dSame
+                conv = model.get_submodule(name)
+                conv.__class__ = Conv2dSame
+                conv._buffers.pop("padded_weight", None)
             return 0
         return len(planned)
 
@@ -197,11 +207,12 @@ def _eval_mode(model: nn.Module) -> Iterator[nn.Module]:
 
 
 def static_same_padding(model: nn.Module, probe: torch.Tensor) -> tuple[nn.Module, int]:
-    """A copy of the eval-mode ``model`` with :func:`plan_static_padding` applied, and how many
-    layers it changed; ``(model, 0)`` itself when none."""
+    """A copy of the eval-mode ``model`` for inference (no parameter asks for gradients) with
+    :func:`plan_static_padding` applied, and how many layers it changed; ``(model, 0)`` itself
+    when none."""
     if model.training:
         raise ValueError("Only a model in eval mode can have its padding made static.")
-    static = copy.deepcopy(model)
+    static = copy.deepcopy(model).requires_grad_(False)
     n = plan_static_padding(static, probe)
     return (static, n) if n else (model, 0)
 
