@@ -38,7 +38,6 @@ __all__ = [
     "Calibration",
     "apply_calibration",
     "calibration_error",
-    "expected_calibration_error",
     "fit_calibration",
     "reliability",
     "reliability_sentence",
@@ -162,19 +161,6 @@ def _binned(conf: np.ndarray, right: np.ndarray, n_bins: int) -> dict[str, Any]:
             {"low": float(edges[b]), "high": float(edges[b + 1]), "n": int(mask.sum()), "confidence": c, "right": r}
         )
     return {"bins": bins, "ece": float(ece), "n": int(len(conf))}
-
-
-def expected_calibration_error(
-    y_true,
-    proba,
-    *,
-    classes: Sequence[str],
-    positive: str | None = None,
-    threshold: float | None = None,
-    n_bins: int = N_BINS,
-) -> float:
-    """The photo-weighted gap between stated confidence and how often it is right (0 to 1)."""
-    return reliability(y_true, proba, classes=classes, positive=positive, threshold=threshold, n_bins=n_bins)["ece"]
 
 
 def reliability_sentence(rel: Mapping[str, Any], *, before: Mapping[str, Any] | None = None) -> str:

@@ -38,17 +38,18 @@ def feature_store(project: Project) -> FeatureStore:
     return FeatureStore(project.path("features"))
 
 
-def status(project: Project, backbone_id: str) -> FeatureStatus:
+def status(project: Project, backbone_id: str, *, store: FeatureStore | None = None) -> FeatureStatus:
     """How many of the project's photos already have features for this backbone.
 
-    A backbone whose weights are not on this computer has none yet (``key`` is empty).
+    A backbone whose weights are not on this computer has none yet (``key`` is empty). A caller
+    that reads the store next passes its own ``store``, so the chunks' photo ids are read once.
     """
     shas = set(project.dataset()["sha"])
     try:
         key = features.feature_key(backbone_id)
     except weights.WeightsUnavailable:
         return FeatureStatus(backbone_id, "", len(shas), 0, 0)
-    store = feature_store(project)
+    store = store or feature_store(project)
     ready = len(shas & store.has(key))
     failed = len(shas & set(store.failures(key)))
     return FeatureStatus(backbone_id, key, len(shas), ready, failed)

@@ -32,7 +32,7 @@ from core.learning.splits import SplitPlan
 from core.projects import intake
 from core.projects.state import ProjectState
 from core.projects.workspace import Project
-from core.vision import backbones, features
+from core.vision import backbones
 
 __all__ = [
     "NEAR_DUPLICATE_SIMILARITY",
@@ -141,11 +141,11 @@ def photo_grouping(project: Project, ids: Sequence[str], X=None, *, backbone_id:
     if X is not None:
         return Grouping(ids, near_duplicate_groups(X).tolist(), "near_duplicates")
     backbone_id = backbone_id or ProjectState(project).backbone or backbones.DEFAULT_BACKBONE_ID
-    if not extraction.status(project, backbone_id).complete:
-        return Grouping(ids, list(range(len(ids))), "none")
-    key = features.feature_key(backbone_id)
     store = extraction.feature_store(project)
-    stored = store.has(key)
+    status = extraction.status(project, backbone_id, store=store)
+    if not status.complete:
+        return Grouping(ids, list(range(len(ids))), "none")
+    key, stored = status.key, store.has(status.key)  # the store read the chunks' ids once
     have = [i for i in ids if i in stored]  # a photo whose features failed is its own group
     # Kept in the project: the Data page asks on every redraw, and at 10,000 photos comparing every
     # pair takes seconds.
