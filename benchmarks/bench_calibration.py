@@ -193,7 +193,8 @@ def quick_model(name: str, X, y, grp, *, label: str) -> dict:
     return out
 
 
-def finetuned(name: str, y, ids, paths, grp, *, folds: int, epochs: int) -> None:
+def finetuned(name: str, y, ids, paths, grp, *, folds: int, epochs: int, frozen_groups: int | None = None,
+              batch_size: int | None = None, lr_scale: float = 1.0, seed: int = 0) -> None:
     from core.learning import finetune, finetune_config, finetune_loop
 
     classes, positive = sorted(set(y.tolist())), "person"
@@ -205,6 +206,11 @@ def finetuned(name: str, y, ids, paths, grp, *, folds: int, epochs: int) -> None
     def items(part):
         return [(i, path[i], label[i]) for i in part]
 
+    recipe = {} if frozen_groups is None else {"frozen_groups": frozen_groups}
+    recipe |= {} if batch_size is None else {"batch_size": batch_size}
+    if lr_scale != 1.0:
+        default = finetune_config.FinetuneConfig()
+        recipe |= {"lr_head": default.lr_head * lr_scale, "lr_backbone": default.lr_backbone * lr_scale}
     for n, plan in enumerate(outer_plans(list(sha), y, grp)):
         if n >= folds:
             break
@@ -223,7 +229,7 @@ def finetuned(name: str, y, ids, paths, grp, *, folds: int, epochs: int) -> None
             items(val_ids),
             backbone_id=BACKBONE,
             classes=classes,
-            config=finetune_config.FinetuneConfig(epochs=epochs, seed=0),
+            config=finetune_config.FinetuneConfig(epochs=epochs, seed=seed, **recipe),
             positive=positive,
         )
         raw = finetune_loop.predict_proba(result.model, [(i, path[i]) for i in plan.test_ids], backbone_id=BACKBONE)
@@ -264,6 +270,11 @@ def main() -> None:
     parser.add_argument("--finetune", action="store_true", help="also the fine-tuned network (slow on a CPU)")
     parser.add_argument("--finetune-folds", type=int, default=1)
     parser.add_argument("--epochs", type=int, default=4)
+    parser.add_argument("--frozen-groups", type=int, default=None,
+                        help="fine-tuning: groups from the input that never train (default: the app's)")
+    parser.add_argument("--batch-size", type=int, default=None, help="fine-tuning batch (default: the app's)")
+    parser.add_argument("--finetune-seed", type=int, default=0, help="fine-tuning's random seed (same folds)")
+    parser.add_argument("--lr-scale", type=float, default=1.0, help="fine-tuning learning rates times this")
     parser.add_argument("--skip-quick", action="store_true", help="only the fine-tuned network")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
@@ -295,7 +306,9 @@ def main() -> None:
             }
         if args.finetune:
             figures[name]["finetuned"] = finetuned(
-                name, y, ids, paths, near, folds=args.finetune_folds, epochs=args.epochs
+                name, y, ids, paths, near, folds=args.finetune_folds, epochs=args.epochs,
+                frozen_groups=args.frozen_groups, batch_size=args.batch_size, lr_scale=args.lr_scale,
+                seed=args.finetune_seed,
             )
     if args.json:
         args.json.write_text(json.dumps(figures, indent=1))

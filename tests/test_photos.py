@@ -105,3 +105,25 @@ def test_a_transform_of_unknown_shape_runs_whole_photo_by_photo(tmp_path):
     assert dataset.finish is None
     batch = next(iter(ph.make_loader(dataset, batch_size=1, device=torch.device("cpu"), workers=0)))
     assert torch.equal(batch["x"], torch.ones(1, 3, 2, 2))
+
+
+def test_decoded_photos_are_kept_for_the_next_epoch_within_the_budget(tmp_path):
+    """Fine-tuning decodes each photo once, not once an epoch; what does not fit the budget is
+    decoded again, and a kept photo gives what a fresh decode gives, augmentation included."""
+    from torchvision.transforms import v2
+
+    rng = np.random.default_rng(0)
+    for name in "abc":
+        Image.fromarray(rng.integers(0, 255, (48, 64, 3), dtype=np.uint8)).save(tmp_path / f"{name}.png")
+    items = [(name, tmp_path / f"{name}.png", 0) for name in "abc"]
+    transform = v2.Compose([v2.RandomResizedCrop(16), v2.ColorJitter(0.2, 0.2, 0.2), v2.ToImage()])
+    fresh = ph.PhotoDataset(items, transform, load_size=48)
+    kept = ph.PhotoDataset(items, transform, load_size=48, keep_decoded=2 * 48 * 64 * 3)  # room for two
+    first = [kept[(i, 11)] for i in range(3)]
+    for name in "abc":
+        (tmp_path / f"{name}.png").unlink()  # what is decoded again now fails
+    again = [kept[(i, 11)] for i in range(3)]
+    assert [kind for _, kind, _, _ in again] == ["tensor", "tensor", "error"]
+    for (_, _, x, _), (_, _, y, _) in zip(first[:2], again[:2], strict=True):
+        assert torch.equal(x, y)
+    assert all(kind == "error" for _, kind, _, _ in (fresh[(i, 11)] for i in range(3)))

@@ -67,6 +67,11 @@ Indexed = tuple[str, Path, int]  # (photo id, path, class index)
 
 log = logging.getLogger(__name__)
 
+# Decoded photos kept in memory between epochs, all loaders together: ~2,000 photos at the load
+# size of 256 px. Decoding one at that size took 0.7 ms from a 224 px catalog JPEG, 11 ms from a
+# 12-megapixel JPEG (2-core CPU).
+KEEP_DECODED_BYTES = 512 * 2**20
+
 
 @dataclass
 class FinetuneResult:
@@ -214,12 +219,16 @@ def _prepare(items_train, items_val, *, backbone_id, classes, config, positive, 
 
 
 def _loaders(run: _Run, batch_size: int):
-    """The training loader (shuffled and augmented per epoch) and the validation loader."""
+    """The training loader (shuffled and augmented per epoch) and the validation loader. Each
+    keeps decoded photos for the next epoch, up to :data:`KEEP_DECODED_BYTES` in all."""
     load_size = get_backbone(run.backbone_id).preprocessing.resize_size
-    train = make_loader(PhotoDataset(run.train_items, build_train_transform(run.backbone_id), load_size=load_size),
+    keep = KEEP_DECODED_BYTES // (2 * max(1, run.workers))  # each worker process keeps its own
+    augment = build_train_transform(run.backbone_id)
+    train = make_loader(PhotoDataset(run.train_items, augment, load_size=load_size, keep_decoded=keep),
                         batch_size=batch_size, device=run.device, workers=run.workers, shuffle=True,
                         seed=run.config.seed, drop_last=len(run.train_items) > batch_size, persistent=True)
-    val = make_loader(PhotoDataset(run.val_items, build_transform(run.backbone_id), load_size=load_size),
+    val = make_loader(PhotoDataset(run.val_items, build_transform(run.backbone_id), load_size=load_size,
+                                   keep_decoded=keep),
                       batch_size=batch_size, device=run.device, workers=run.workers, persistent=True)
     return train, val
 
@@ -234,7 +243,8 @@ def _build_state(run: _Run, head_arrays, head_classes, *, started: float) -> _St
     if head_arrays is not None:
         init_head_from_frozen(model, head_arrays, head_classes if head_classes is not None else run.classes)
     model = model.to(dev, memory_format=torch.channels_last)
-    optimizer = torch.optim.AdamW(param_groups(model, config), fused=dev.type == "cuda")
+    # The fused update: one kernel for all parameters (a CPU step of Lite0's top stages: 19 → 5 ms).
+    optimizer = torch.optim.AdamW(param_groups(model, config), fused=dev.type in ("cuda", "cpu"))
     weights = None
     if config.class_weight == "balanced":
         weights = torch.tensor(_balanced_weights(run.train_items, run.classes), dtype=torch.float32, device=dev)

@@ -125,17 +125,21 @@ class PhotoDataset:
     then :attr:`finish` normalises the batch in :func:`collate`), ``"jpeg"`` (value: :func:`raw_jpeg`'s bytes and orientation, for
     GPU decoding; only with ``raw_jpeg_min_side``) or ``"error"`` (value: ``(reason,
     permanent)``). The key is a position, or ``(position, seed)`` from
-    :class:`EpochShuffle`: the random transform then draws from that seed alone.
+    :class:`EpochShuffle`: the random transform then draws from that seed alone. With
+    ``keep_decoded`` (bytes) decoded photos are kept for later epochs (:meth:`_decode`).
     """
 
     def __init__(self, items: Sequence[Item], transform: Callable, *, load_size: int,
-                 raw_jpeg_min_side: int | None = None):
+                 raw_jpeg_min_side: int | None = None, keep_decoded: int = 0):
         self.items = list(items)
         self.transform = transform
         split = split_transform(transform)
         self._per_photo, self.finish = split if split is not None else (transform, None)
         self.load_size = load_size
         self.raw_jpeg_min_side = raw_jpeg_min_side
+        self.keep_decoded = keep_decoded
+        self._decoded: dict[int, Any] = {}  # position -> decoded photo, kept for the next epoch
+        self._decoded_bytes = 0
 
     def __len__(self) -> int:
         return len(self.items)
@@ -151,9 +155,22 @@ class PhotoDataset:
             if raw is not None:
                 return index, "jpeg", raw, target
         try:
-            return index, "tensor", self._transform(load_for_model(path, size=self.load_size), seed), target
+            return index, "tensor", self._transform(self._decode(index, path), seed), target
         except Exception as exc:  # noqa: BLE001 - one bad photo must never stop the run
             return index, "error", (failure_reason(exc), is_permanent(exc)), target
+
+    def _decode(self, index: int, path):
+        """The photo decoded at the load size; kept in memory for the next epoch while the
+        decoded photos kept so far take fewer than ``keep_decoded`` bytes (in each process).
+        The transforms never change a decoded photo: they return new ones."""
+        image = self._decoded.get(index)
+        if image is None:
+            image = load_for_model(path, size=self.load_size)
+            size = image.width * image.height * len(image.getbands())
+            if self._decoded_bytes + size <= self.keep_decoded:
+                self._decoded[index] = image
+                self._decoded_bytes += size
+        return image
 
     def _transform(self, image, seed: int | None):
         if seed is None:
