@@ -5,7 +5,9 @@ Four figures for one folder of photos, measured in one run so they share the mac
 - ``forward_img_s``: the limit: the network's forward pass alone, on distinct ready
   tensors already on the device, at the best batch size tried, median of repeats;
 - ``pipeline_img_s``: the real path, JPEG files on disk to stored features, cold cache (a new
-  store each pass; median of the passes, as for the forward figure);
+  store each pass; median of the passes, as for the forward figure). Next to each run of the
+  pipeline, forward-only and pipeline passes alternate, and ``pipeline_vs_forward`` is the
+  median of each pipeline pass over the forward pass just before it;
 - ``naive_img_s``: the notebook way, one photo at a time (open, convert, transform, forward);
 - ``cache_hit_s``: seconds for the same extraction again (everything cached).
 """
@@ -184,19 +186,25 @@ def bench_extract(
             chosen = choose_run_settings(model, dev, input_size=size, remember_as=backbone_id)
             chooser_s = time.perf_counter() - started
             naive = _naive(model, transform, paths[:naive_limit], dev)
-            run_forward = _forward_limit(model, images, dev, repeats=repeats, candidates=(forward_bs,),
-                                         layouts=(layout,))[0]
-            # Like the forward figure, a median of ``repeats`` passes (each into a new store, the
-            # settings chosen once above): one 4-second pass on a shared machine swings by 20 %.
-            passes = [_pipeline(items, backbone_id, dev) for _ in range(max(1, repeats))]
-            pipeline, result = statistics.median(p for p, _ in passes), passes[0][1]
+            # ``repeats`` rounds of one forward-only pass then one pipeline pass (each into a new
+            # store, the settings chosen once above), and the median of each and of their ratios:
+            # one 4-second pass on a shared machine swings by 20 %, and the machine's speed drifts
+            # from one minute to the next, so each pipeline pass is compared with its neighbour.
+            rounds = []
+            for _ in range(max(1, repeats)):
+                limit = _forward_limit(model, images, dev, repeats=1, candidates=(forward_bs,), layouts=(layout,))[0]
+                rounds.append((limit, *_pipeline(items, backbone_id, dev)))
+            run_forward = statistics.median(f for f, _, _ in rounds)
+            pipeline, result = statistics.median(p for _, p, _ in rounds), rounds[0][2]
+            ratio = statistics.median(p / f for f, p, _ in rounds)
             forward = max(forward, run_forward)
         records.append({
             "batch_size": result.batch_size, "channels_last": chosen.channels_last,
             "workers": default_workers(dev), "threads": torch.get_num_threads(), "chooser_s": round(chooser_s, 1),
             "forward_img_s": round(run_forward, 1), "pipeline_img_s": round(pipeline, 1),
-            "pipeline_passes_img_s": [round(p, 1) for p, _ in passes],
-            "naive_img_s": round(naive, 1), "pipeline_vs_forward": round(pipeline / run_forward, 2),
+            "forward_passes_img_s": [round(f, 1) for f, _, _ in rounds],
+            "pipeline_passes_img_s": [round(p, 1) for _, p, _ in rounds],
+            "naive_img_s": round(naive, 1), "pipeline_vs_forward": round(ratio, 2),
             "pipeline_vs_naive": round(pipeline / naive, 2), "failed": len(result.failed),
         })
     first = records[0]
