@@ -41,6 +41,7 @@ from core.base.files import sha256_file  # noqa: E402
 from core.learning import calibration, groups  # noqa: E402
 from core.learning.crossval import cross_validate_head  # noqa: E402
 from core.learning.evaluation import choose_threshold, evaluate_predictions  # noqa: E402
+from core.learning.finetune_config import FinetuneConfig  # noqa: E402
 from core.learning.splits import SplitPlan, plan_split  # noqa: E402
 from core.vision.features import extract_features  # noqa: E402
 from core.vision.store import FeatureStore  # noqa: E402
@@ -193,9 +194,9 @@ def quick_model(name: str, X, y, grp, *, label: str) -> dict:
     return out
 
 
-def finetuned(name: str, y, ids, paths, grp, *, folds: int, epochs: int, frozen_groups: int | None = None,
+def finetuned(name: str, y, ids, paths, grp, *, folds: int, epochs: int, frozen_groups: int,
               batch_size: int | None = None, lr_scale: float = 1.0, seed: int = 0) -> None:
-    from core.learning import finetune, finetune_config, finetune_loop
+    from core.learning import finetune, finetune_loop
 
     classes, positive = sorted(set(y.tolist())), "person"
     sha = np.asarray(ids)
@@ -206,11 +207,9 @@ def finetuned(name: str, y, ids, paths, grp, *, folds: int, epochs: int, frozen_
     def items(part):
         return [(i, path[i], label[i]) for i in part]
 
-    recipe = {} if frozen_groups is None else {"frozen_groups": frozen_groups}
-    recipe |= {} if batch_size is None else {"batch_size": batch_size}
-    if lr_scale != 1.0:
-        default = finetune_config.FinetuneConfig()
-        recipe |= {"lr_head": default.lr_head * lr_scale, "lr_backbone": default.lr_backbone * lr_scale}
+    default = FinetuneConfig()
+    recipe = {"frozen_groups": frozen_groups, "batch_size": batch_size,
+              "lr_head": default.lr_head * lr_scale, "lr_backbone": default.lr_backbone * lr_scale}
     for n, plan in enumerate(outer_plans(list(sha), y, grp)):
         if n >= folds:
             break
@@ -229,7 +228,7 @@ def finetuned(name: str, y, ids, paths, grp, *, folds: int, epochs: int, frozen_
             items(val_ids),
             backbone_id=BACKBONE,
             classes=classes,
-            config=finetune_config.FinetuneConfig(epochs=epochs, seed=seed, **recipe),
+            config=FinetuneConfig(epochs=epochs, seed=seed, **recipe),
             positive=positive,
         )
         raw = finetune_loop.predict_proba(result.model, [(i, path[i]) for i in plan.test_ids], backbone_id=BACKBONE)
@@ -270,7 +269,7 @@ def main() -> None:
     parser.add_argument("--finetune", action="store_true", help="also the fine-tuned network (slow on a CPU)")
     parser.add_argument("--finetune-folds", type=int, default=1)
     parser.add_argument("--epochs", type=int, default=4)
-    parser.add_argument("--frozen-groups", type=int, default=None,
+    parser.add_argument("--frozen-groups", type=int, default=FinetuneConfig().frozen_groups,
                         help="fine-tuning: groups from the input that never train (default: the app's)")
     parser.add_argument("--batch-size", type=int, default=None, help="fine-tuning batch (default: the app's)")
     parser.add_argument("--finetune-seed", type=int, default=0, help="fine-tuning's random seed (same folds)")

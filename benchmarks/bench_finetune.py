@@ -158,7 +158,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch-size", type=int, default=None, help="default: by device")
     parser.add_argument("--train-bn-stats", action="store_true", help="update BatchNorm statistics while training")
-    parser.add_argument("--frozen-groups", type=int, default=None,
+    parser.add_argument("--frozen-groups", type=int, default=fc.FinetuneConfig().frozen_groups,
                         help="groups from the input that never train (default: the app's)")
     parser.add_argument("--random-head", action="store_true", help="also fine-tune from a random head")
     parser.add_argument("--batch-sweep", action="store_true", help="also time training steps by batch size")
@@ -202,9 +202,8 @@ def main() -> None:
     item = lambda i: (i, SHARED / i, label[i])  # noqa: E731
     train_items = [item(i) for i in plan.train_ids]
     val_items = [item(i) for i in plan.val_ids]
-    recipe = {} if args.frozen_groups is None else {"frozen_groups": args.frozen_groups}
     config = fc.FinetuneConfig(epochs=args.epochs, seed=args.seed, batch_size=args.batch_size,
-                               train_bn_stats=args.train_bn_stats, **recipe)
+                               train_bn_stats=args.train_bn_stats, frozen_groups=args.frozen_groups)
     runs = {}
     result = ft.finetune(train_items, val_items, backbone_id=args.backbone, classes=classes, config=config,
                          head_arrays=head_to_arrays(probe), head_classes=list(probe.classes_), device=device)

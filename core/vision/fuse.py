@@ -123,10 +123,13 @@ def for_inference(model: nn.Module, probe: torch.Tensor, *, static_padding: bool
     Callers pass ``static_padding=False`` for a GPU: the gain was measured on CPUs, where the
     padded copy is costly; on a GPU the copy is cheap and cuDNN's depthwise kernels are tuned
     for 3x3 and 5x5, not the 4x4 and 6x6 this makes (not measured there)."""
-    model, _ = fold_batch_norms(model, probe)
+    fast, folded = fold_batch_norms(model, probe)
     if static_padding:
-        model, _ = static_same_padding(model, probe)
-    return model
+        if folded:  # already a copy of its own: planned in place, not copied a second time
+            plan_static_padding(fast.requires_grad_(False), probe)
+        else:
+            fast, _ = static_same_padding(fast, probe)
+    return fast
 
 
 def _same_pad(n: int, kernel: int, stride: int, dilation: int) -> tuple[int, int]:

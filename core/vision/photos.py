@@ -161,7 +161,7 @@ class PhotoDataset:
 
     def _decode(self, index: int, path):
         """The photo decoded at the load size; kept in memory for the next epoch while the
-        decoded photos kept so far take fewer than ``keep_decoded`` bytes (in each process).
+        decoded photos kept, it included, take at most ``keep_decoded`` bytes (in each process).
         The transforms never change a decoded photo: they return new ones."""
         image = self._decoded.get(index)
         if image is None:
