@@ -56,9 +56,11 @@ def test_tag_page_with_corrupt_photos_shows_its_review_list_and_downloads(server
     page.get_by_text("Row 3:").wait_for()
     page.get_by_text("Row 4:").wait_for()
     assert page.locator('[data-testid="stException"]').count() == 0
-    page.wait_for_function("[...document.images].every(i => i.complete)")
     pictures = page.locator('[data-testid="stImage"] img')
-    assert pictures.count() >= 2  # the review rows' pictures: placeholders where the photo is broken
+    # Streamlit loads its image component's code on first use: the rows' text can be drawn a moment
+    # before their pictures, so wait for the pictures (a timeout fails the test) before looking at them.
+    pictures.nth(1).wait_for(timeout=30_000)  # the review rows' pictures: placeholders where the photo is broken
+    page.wait_for_function("[...document.images].every(i => i.complete)")
     assert page.evaluate("[...document.images].filter(i => i.naturalWidth === 0).length") == 0
     for width in (1024, 1400):
         page.set_viewport_size({"width": width, "height": 1000})
