@@ -252,6 +252,7 @@ def cross_validated(X, y, *, C: float, repeats: int, seed: int = 0) -> dict:
         "test_low": test.low,
         "test_high": test.high,
         "model": result.model,
+        "calibration": result.calibration,
         "threshold": result.threshold,
         "C": C,
     }
@@ -295,6 +296,14 @@ def _print_row(row: dict) -> None:
     )
 
 
+def person_confidence(model, calibration, X: np.ndarray) -> np.ndarray:
+    """The confidence in "person" the app's frozen model states for each row of ``X``: its head's
+    probability, calibrated as the app calibrates it (the threshold it ships with is on that scale)."""
+    from core.learning.calibration import apply_calibration
+
+    return apply_calibration(model.predict_proba(X), calibration)[:, list(model.classes_).index("person")]
+
+
 def score_network(cache: Path, net: str, labels: dict) -> list[dict]:
     """Every variant of one network, scored; kept in the cache (JSON) for later runs."""
     from core.learning.heads import single_threaded_blas
@@ -323,9 +332,9 @@ def score_network(cache: Path, net: str, labels: dict) -> list[dict]:
         with single_threaded_blas():
             everyday = cross_validated(feats["everyday"], labels["everyday"], C=cs["everyday"], repeats=5)
             catalog = cross_validated(feats["catalog"], labels["catalog"], C=cs["catalog"], repeats=3)
-            model = catalog.pop("model")
-            everyday.pop("model")
-            p = model.predict_proba(feats["flatlay"])[:, list(model.classes_).index("person")]
+            model, calibration = catalog.pop("model"), catalog.pop("calibration")
+            everyday.pop("model"), everyday.pop("calibration")
+            p = person_confidence(model, calibration, feats["flatlay"])
         threshold = catalog["threshold"]  # the one the app's frozen model ships with
         flat = int((p >= threshold).sum())
         row = {

@@ -77,3 +77,25 @@ def test_backbone_page_shows_the_measured_figures(tmp_path):
     assert "EfficientNet-Lite2" in shown["Network"].tolist()
     note = " ".join(c.value for c in at.caption)
     assert figures.measured_figures()["machine"] in note and "300 everyday photos" in note
+
+
+def test_benchmark_counts_flat_lay_calls_on_the_scale_of_the_threshold():
+    """The app's threshold is chosen on calibrated confidences, so the benchmark's count of flat-lay
+    photos called "person" must calibrate too (it compared raw probabilities with it: 9 calls where
+    the app's model makes 5)."""
+    import numpy as np
+    from sklearn.linear_model import LogisticRegression
+
+    from benchmarks.bench_backbones import person_confidence
+    from core.learning.calibration import Calibration, apply_calibration
+
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(60, 4))
+    y = np.where(X[:, 0] + 0.3 * rng.normal(size=60) > 0, "person", "no_person")
+    head = LogisticRegression().fit(X, y)
+    calibration = Calibration(temperature=2.5, bias=-1.0, positive=1, fitted_on="cross-validation", n=60).to_dict()
+    raw = head.predict_proba(X)[:, 1]
+    stated = person_confidence(head, calibration, X)
+    assert np.allclose(stated, apply_calibration(head.predict_proba(X), calibration)[:, 1])
+    assert (stated >= 0.5).sum() < (raw >= 0.5).sum()  # a real difference in the count
+    assert np.array_equal(person_confidence(head, None, X), raw)
