@@ -350,9 +350,14 @@ def test_the_novelty_part_of_a_head_is_bounded_before_its_data_is_read():
 
     fine = {"novelty.reference": ("F16", (300, 1280)), "novelty.threshold": ("F32", (1,)), "novelty.k": ("I32", (1,)),
             "scaler.mean": ("F64", (1280,))}
-    assert bundle_limits.without_novelty(fine, "efficientnet_lite0") == {"scaler.mean": ("F64", (1280,))}
+    assert bundle_limits.without_novelty(fine, "efficientnet_lite0", 2) == {"scaler.mean": ("F64", (1280,))}
+    by_class = {**fine, "novelty.labels": ("I32", (300,)), "novelty.class_threshold": ("F32", (2,))}
+    assert bundle_limits.without_novelty(by_class, "efficientnet_lite0", 2) == {"scaler.mean": ("F64", (1280,))}
     for bad in ({**fine, "novelty.reference": ("F16", (10_000_000, 1280))},  # 25 GB of "training photos"
                 {**fine, "novelty.reference": ("F16", (300, 16))},  # not the backbone's width
-                {k: v for k, v in fine.items() if k != "novelty.k"}):
+                {k: v for k, v in fine.items() if k != "novelty.k"},
+                {**by_class, "novelty.labels": ("I32", (10_000_000,))},  # not one class per training photo
+                {**by_class, "novelty.class_threshold": ("F32", (5_000_000,))},  # not one limit per class
+                {k: v for k, v in by_class.items() if k != "novelty.labels"}):
         with pytest.raises(bundles.BundleError):
-            bundle_limits.without_novelty(bad, "efficientnet_lite0")
+            bundle_limits.without_novelty(bad, "efficientnet_lite0", 2)

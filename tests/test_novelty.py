@@ -146,3 +146,58 @@ def test_the_command_line_says_which_photos_to_check(trained, capsys):
     assert sum(rows[n].get("needs_review") == novelty.REASON for n, _ in unlike) >= 5
     assert sum("needs_review" in rows[n] for n, _ in like) <= 3
     assert all(rows[n]["predicted_label"] for n, _ in unlike)  # still tagged: the flag says it is a guess
+
+
+def test_a_photo_called_a_class_it_is_unlike_is_flagged_though_it_is_like_the_training_photos():
+    """Geometry of the class-conditional check: two classes of training photos; a photo in the
+    middle of class 0's photos is like the training photos, yet called class 1 it sits far
+    from every photo that taught class 1 (a shirt on a hanger called "person")."""
+    rng = np.random.default_rng(0)
+    a, b = np.eye(16)[0], np.eye(16)[1]
+
+    def cloud(centre, n):
+        return centre + 0.15 * rng.normal(size=(n, 16))
+
+    X, held_out = np.vstack([cloud(a, 40), cloud(b, 40)]), np.vstack([cloud(a, 25), cloud(b, 25)])
+    y, y_held_out = ["shirt"] * 40 + ["person"] * 40, ["shirt"] * 25 + ["person"] * 25
+    classes = ["person", "shirt"]
+    fitted = novelty.fit_novelty(X, held_out, y_train=y, y_held_out=y_held_out, classes=classes)
+    new = cloud(a, 20)  # new photos like the "shirt" training photos
+    as_shirt, as_person = np.full(20, 1), np.full(20, 0)
+    assert fitted.unlike(new).mean() <= 0.2  # like the training photos...
+    assert fitted.unlike(new, as_shirt).mean() <= 0.2  # ...and like the class they are called
+    assert fitted.unlike(new, as_person).all()  # called "person", each is unlike every "person" photo
+    assert not fitted.unlike(new, np.full(20, -1)).mean() > 0.2  # not called anything: the first check only
+    # The limits are calibrated per class on that class's held-out photos, and travel in the model file.
+    for c, name in enumerate(classes):
+        mine = held_out[[v == name for v in y_held_out]]
+        assert np.mean(fitted.distances(mine, within=c) <= fitted.class_thresholds[c]) >= 0.95
+    back = novelty.Novelty.from_arrays(fitted.to_arrays())
+    assert np.array_equal(back.unlike(new, as_person), fitted.unlike(new, as_person))
+    # A model file from before the class-conditional part still loads, with the first check only.
+    old = {k: v for k, v in fitted.to_arrays().items() if k not in novelty.CLASS_KEYS}
+    assert novelty.Novelty.from_arrays(old).class_thresholds is None
+    assert not novelty.Novelty.from_arrays(old).unlike(new, as_person).mean() > 0.2
+
+
+def test_photos_called_the_other_class_on_real_pixels_are_flagged(trained):
+    """The two-class model's bundle carries one limit per class; with a threshold so low that
+    every photo is called the model's positive class, the new photos of the other class, like
+    the training photos as they are, are flagged (before: none of them was)."""
+    project = trained["binary"]
+    model = models.tagging_model(project)
+    bundle, arrays = bundles.load_bundle(model["path"])
+    kept = novelty.Novelty.from_arrays(arrays)
+    assert kept.class_thresholds is not None and np.isfinite(kept.class_thresholds).all()
+    like, _ = trained["photos"]
+    like = [x for x in like if "cat" not in x[0]]
+    other = [x for x in like if bundle.positive not in x[0]]
+    store = FeatureStore(project.root / "try-features")
+    with predictor.Predictor(model["path"], feature_store=store) as p:
+        own = p.predict(like)
+    with predictor.Predictor(model["path"], feature_store=store, threshold=1e-300) as p:
+        forced = p.predict(like)
+    assert not own["unlike_training"].any()  # called what they are: like the training photos
+    assert (forced["predicted_label"] == bundle.positive).all()
+    flagged = dict(zip(forced["image"], forced["unlike_training"]))
+    assert other and all(flagged[name] for name, _ in other)

@@ -158,10 +158,11 @@ def check_network(arrays: Mapping[str, tuple], backbone_id: str, classes: list) 
     _compare(arrays, _network_shapes(backbone_id, len(classes)), f"a fine-tuned {backbone_id} with {len(classes)} labels")
 
 
-def without_novelty(arrays: Mapping[str, tuple], backbone_id: str) -> dict[str, tuple]:
+def without_novelty(arrays: Mapping[str, tuple], backbone_id: str, n_classes: int) -> dict[str, tuple]:
     """The head member's arrays other than the optional "unlike the training photos" part
     (:mod:`core.learning.novelty`), which must be exactly its three arrays: at most
-    ``MAX_REFERENCE`` training photos' features of the backbone's width, one limit, one k."""
+    ``MAX_REFERENCE`` training photos' features of the backbone's width, one limit, one k;
+    and optionally the training photos' classes (one each) and one limit per class of the model."""
     part = {k: v for k, v in arrays.items() if k.startswith("novelty.")}
     if part:
         try:
@@ -171,8 +172,10 @@ def without_novelty(arrays: Mapping[str, tuple], backbone_id: str) -> dict[str, 
         shape = tuple(part.get("novelty.reference", ("", ()))[1])
         if len(shape) != 2 or not 0 < shape[0] <= novelty.MAX_REFERENCE:
             shape = (-1, -1)
-        _compare(part, {"novelty.reference": (shape[0], width), "novelty.threshold": (1,), "novelty.k": (1,)},
-                 f"the training photos' features of {backbone_id}")
+        expected = {"novelty.reference": (shape[0], width), "novelty.threshold": (1,), "novelty.k": (1,)}
+        if any(key in part for key in novelty.CLASS_KEYS):
+            expected |= {"novelty.labels": (shape[0],), "novelty.class_threshold": (n_classes,)}
+        _compare(part, expected, f"the training photos' features of {backbone_id}")
     return {k: v for k, v in arrays.items() if k not in part}
 
 

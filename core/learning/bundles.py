@@ -416,7 +416,7 @@ def _check_arrays(name: str, arrays: dict, read: dict[str, bytes]) -> None:
     if name == NETWORK_FILE:
         limits.check_network(arrays, bundle.backbone_id, bundle.classes)
         return
-    rest = limits.without_novelty(arrays, bundle.backbone_id)
+    rest = limits.without_novelty(arrays, bundle.backbone_id, len(bundle.classes))
     if bundle.kind == "frozen":
         limits.check_head(rest, bundle.classes)
     elif rest:

@@ -156,7 +156,9 @@ class Predictor:
             proba, errors = self._finetuned_proba(paths, on_progress)
         # the confidence the model states is its calibrated one, as on the Train page (the bundle carries it)
         out = self._table(names, apply_calibration(proba, self.bundle.calibration), errors)
-        out["unlike_training"] = self._unlike(paths, ids, errors)
+        column = {c: j for j, c in enumerate(self.classes)}
+        called = np.asarray([column.get(str(label), -1) for label in out["predicted_label"]])
+        out["unlike_training"] = self._unlike(paths, ids, errors, called)
         return out
 
     def _load_novelty(self, arrays) -> novelty.Novelty | None:
@@ -170,14 +172,17 @@ class Predictor:
                 return None
         return found
 
-    def _unlike(self, paths: list[Path], ids: Sequence[str] | None, errors: dict[int, str]) -> np.ndarray:
+    def _unlike(self, paths: list[Path], ids: Sequence[str] | None, errors: dict[int, str],
+                called: np.ndarray) -> np.ndarray:
+        """Photos unlike the training photos, or unlike those of the class they were called
+        (``called``: each row's class, an index into ``self.classes``; -1 for none)."""
         flags = np.zeros(len(paths), dtype=bool)
         if self._novelty is None or not paths:
             return flags
         if self._seen is None:  # a fine-tuned model: the backbone's pretrained features, once more
             self._frozen_features(paths, ids, None)
         rows, X = self._seen
-        flags[rows] = self._novelty.unlike(X)
+        flags[rows] = self._novelty.unlike(X, called[rows])
         flags[list(errors)] = False
         return flags
 

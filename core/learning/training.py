@@ -103,7 +103,7 @@ def train_frozen(
         on_progress=lambda done, total: report(done, total, "Cross-validating the frozen classifier"),
     )
     seconds = time.time() - started
-    unlike = _novelty(X, ids, plan.train_ids + plan.val_ids, plan.test_ids, seed)
+    unlike = _novelty(X, y, ids, list(cv.classes), plan.train_ids + plan.val_ids, plan.test_ids, seed)
     bundle = bundles.ModelBundle(
         kind="frozen",
         backbone_id=backbone_id,
@@ -211,7 +211,7 @@ def train_finetuned(
            "after": calibration.reliability(truth, proba[keep], classes=classes, positive=positive,
                                             threshold=threshold)}
     seconds = time.time() - job_started + earlier_attempts  # what the user waited for
-    unlike = _novelty(X, ids, plan.train_ids, plan.test_ids, seed)
+    unlike = _novelty(X, y, ids, classes, plan.train_ids, plan.test_ids, seed)
     bundle = bundles.ModelBundle(
         kind="finetuned", backbone_id=backbone_id, weights_hash=weights.weights_hash(backbone_id),
         preprocessing=backbones.preprocessing_record(backbone_id), classes=classes,
@@ -323,12 +323,15 @@ def _calibrate_on_validation(result, label: dict, classes: list[str], positive: 
     return cal, evaluation.choose_threshold(truth, cal.apply(val_proba)[:, classes.index(positive)], positive=positive)
 
 
-def _novelty(X: np.ndarray, ids: list[str], train_ids: list[str], held_out_ids: list[str],
-             seed: int) -> novelty.Novelty:
-    """What the model learned from (the training photos' features), with the limit of "unlike
-    them" calibrated on the held-out photos: kept in the model file."""
+def _novelty(X: np.ndarray, y: np.ndarray, ids: list[str], classes: list[str], train_ids: list[str],
+             held_out_ids: list[str], seed: int) -> novelty.Novelty:
+    """What the model learned from (the training photos' features and labels), with the limits
+    of "unlike them" (all of them, and those of each class) calibrated on the held-out photos:
+    kept in the model file."""
     row = {sha: i for i, sha in enumerate(ids)}
-    return novelty.fit_novelty(X[[row[i] for i in train_ids]], X[[row[i] for i in held_out_ids if i in row]],
+    train = [row[i] for i in train_ids]
+    held_out = [row[i] for i in held_out_ids if i in row]
+    return novelty.fit_novelty(X[train], X[held_out], y_train=y[train], y_held_out=y[held_out], classes=classes,
                                seed=seed)
 
 
