@@ -47,7 +47,7 @@ from core.vision.features import extract_features  # noqa: E402
 from core.vision.store import FeatureStore  # noqa: E402
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
-SETS = {"product": "product-photos", "everyday": "everyday-photos"}
+SETS = {"product": "product-photos", "everyday": "everyday-photos", "flatlay": "flat-lay"}
 BACKBONE = "efficientnet_lite0"
 
 
