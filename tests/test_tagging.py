@@ -431,6 +431,47 @@ def test_tag_page_review_queue_survives_a_photo_that_cannot_be_decoded(setup):
     assert thumbs[0][:3] == b"\xff\xd8\xff" and thumbs[1] == images.placeholder(size=220) != thumbs[0]
 
 
+def test_tag_page_says_when_most_of_a_catalog_is_unlike_the_training_photos(setup, tmp_path):
+    """A model of astronauts, coffee and a cat tags a catalog of rockets, star fields, retinas,
+    slides, pages and coins (and two photos like its own): the review list alone would bury
+    the point, so the page says first that most tags are guesses and what to do. A catalog
+    like the training photos gets no such warning."""
+    import shutil
+
+    from skimage import data
+
+    from core.learning import models
+    from core.projects import workspace
+
+    folder = tmp_path / "new-photos"
+    folder.mkdir()
+    unlike_names = ["rocket", "hubble_deep_field", "retina", "immunohistochemistry", "page", "coins"]
+    for name in unlike_names:
+        Image.fromarray(getattr(data, name)()).convert("RGB").save(folder / f"{name}.jpg", quality=85)
+    like_names = ["person_3.jpg", "no_person_4.jpg"]
+    for name in like_names:
+        shutil.copy(setup["photos"] / name, folder / name)
+    pages = {}
+    for title, names in (("Unlike catalog", [f"{n}.jpg" for n in unlike_names] + like_names),
+                         ("Like catalog", like_names)):
+        project = workspace.create_project(title)
+        models.import_bundle(project, setup["bundle"])
+        catalog = "sku,image\n" + "".join(f"S{i},{name}\n" for i, name in enumerate(names))
+        run_id = tagging.start_project_run(project, catalog_name="catalog.csv", catalog_data=catalog.encode(),
+                                           bundle_path=setup["bundle"], options=tagging.TagOptions(image_columns=["image"]),
+                                           images_dir=folder)
+        run_folder = tagging.project_run_folder(project, run_id)
+        tagging.run_tagging(run_folder)
+        pages[title] = (tagging.unlike_rows(tagging.results_frame(run_folder)), _tag_page(project))
+    (unlike, tagged), at = pages["Unlike catalog"]
+    assert tagged == 8 and unlike >= 5
+    said = [w.value for w in at.warning if "unlike the ones the model learned from" in w.value]
+    assert said and f"{unlike} of {tagged} tagged rows" in said[0] and "train again" in said[0]
+    (unlike, tagged), at = pages["Like catalog"]
+    assert tagged == 2 and unlike == 0
+    assert not any("unlike the ones the model learned from" in w.value for w in at.warning)
+
+
 # ------------------------------------------------------------------- runs never collide
 
 

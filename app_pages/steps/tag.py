@@ -95,6 +95,12 @@ fixed = tagging.overrides(folder)
 final = tagging.final_labels(results, fixed)
 order = runs.class_order(project)
 st.subheader(f"{ui.plain(run['catalog_name'])}: {len(results)} of {run['rows']} rows done")
+unlike, tagged = tagging.unlike_rows(results)
+if tagged and unlike >= tagging.MOSTLY_UNLIKE * tagged:
+    st.warning(f"**{unlike} of {tagged} tagged rows ({100 * unlike / tagged:.0f} %) have photos unlike the ones the "
+               "model learned from**, so their tags are guesses: this catalog looks different from your training "
+               "photos (other backgrounds, settings or kinds of product). Answer some of them below and add your "
+               "answers to the training photos, then train again.", icon=":material/warning:")
 if stale := tagging.out_of_date(run, model):
     st.info(f"These rows were tagged {stale} than the one chosen now. Start a new tagging run (above) with the "
             "same catalog to apply it.", icon=":material/update:")

@@ -36,6 +36,7 @@ from core.tagging.run import (
 )
 from core.tagging.tags import (
     COMBINE_RULES,
+    MOSTLY_UNLIKE,
     NOT_TAGGED,
     combine,
     combine_scored,
@@ -43,6 +44,7 @@ from core.tagging.tags import (
     share_by,
     split_columns,
     tag_counts,
+    unlike_rows,
 )
 
 __all__ = [
@@ -51,5 +53,5 @@ __all__ = [
     "create_run", "downloads", "final_labels", "iter_rows_needing_review", "load_run", "out_of_date", "overrides", "project_photo_files",
     "project_run_folder", "results_frame", "resume_conflict", "review_photos", "review_thumbnails", "run_tagging",
     "set_override", "share_by", "split_columns", "start_project_run", "tag_counts", "write_output",
-    "TAG_VALUES", "tag_names",
+    "TAG_VALUES", "tag_names", "MOSTLY_UNLIKE", "unlike_rows",
 ]

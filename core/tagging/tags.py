@@ -9,11 +9,17 @@ from collections.abc import Mapping, Sequence
 
 import pandas as pd
 
-__all__ = ["COMBINE_RULES", "NOT_TAGGED", "combine", "combine_scored", "final_labels", "share_by", "split_columns",
-           "tag_counts"]
+from core.learning import novelty
+
+__all__ = ["COMBINE_RULES", "MOSTLY_UNLIKE", "NOT_TAGGED", "combine", "combine_scored", "final_labels", "share_by",
+           "split_columns", "tag_counts", "unlike_rows"]
 
 COMBINE_RULES = ("any", "all", "first", "majority")
 NOT_TAGGED = "could not be tagged"
+# From this share of tagged rows unlike the training photos up, the catalog as a whole is unlike
+# them (e.g. 245 of 300 phone photos of garments on rugs, tagged by a model of studio shots):
+# the Tag page says so before its review list.
+MOSTLY_UNLIKE = 0.25
 
 _CATEGORY_NAMES = re.compile(r"categ|type|department|collection|gender|segment|family|group|season|range|usage",
                              re.IGNORECASE)
@@ -117,3 +123,11 @@ def split_columns(frame: pd.DataFrame, *, image_columns: Sequence[str],
     if saved == "":
         return columns, None
     return columns, saved if saved in columns else (likely[0] if likely else None)
+
+
+def unlike_rows(results: pd.DataFrame) -> tuple[int, int]:
+    """(tagged rows whose photo is unlike the training photos, so their tag is a guess
+    (:mod:`core.learning.novelty`), tagged rows) of a tagging run's results."""
+    tagged = results["predicted_label"].fillna("").astype(str) != ""
+    unlike = results["tag_error"].fillna("").astype(str).str.contains(novelty.REASON, regex=False)
+    return int((tagged & unlike).sum()), int(tagged.sum())
