@@ -333,7 +333,7 @@ def score_network(cache: Path, net: str, labels: dict) -> list[dict]:
             everyday = cross_validated(feats["everyday"], labels["everyday"], C=cs["everyday"], repeats=5)
             catalog = cross_validated(feats["catalog"], labels["catalog"], C=cs["catalog"], repeats=3)
             model, calibration = catalog.pop("model"), catalog.pop("calibration")
-            everyday.pop("model"), everyday.pop("calibration")
+            del everyday["model"], everyday["calibration"]
             p = person_confidence(model, calibration, feats["flatlay"])
         threshold = catalog["threshold"]  # the one the app's frozen model ships with
         flat = int((p >= threshold).sum())

@@ -174,6 +174,10 @@ def test_a_photo_called_a_class_it_is_unlike_is_flagged_though_it_is_like_the_tr
         assert np.mean(fitted.distances(mine, within=c) <= fitted.class_thresholds[c]) >= 0.95
     back = novelty.Novelty.from_arrays(fitted.to_arrays())
     assert np.array_equal(back.unlike(new, as_person), fitted.unlike(new, as_person))
+    # Held-out photos without their labels calibrate the first limit only; each class's comes from
+    # its training photos' distances to each other.
+    unlabelled = novelty.fit_novelty(X, held_out, y_train=y, classes=classes)
+    assert unlabelled.threshold == fitted.threshold and np.isfinite(unlabelled.class_thresholds).all()
     # A model file from before the class-conditional part still loads, with the first check only.
     old = {k: v for k, v in fitted.to_arrays().items() if k not in novelty.CLASS_KEYS}
     assert novelty.Novelty.from_arrays(old).class_thresholds is None

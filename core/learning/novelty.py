@@ -178,7 +178,8 @@ def fit_novelty(X_train: np.ndarray, X_held_out: np.ndarray | None = None, *, k:
     if labelled:
         index = {str(c): i for i, c in enumerate(classes)}
         labels = np.asarray([index.get(str(v), -1) for v in y_train])
-        held_labels = np.asarray([index.get(str(v), -1) for v in (y_held_out if y_held_out is not None else [])])
+        held_labels = (np.asarray([index.get(str(v), -1) for v in y_held_out]) if y_held_out is not None
+                       else np.full(len(X_held_out), -1))  # held-out photos of no known class
     if len(X_train) > MAX_REFERENCE:
         keep = np.sort(np.random.default_rng(seed).choice(len(X_train), MAX_REFERENCE, replace=False))
         X_train = X_train[keep]
