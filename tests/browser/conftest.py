@@ -77,6 +77,23 @@ def pytest_runtest_makereport(item, call):
     report = outcome.get_result()
     if report.when == "call":
         item.call_failed = report.failed
+        if report.failed:  # CI keeps no screenshots: put what the page said and the server's log in the report
+            for title, text in _at_failure(item.funcargs):
+                report.sections.append((title, text))
+
+
+def _at_failure(funcargs: dict) -> list[tuple[str, str]]:
+    """The page's visible text and the end of the server's log, for a failed browser test's report."""
+    found = []
+    page, server = funcargs.get("page"), funcargs.get("server")
+    if page is not None:
+        try:
+            found.append((f"page text at failure ({page.url})", page.locator("body").inner_text(timeout=5_000)))
+        except Exception as exc:  # noqa: BLE001 - a report must not hide the test's own failure
+            found.append(("page text at failure", f"could not be read: {exc}"))
+    if server is not None and (server["home"] / "server.log").exists():
+        found.append(("server log, last 4000 characters", (server["home"] / "server.log").read_text(errors="replace")[-4000:]))
+    return found
 
 
 @pytest.fixture

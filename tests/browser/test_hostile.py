@@ -49,9 +49,13 @@ def test_tag_page_with_corrupt_photos_shows_its_review_list_and_downloads(server
     catalog.write_text("sku,note,image\nA1,=1+1,person_00.jpg\nA2,ok,cut.jpg\nA3,@SUM(A1),junk.jpg\n")
     page.goto(f"{server['url']}/tag?project={project['slug']}")
     page.get_by_role("heading", name="5 · Tag catalog").wait_for()
+    # One file at a time, as a person uploads them: each upload reruns the page, and on a slow machine
+    # (CI) the catalog's preview, column picker and button can take a while to be drawn.
     page.locator(UPLOAD).nth(0).set_input_files(str(catalog))
+    page.get_by_text("Columns with the photos").wait_for(timeout=120_000)
     page.locator(UPLOAD).nth(1).set_input_files(str(archive))
-    page.get_by_role("button", name="Start tagging").click()
+    page.get_by_text("photos.zip").wait_for(timeout=120_000)
+    page.get_by_role("button", name="Start tagging").click(timeout=120_000)
     page.get_by_text("3 of 3 rows done").wait_for(timeout=240_000)
     page.get_by_text("Row 3:").wait_for()
     page.get_by_text("Row 4:").wait_for()
