@@ -7,6 +7,7 @@ EfficientNet-Lite0; new photos of those classes, and photos of things the model 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -205,3 +206,27 @@ def test_photos_called_the_other_class_on_real_pixels_are_flagged(trained):
     assert (forced["predicted_label"] == bundle.positive).all()
     flagged = dict(zip(forced["image"], forced["unlike_training"]))
     assert other and all(flagged[name] for name, _ in other)
+
+
+def test_the_photo_that_sets_a_limit_is_within_it_whatever_the_rounding():
+    """A limit is the distance one calibration photo had. That photo, its features computed
+    again elsewhere (a Ray worker, other threads, another batch: the 7th digit moves), is not
+    flagged by chance; a photo clearly past the limit still is."""
+    rng = np.random.default_rng(1)
+    X, held_out = rng.normal(size=(60, 32)), rng.normal(size=(50, 32))  # 25 a class: limits from these alone
+    y, y_held_out = ["a", "b"] * 30, ["a", "b"] * 25
+    fitted = novelty.fit_novelty(X, held_out, y_train=y, y_held_out=y_held_out, classes=["a", "b"])
+    # the held-out photo whose distance is the first limit, and those that set the class limits
+    first = held_out[[int(np.argmin(np.abs(fitted.distances(held_out) - fitted.threshold)))]]
+    assert fitted.distances(first)[0] == pytest.approx(fitted.threshold, abs=1e-6)
+    for copy in (first, first * (1 + 1e-7), first + 1e-7 * rng.normal(size=first.shape)):
+        assert not fitted.unlike(copy).any()
+    by_class = dataclasses.replace(fitted, threshold=np.inf)  # the class-conditional check alone
+    for c in (0, 1):
+        mine = held_out[c::2]
+        edge = mine[[int(np.argmin(np.abs(fitted.distances(mine, within=c) - fitted.class_thresholds[c])))]]
+        for copy in (edge, edge * (1 + 1e-7), edge + 1e-7 * rng.normal(size=edge.shape)):
+            assert not by_class.unlike(copy, np.array([c])).any()
+        worst = mine[[int(np.argmax(fitted.distances(mine, within=c)))]]  # past the 95th percentile
+        assert by_class.unlike(worst, np.array([c])).all()
+    assert fitted.unlike(held_out[[int(np.argmax(fitted.distances(held_out)))]]).all()

@@ -43,6 +43,12 @@ REASON = "unlike the training photos"
 PERCENTILE = 95.0  # a held-out photo like the training ones is flagged about 1 time in 20
 MAX_REFERENCE = 5000  # training photos kept (float16): 5,000 x 1,280 features is 12.8 MB
 K = 3
+# A photo this close to a limit counts as within it. The limit is a distance one calibration photo
+# had (method "higher"), and that photo's features, computed again in another process, with other
+# threads or another batch, differ in the 7th digit: without this margin it is flagged or not by
+# chance (a Ray worker flagged it, the single machine did not). Photos that differ sit 1e-3 and
+# more apart.
+MARGIN = 1e-4
 MIN_HELD_OUT = 20  # fewer held-out photos than this: the training photos' own distances join them
 _KEYS = ("novelty.reference", "novelty.threshold", "novelty.k")
 CLASS_KEYS = ("novelty.labels", "novelty.class_threshold")  # optional: models before them have none
@@ -91,14 +97,14 @@ class Novelty:
         """True for each photo farther from the training photos than the calibrated limit, or,
         given the class each photo was called (``predicted``: indices into the model's classes,
         -1 for none), farther from that class's training photos than that class's limit."""
-        flags = self.distances(X) > self.threshold
+        flags = self.distances(X) > self.threshold + MARGIN
         if predicted is None or self.labels is None or self.class_thresholds is None:
             return flags
         predicted = np.asarray(predicted)
         for c, limit in enumerate(self.class_thresholds):
             rows = np.flatnonzero(predicted == c)
             if len(rows) and np.isfinite(limit):
-                flags[rows] |= self.distances(np.asarray(X)[rows], within=c) > limit
+                flags[rows] |= self.distances(np.asarray(X)[rows], within=c) > limit + MARGIN
         return flags
 
     def to_arrays(self) -> dict[str, np.ndarray]:
