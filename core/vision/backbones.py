@@ -299,6 +299,13 @@ def _dinov2_entry() -> Backbone:
 # p ≈ 0.77, coffee → "espresso" p ≈ 0.90; with the centre crop chelsea becomes "tiger cat"
 # 0.39), it keeps what sits near the edges (a hand, a model's shoulder, a small person at
 # the side of a scene); no other input measured clearly better (benchmarks/bench_backbones.py).
+# Keeping each photo's shape at the same pixel count ("native": sides in steps of 32, one
+# forward pass per shape) was built and measured (branch native, 5 Dec 2026): everyday photos
+# 80.6 against 76.3 % balanced accuracy in that benchmark, ranges overlapping (72.6-88.6 and
+# 65.8-86.8); catalog photos the same (square); but through the app's own path (core train
+# on the 480 catalog photos, then core predict on the 300 flat-lay photos) the quick model
+# called 16 flat-lay photos "person" against 13 squeezed, and extraction of mixed shapes ran
+# at 0.90-0.93x. Not adopted: it would also make every project extract its features again.
 _LITE_KWARGS = {"pretrained_cfg_overlay": {"crop_pct": 1.0, "crop_mode": "squash"}}
 
 
