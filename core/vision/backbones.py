@@ -304,8 +304,8 @@ def _dinov2_entry() -> Backbone:
 # 80.6 against 76.3 % balanced accuracy in that benchmark, ranges overlapping (72.6-88.6 and
 # 65.8-86.8); catalog photos the same (square); but through the app's own path (core train
 # on the 480 catalog photos, then core predict on the 300 flat-lay photos) the quick model
-# called 16 flat-lay photos "person" against 13 squeezed, and extraction of mixed shapes ran
-# at 0.90-0.93x. Not adopted: it would also make every project extract its features again.
+# called 16 flat-lay photos "person" against 13 squeezed; extraction ran at 0.90-0.97x on
+# everyday photos (9 shapes). Not adopted: it would also make every project extract again.
 _LITE_KWARGS = {"pretrained_cfg_overlay": {"crop_pct": 1.0, "crop_mode": "squash"}}
 
 
