@@ -258,6 +258,8 @@ def test_empty_file(tmp_path):
         (b"<!DOCTYPE html>\n<html><head><title>IMG_01.jpg</title>", "not_an_image", ("web page",)),
         (b"sku,label\n1001,person\n1002,no_person\n", "not_an_image", ("text file",)),
         (b"PK\x03\x04" + bytes(60), "not_an_image", ("ZIP",)),
+        (b"8BPS\x00\x01" + bytes(60), "not_an_image", ("Photoshop", "export it as JPEG")),
+        (b"MZ code,label\nA1,person\n", "not_an_image", ("text file",)),  # text, not a program
         (b"\x00\x00\x00\x18ftypheic\x00\x00\x00\x00mif1heic", "corrupt_image", ("HEIC", "damaged")),
         (b"\x89PNG\r\n\x1a\n" + bytes(40), "corrupt_image", ("damaged",)),
     ],

@@ -225,6 +225,12 @@ def test_blank_lines_keep_spreadsheet_row_numbers() -> None:
         (b"\xff\xd8\xff\xe0\x00\x10JFIF" + bytes(300), "photo"),
         (bytes(range(256)) * 8, "not readable text"),
         (b"PK\x03\x04" + bytes(100), "damaged"),
+        # What the file is, said by the one owner of file signatures (core.inputs.filekinds):
+        (b"8BPS\x00\x01" + bytes(200), "a Photoshop file"),
+        (b"\x00\x00\x00\x18ftypmp42" + bytes(200), "a video or audio file"),
+        (b"MZ\x90\x00\x03" + bytes(200), "a program"),
+        (b"BZh91AY&SY" + bytes(range(200)), "a compressed archive"),
+        (b"%PDF-1.7\n" + bytes(200), "a PDF document"),
     ],
 )
 def test_unusable_files_raise_plain_input_errors(data: bytes, message: str) -> None:
@@ -590,3 +596,10 @@ def test_a_huge_sheet_lists_the_first_rows_of_each_problem_and_counts_the_rest()
     assert len(missing) == 21 and len(every) == 5000  # before: 5,000 problems to store and draw
     assert [p.row for p in missing[:20]] == list(range(3, 23))
     assert "and 4,980 more rows of 'big.csv' like the 20 above (5,000 in all)" in missing[-1].message
+
+
+@pytest.mark.parametrize("first_line", [b"MZ code,label", b"BM,label", b"RIFF,label", b"BZh,label", b"8BPS,label"])
+def test_a_sheet_whose_first_cell_looks_like_a_signature_is_still_a_sheet(first_line: bytes) -> None:
+    """Text that starts like a binary signature (a column named "MZ code") is read as the sheet it is."""
+    sheet = read_sheet(first_line + b"\na.jpg,person\nb.jpg,bag\n", filename="labels.csv")
+    assert len(sheet.frame) == 2

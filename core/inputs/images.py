@@ -35,6 +35,8 @@ import numpy as np
 from PIL import ExifTags, Image, ImageCms, ImageDraw, ImageOps, UnidentifiedImageError, features
 from PIL.JpegImagePlugin import JpegImageFile
 
+from core.inputs.filekinds import binary_kind
+
 log = logging.getLogger(__name__)
 
 ImageSource = str | os.PathLike[str] | bytes | bytearray | memoryview
@@ -378,7 +380,7 @@ def _not_an_image(head: bytes) -> ImageError:
             "the image data is damaged (the start of the file is not readable); export it again",
             kind="corrupt_image",
         )
-    what = _describe(head, brand)
+    what = _describe(head)
     if what is None:
         return ImageError(
             "this is not an image format we can read (we accept JPEG, PNG, WebP, GIF, BMP and TIFF)",
@@ -391,25 +393,12 @@ def _not_an_image(head: bytes) -> ImageError:
 _EXPORTABLE = {"a PDF document", "a Photoshop file (PSD)", "a PostScript/EPS file", "a vector drawing (SVG)"}
 
 
-def _describe(head: bytes, brand: bytes) -> str | None:
-    if head.startswith(b"%PDF"):
-        return "a PDF document"
-    if head.startswith((b"PK\x03\x04", b"PK\x05\x06")):
-        return "a ZIP archive or an Office document"
-    if head.startswith(b"\xd0\xcf\x11\xe0\xa1\xb1\x1a\xe1"):
-        return "an Office document (Word, Excel or PowerPoint)"
-    if head.startswith(b"8BPS"):
-        return "a Photoshop file (PSD)"
-    if head.startswith((b"%!PS", b"\xc5\xd0\xd3\xc6")):
-        return "a PostScript/EPS file"
-    if brand:
-        return "a QuickTime video" if brand == b"qt  " else "a video or audio file (MP4)"
-    if head.startswith(b"RIFF"):
-        return "a video or audio file"
-    if head.startswith((b"\x1f\x8b", b"Rar!", b"7z\xbc\xaf\x27\x1c", b"BZh")):
-        return "a compressed archive"
-    if head.startswith(b"MZ"):
-        return "a program (EXE)"
+def _describe(head: bytes) -> str | None:
+    """What a file that is not an image is, in words (:func:`core.inputs.filekinds.binary_kind`,
+    else the kind of text), or None for binary data of no known kind."""
+    what = binary_kind(head)
+    if what is not None:
+        return what
     text = _as_text(head)
     if text is None:
         return None

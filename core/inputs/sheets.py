@@ -23,6 +23,7 @@ import pandas as pd
 
 from core.base.problems import InputError, Problem
 from core.inputs.encodings import decode_text
+from core.inputs.filekinds import binary_kind
 from core.inputs.images import PHOTO_NAME_EXTENSIONS
 
 __all__ = ["SHEET_TYPES", "Sheet", "column_letter", "looks_like_image_ref", "read_sheet"]
@@ -111,17 +112,17 @@ def read_sheet(
             "which cannot be read here. Open it in Excel, remove any password, and use "
             "File > Save As > 'Excel Workbook (.xlsx)' or 'CSV UTF-8', then upload that file."
         )
-    kind = _binary_kind(data)
-    if kind is not None:
-        raise InputError(
-            f"'{filename}' is {kind}, not a label sheet. Upload the spreadsheet that lists "
-            "each photo's file name and its label (CSV or Excel .xlsx)."
-        )
     if data.startswith(b"PK\x03\x04"):
         rows, numbers, raw, notes = _read_workbook(data, filename=filename, keep_raw=keep_raw)
         sheet = _build_sheet(rows, numbers, filename=filename, encoding=None, delimiter=None, raw=raw)
         sheet.notes += notes
         return sheet
+    kind = binary_kind(data)
+    if kind is not None:
+        raise InputError(
+            f"'{filename}' is {kind}, not a label sheet. Upload the spreadsheet that lists "
+            "each photo's file name and its label (CSV or Excel .xlsx)."
+        )
 
     try:
         text, encoding, note = decode_text(data, filename=filename, photo_names=photo_names)
@@ -144,30 +145,6 @@ def read_sheet(
     sheet = _build_sheet(rows, numbers, filename=filename, encoding=encoding, delimiter=delimiter, raw=raw)
     sheet.notes += [Problem("sheet_encoding", note, file=filename, severity="info")] if note else []
     return sheet
-
-
-def _binary_kind(data: bytes) -> str | None:
-    """Name the kind of a file that is obviously not a sheet (a photo, a PDF...), else None."""
-    head = data[:16]
-    if head.startswith(b"\x89PNG\r\n\x1a\n"):
-        return "a photo (PNG image)"
-    if head.startswith(b"\xff\xd8\xff"):
-        return "a photo (JPEG image)"
-    if head.startswith((b"GIF87a", b"GIF89a")):
-        return "an image (GIF)"
-    if head.startswith(b"RIFF") and data[8:12] == b"WEBP":
-        return "a photo (WebP image)"
-    if head.startswith((b"II*\x00", b"MM\x00*")):
-        return "a photo (TIFF image)"
-    if data[4:8] == b"ftyp" and data[8:12] in {b"heic", b"heix", b"mif1", b"avif", b"heim"}:
-        return "a photo (HEIC/AVIF image)"
-    if head.startswith(b"BM") and len(data) > 26 and b"\x00" in data[:64]:
-        return "an image (BMP)"
-    if head.startswith(b"%PDF"):
-        return "a PDF document"
-    if head.startswith((b"\x1f\x8b", b"7z\xbc\xaf", b"Rar!")):
-        return "a compressed archive"
-    return None
 
 
 def _read_workbook(data: bytes, *, filename: str, keep_raw: bool) -> tuple[list[list[str]], list[int], list | None, list]:
