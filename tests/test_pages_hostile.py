@@ -23,7 +23,7 @@ from app_pages.ui import plain
 from core import tagging
 from core.inputs import images
 from core.learning import extraction, models, training
-from tests.conftest import REPO, photo_project, sample_photo_set
+from tests.conftest import REPO, photo_project, sample_photo_set, shown
 
 LINK_NAME = "[Sign in again](http://host/login) ![t](http://host/pixel.png)"
 HTML_NAME = '<a href="http://host/x">No person</a>'
@@ -197,3 +197,23 @@ def test_other_pages_draw_the_names_as_text(built, step):
     at = _page(built["project"], step)
     assert [t for t in _texts(at) if ("Sign in again" in t or "No person" in t) and _live(t)] == []
     assert "<a href" not in _chart_specs(at)
+
+
+def test_a_refused_upload_names_its_file_once():
+    """The sheet reader's sentences name the file already; other refusals get the name put first."""
+
+    def page():
+        from app_pages import ui
+        from core.base.problems import InputError
+        from core.inputs import sheets
+
+        try:
+            sheets.read_sheet(b"8BPS\x00\x01" + bytes(100), filename="labels [final].csv")
+        except InputError as exc:
+            ui.file_error("labels [final].csv", exc)
+        ui.file_error("resnet50 (copy).pth", ValueError("this is not a weights file"))
+
+    at = AppTest.from_function(page).run()
+    sheet, weights = (shown(e.value) for e in at.error)
+    assert sheet.count("labels [final].csv") == 1 and "is a Photoshop file (PSD), not a label sheet" in sheet
+    assert weights == "resnet50 (copy).pth: this is not a weights file"

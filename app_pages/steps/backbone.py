@@ -77,7 +77,7 @@ if not status.available:
                 try:
                     weights.import_weights(chosen, path)
                 except ValueError as exc:
-                    st.error(f"{ui.plain(upload.name)}: {ui.plain(exc)}")
+                    ui.file_error(upload.name, exc)
                 else:
                     ui.reset_upload("weights")
                     st.rerun()

@@ -40,7 +40,7 @@ with right:
             ui.reset_upload("sheet")
             st.rerun()
         except InputError as exc:
-            st.error(f"{ui.plain(sheet_file.name)}: {ui.plain(exc)}")
+            ui.file_error(sheet_file.name, exc)
     state = intake.sheet_state(project)
     if state:
         st.caption(f"Using **{ui.plain(state.filename)}**: photo names from column "

@@ -45,7 +45,7 @@ with st.expander("New tagging run", expanded=not state.tagging_run):
         try:
             head, columns, guessed = _preview(catalog.getvalue(), catalog.name)
         except InputError as exc:
-            st.error(f"{ui.plain(catalog.name)}: {ui.plain(exc)}")
+            ui.file_error(catalog.name, exc)
             st.stop()
         st.dataframe(head, hide_index=True, width="stretch")
         image_columns = st.multiselect("Columns with the photos (file names, paths or links)", columns,

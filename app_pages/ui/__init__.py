@@ -58,6 +58,13 @@ def plain(value: object) -> str:
     return _AUTOLINK.sub(lambda m: (m[1] or "") + _WORD_JOINER, text)
 
 
+def file_error(filename: str, exc: BaseException) -> None:
+    """Say why an uploaded file was refused: core's sentence, after the file's name unless the
+    sentence already names it (the sheet reader's do: "'labels.csv' is a Photoshop file...")."""
+    message = str(exc)
+    st.error(plain(message) if filename and filename in message else f"{plain(filename)}: {plain(message)}")
+
+
 def register_pages(pages: dict) -> None:
     """Remember the navigation's page objects so pages can link to each other."""
     st.session_state[_PAGES_KEY] = pages
