@@ -36,7 +36,7 @@ from core.learning.novelty import fit_novelty  # noqa: E402
 from core.learning.splits import plan_split  # noqa: E402
 
 
-def measure(seed: int, catalog, flatlay) -> dict:
+def measure(seed: int, catalog: tuple, flat: np.ndarray) -> dict:
     X, y, ids = catalog
     plan = plan_split(ids, y, seed=seed)
     with single_threaded_blas():
@@ -53,17 +53,17 @@ def measure(seed: int, catalog, flatlay) -> dict:
         labels = predict_labels(proba, classes=classes, positive="person", threshold=cv.threshold)
         return np.asarray([classes.index(str(label)) for label in labels])
 
-    held_out, flat = X[test], flatlay[0]
+    held_out = X[test]
     flat_called = called(flat)
     person = flat_called == classes.index("person")
+    flat_flags = (first.unlike(flat), both.unlike(flat, flat_called))  # first check alone, both checks
     return {
         "held_out": len(test),
         "held_out_flagged": (int(first.unlike(held_out).sum()), int(both.unlike(held_out, called(held_out)).sum())),
         "flat": len(flat),
         "flat_person": int(person.sum()),
-        "flat_flagged": (int(first.unlike(flat).sum()), int(both.unlike(flat, flat_called).sum())),
-        "person_unflagged": (int((person & ~first.unlike(flat)).sum()),
-                             int((person & ~both.unlike(flat, flat_called)).sum())),
+        "flat_flagged": tuple(int(f.sum()) for f in flat_flags),
+        "person_unflagged": tuple(int((person & ~f).sum()) for f in flat_flags),
     }
 
 
@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     print("seed | held-out catalog flagged: first check / both | flat-lay called person | "
           "flat-lay flagged: first / both | person calls left unflagged: first / both")
     for seed in args.seeds:
-        m = measure(seed, (X, y, ids), (flat,))
+        m = measure(seed, (X, y, ids), flat)
         print(f"{seed:>4} | {m['held_out_flagged'][0]:>3} / {m['held_out_flagged'][1]:<3} of {m['held_out']:<4} | "
               f"{m['flat_person']:>3} of {m['flat']:<5} | {m['flat_flagged'][0]:>3} / {m['flat_flagged'][1]:<3} | "
               f"{m['person_unflagged'][0]:>3} / {m['person_unflagged'][1]}", flush=True)

@@ -46,8 +46,8 @@ K = 3
 # A photo this close to a limit counts as within it. The limit is a distance one calibration photo
 # had (method "higher"), and that photo's features, computed again in another process, with other
 # threads or another batch, differ in the 7th digit: without this margin it is flagged or not by
-# chance (a Ray worker flagged it, the single machine did not). Photos that differ sit 1e-3 and
-# more apart.
+# chance (a Ray worker flagged it, the single machine did not). Real differences are far larger:
+# in that case the next photo was 3.3e-3 inside the limit.
 MARGIN = 1e-4
 MIN_HELD_OUT = 20  # fewer held-out photos than this: the training photos' own distances join them
 _KEYS = ("novelty.reference", "novelty.threshold", "novelty.k")
@@ -181,6 +181,7 @@ def fit_novelty(X_train: np.ndarray, X_held_out: np.ndarray | None = None, *, k:
     X_train = _unit(X_train)
     X_held_out = np.empty((0, X_train.shape[1]), dtype=np.float32) if X_held_out is None else _unit(X_held_out)
     labelled = y_train is not None and classes is not None
+    labels = held_labels = None
     if labelled:
         index = {str(c): i for i, c in enumerate(classes)}
         labels = np.asarray([index.get(str(v), -1) for v in y_train])
@@ -189,10 +190,11 @@ def fit_novelty(X_train: np.ndarray, X_held_out: np.ndarray | None = None, *, k:
     if len(X_train) > MAX_REFERENCE:
         keep = np.sort(np.random.default_rng(seed).choice(len(X_train), MAX_REFERENCE, replace=False))
         X_train = X_train[keep]
-        labels = labels[keep] if labelled else None
+        if labelled:
+            labels = labels[keep]
     k = max(1, min(k, len(X_train) - 1))
     reference = X_train.astype(np.float16)
-    probe = Novelty(reference=reference, threshold=np.inf, k=k, labels=labels if labelled else None)
+    probe = Novelty(reference=reference, threshold=np.inf, k=k, labels=labels)
     threshold = _limit(probe, X_held_out, X_train)
     if not labelled:
         return Novelty(reference=reference, threshold=threshold, k=k)
