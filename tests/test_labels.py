@@ -603,3 +603,12 @@ def test_a_sheet_whose_first_cell_looks_like_a_signature_is_still_a_sheet(first_
     """Text that starts like a binary signature (a column named "MZ code") is read as the sheet it is."""
     sheet = read_sheet(first_line + b"\na.jpg,person\nb.jpg,bag\n", filename="labels.csv")
     assert len(sheet.frame) == 2
+
+
+def test_a_catalog_export_is_told_what_a_catalog_needs() -> None:
+    """The same reader serves label sheets and catalog exports; a catalog's messages speak of a catalog."""
+    for data, words in ((b"8BPS\x00\x01" + bytes(200), "not a catalog export"), (b"", "Save your catalog export"),
+                        (b";;;\r\n;;;\r\n", "a column of photo file names or links")):
+        with pytest.raises(InputError, match=words) as caught:
+            read_sheet(data, filename="export.csv", purpose="catalog")
+        assert "label" not in str(caught.value)

@@ -19,8 +19,42 @@ from core.projects.state import ProjectState
 @st.cache_data(max_entries=2, show_spinner=False)
 def _preview(data: bytes, filename: str) -> tuple:
     """The uploaded catalog's first rows, columns and guessed photo columns (read once per upload)."""
-    sheet = sheets.read_sheet(data, filename=filename)
+    sheet = sheets.read_sheet(data, filename=filename, purpose="catalog")
     return sheet.frame.head(5), [str(c) for c in sheet.frame.columns], catalog_module.guess_columns(sheet)[1]
+
+
+def _new_run(project, model: dict, catalog, photos) -> None:
+    """An uploaded catalog's preview, the run's settings and its Start button. A catalog that
+    cannot be read, or a run that cannot start, says why, and the rest of the page (the last
+    run's rows) stays."""
+    try:
+        head, columns, guessed = _preview(catalog.getvalue(), catalog.name)
+    except InputError as exc:
+        ui.file_error(catalog.name, exc)
+        return
+    st.dataframe(head, hide_index=True, width="stretch")
+    image_columns = st.multiselect("Columns with the photos (file names, paths or links)", columns,
+                                   default=[c for c in guessed if c in columns])
+    rule = st.radio("When a row has several photos, tag it when…", ["any", "all", "first", "majority"],
+                    horizontal=True, format_func={"any": "any photo shows it", "all": "all photos show it",
+                                                  "first": "the first photo shows it",
+                                                  "majority": "most photos show it"}.get)
+    review = st.slider("Flag for review when the model is less sure than", 50, 99, 75, 1, format="%d %%",
+                       key="review_below") / 100
+    if st.button("Start tagging", type="primary", disabled=not image_columns):
+        try:
+            run_id = tagging.start_project_run(
+                project, catalog_name=catalog.name, catalog_data=catalog.getvalue(),
+                bundle_path=Path(model["path"]), zip_data=photos.getvalue() if photos else None,
+                options=tagging.TagOptions(image_columns=image_columns, rule=rule, review_below=review),
+                threshold=model["threshold"] if model["positive"] else None)
+        except InputError as exc:
+            st.error(f"Tagging could not start: {ui.plain(exc)}")
+            return
+        tasks.submit(project, "tag", {"run": run_id})
+        ui.reset_upload("catalog")
+        ui.reset_upload("catalog_zip")
+        st.rerun()
 
 
 st.title("5 · Tag catalog")
@@ -42,34 +76,7 @@ with st.expander("New tagging run", expanded=not state.tagging_run):
     photos = st.file_uploader("Its photos as a zip (not needed for photo links or photos already in the project)",
                               type=["zip"], key=ui.upload_key("catalog_zip"))
     if catalog is not None:
-        try:
-            head, columns, guessed = _preview(catalog.getvalue(), catalog.name)
-        except InputError as exc:
-            ui.file_error(catalog.name, exc)
-            st.stop()
-        st.dataframe(head, hide_index=True, width="stretch")
-        image_columns = st.multiselect("Columns with the photos (file names, paths or links)", columns,
-                                       default=[c for c in guessed if c in columns])
-        rule = st.radio("When a row has several photos, tag it when…", ["any", "all", "first", "majority"],
-                        horizontal=True, format_func={"any": "any photo shows it", "all": "all photos show it",
-                                                      "first": "the first photo shows it",
-                                                      "majority": "most photos show it"}.get)
-        review = st.slider("Flag for review when the model is less sure than", 50, 99, 75, 1, format="%d %%",
-                           key="review_below") / 100
-        if st.button("Start tagging", type="primary", disabled=not image_columns):
-            try:
-                run_id = tagging.start_project_run(
-                    project, catalog_name=catalog.name, catalog_data=catalog.getvalue(),
-                    bundle_path=Path(model["path"]), zip_data=photos.getvalue() if photos else None,
-                    options=tagging.TagOptions(image_columns=image_columns, rule=rule, review_below=review),
-                    threshold=model["threshold"] if model["positive"] else None)
-            except InputError as exc:
-                st.error(f"Tagging could not start: {ui.plain(exc)}")
-                st.stop()
-            tasks.submit(project, "tag", {"run": run_id})
-            ui.reset_upload("catalog")
-            ui.reset_upload("catalog_zip")
-            st.rerun()
+        _new_run(project, model, catalog, photos)
 
 @st.cache_data(max_entries=8, show_spinner=False)
 def _thumbnails(slug: str, folder_str: str, rows: tuple) -> dict[int, bytes]:

@@ -91,7 +91,7 @@ def read_catalog(source: Path | bytes, *, filename: str) -> Catalog:
 
     Raises :class:`InputError` when the file cannot be read or no column holds photos.
     """
-    return catalog_of(read_sheet(source, filename=filename))
+    return catalog_of(read_sheet(source, filename=filename, purpose="catalog"))
 
 
 def catalog_of(sheet: Sheet, *, image_columns: Sequence[str] = ()) -> Catalog:

@@ -79,10 +79,20 @@ class Sheet:
         return self.first_data_row + int(index)
 
 
+# What a sheet is for, in the words its messages use: what it is called, what it lists, what it needs.
+_PURPOSES = {
+    "labels": ("label sheet", "each photo's file name and its label", "a column of photo names and a column of labels"),
+    "catalog": ("catalog export", "one row per product with its photos' file names or links",
+                "a column of photo file names or links"),
+}
+
+
 def read_sheet(
-    source: Path | bytes, *, filename: str, keep_raw: bool = False, photo_names: Iterable[str] = ()
+    source: Path | bytes, *, filename: str, keep_raw: bool = False, photo_names: Iterable[str] = (),
+    purpose: str = "labels",
 ) -> Sheet:
-    """Read a CSV/TSV (any common delimiter and encoding) or .xlsx/.xlsm label sheet.
+    """Read a CSV/TSV (any common delimiter and encoding) or .xlsx/.xlsm label sheet, or with
+    ``purpose="catalog"`` a catalog export (its messages then say so and what it needs).
 
     ``filename`` is the name the analyst knows the file by; it picks the format together
     with the file's first bytes and is quoted in every message. ``keep_raw`` also keeps the
@@ -101,10 +111,10 @@ def read_sheet(
         raise TypeError(f"read_sheet expects a Path or bytes, got {type(source).__name__}")
 
     suffix = PurePath(filename).suffix.casefold()
+    name, lists, needs = _PURPOSES[purpose]
     if not data.strip(b" \t\r\n\x00\xef\xbb\xbf\xff\xfe"):
         raise InputError(
-            f"'{filename}' is empty. Save your label sheet with at least a column of photo "
-            "names and a column of labels, then upload it again."
+            f"'{filename}' is empty. Save your {name} with at least {needs}, then upload it again."
         )
     if data.startswith(b"\xd0\xcf\x11\xe0\xa1\xb1\x1a\xe1"):
         raise InputError(
@@ -113,15 +123,15 @@ def read_sheet(
             "File > Save As > 'Excel Workbook (.xlsx)' or 'CSV UTF-8', then upload that file."
         )
     if data.startswith(b"PK\x03\x04"):
-        rows, numbers, raw, notes = _read_workbook(data, filename=filename, keep_raw=keep_raw)
-        sheet = _build_sheet(rows, numbers, filename=filename, encoding=None, delimiter=None, raw=raw)
+        rows, numbers, raw, notes = _read_workbook(data, filename=filename, keep_raw=keep_raw, purpose=purpose)
+        sheet = _build_sheet(rows, numbers, filename=filename, encoding=None, delimiter=None, raw=raw, purpose=purpose)
         sheet.notes += notes
         return sheet
     kind = binary_kind(data)
     if kind is not None:
         raise InputError(
-            f"'{filename}' is {kind}, not a label sheet. Upload the spreadsheet that lists "
-            "each photo's file name and its label (CSV or Excel .xlsx)."
+            f"'{filename}' is {kind}, not a {name}. Upload the spreadsheet that lists "
+            f"{lists} (CSV or Excel .xlsx)."
         )
 
     try:
@@ -142,12 +152,14 @@ def read_sheet(
             "'CSV UTF-8', then upload that file."
         )
     rows, numbers, delimiter, raw = _parse_text(text, filename=filename, keep_raw=keep_raw)
-    sheet = _build_sheet(rows, numbers, filename=filename, encoding=encoding, delimiter=delimiter, raw=raw)
+    sheet = _build_sheet(rows, numbers, filename=filename, encoding=encoding, delimiter=delimiter, raw=raw,
+                         purpose=purpose)
     sheet.notes += [Problem("sheet_encoding", note, file=filename, severity="info")] if note else []
     return sheet
 
 
-def _read_workbook(data: bytes, *, filename: str, keep_raw: bool) -> tuple[list[list[str]], list[int], list | None, list]:
+def _read_workbook(data: bytes, *, filename: str, keep_raw: bool,
+                   purpose: str) -> tuple[list[list[str]], list[int], list | None, list]:
     """Cells of the worksheet holding photo names (else the first non-empty one) of an
     .xlsx/.xlsm, as strings, with row numbers (and with ``keep_raw``, every row's cells
     unstripped, by row number - 1), and notes: which worksheet, formulas without values."""
@@ -166,7 +178,7 @@ def _read_workbook(data: bytes, *, filename: str, keep_raw: bool) -> tuple[list[
         else:
             what = "a zip archive"
         raise InputError(
-            f"'{filename}' is {what}, not an Excel workbook. Save the label sheet as "
+            f"'{filename}' is {what}, not an Excel workbook. Save the {_PURPOSES[purpose][0]} as "
             "'Excel Workbook (.xlsx)' or as CSV and upload that file instead."
         )
     import openpyxl  # deferred: only workbooks need it
@@ -197,7 +209,7 @@ def _read_workbook(data: bytes, *, filename: str, keep_raw: bool) -> tuple[list[
         return rows, numbers, raw, (notes if title != found[0][0] else []) + _formulas_without_values(
             data, title, filename)
     raise InputError(
-        f"Every worksheet in '{filename}' is empty. Put the photo names and labels in the first "
+        f"Every worksheet in '{filename}' is empty. Put {_PURPOSES[purpose][2]} in the first "
         "worksheet and upload it again."
     )
 
@@ -371,13 +383,14 @@ def _build_sheet(
     encoding: str | None,
     delimiter: str | None,
     raw: list[list[str]] | None = None,
+    purpose: str = "labels",
 ) -> Sheet:
     """Turn non-empty rows (with their sheet row numbers) into a :class:`Sheet`; ``raw`` holds
     every row as written (row number - 1) when the sheet must keep them."""
     if not rows:
         raise InputError(
-            f"'{filename}' has no rows with content. Save your label sheet with a column of photo "
-            "names and a column of labels, then upload it again."
+            f"'{filename}' has no rows with content. Save your {_PURPOSES[purpose][0]} with "
+            f"{_PURPOSES[purpose][2]}, then upload it again."
         )
     # A title line above the table ("Labels for March") is not the header: skip such lines.
     skip = 0
@@ -401,8 +414,7 @@ def _build_sheet(
     keep = [i for i in range(width) if not _is_unnamed(header[i]) or any(r[i] for r in body)]
     if not keep:
         raise InputError(
-            f"'{filename}' has no usable columns. Put the photo names in one column and the "
-            "labels in another, then upload it again."
+            f"'{filename}' has no usable columns. Give it {_PURPOSES[purpose][2]}, then upload it again."
         )
     if has_header and not body:
         raise InputError(

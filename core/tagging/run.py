@@ -96,7 +96,7 @@ def create_run(
     data = Path(catalog_path).read_bytes()
     catalog_copy = folder / f"catalog{catalog_path.suffix.lower() or '.csv'}"
     atomic_write_bytes(catalog_copy, data)
-    sheet = read_sheet(data, filename=catalog_path.name, keep_raw=True)
+    sheet = read_sheet(data, filename=catalog_path.name, keep_raw=True, purpose="catalog")
     found = catalog_of(sheet, image_columns=options.image_columns)
     options = replace(options, image_columns=found.image_columns,
                       id_column=options.id_column or (found.id_column if found.long_format else None))
@@ -170,7 +170,8 @@ def catalog_sheet(folder: Path) -> Sheet:
     path = folder / "catalog.json"
     if not path.is_file():
         run = load_run(folder)
-        _save_sheet(path, read_sheet(folder / run["catalog"], filename=run["catalog_name"], keep_raw=True))
+        _save_sheet(path, read_sheet(folder / run["catalog"], filename=run["catalog_name"], keep_raw=True,
+                                     purpose="catalog"))
     stat = path.stat()
     return _load_sheet(path, (stat.st_mtime_ns, stat.st_size))
 

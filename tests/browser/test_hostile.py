@@ -86,6 +86,16 @@ def test_tag_page_with_corrupt_photos_shows_its_review_list_and_downloads(server
     assert sheet["B2"].value == "=1+1" and sheet["B2"].data_type == "s"
     assert pd.read_parquet(files["parquet"])["note"].tolist() == ["=1+1", "ok", "@SUM(A1)"]
 
+    # A next catalog that is not one (a Photoshop file under a .csv name): the page says what it
+    # is and what a catalog export needs, and the last run's rows stay on the page below.
+    page.get_by_text("New tagging run").click()
+    psd = tmp_path / "next-catalog.csv"
+    psd.write_bytes(b"8BPS\x00\x01" + bytes(300))
+    page.locator(UPLOAD).nth(0).set_input_files(str(psd))
+    page.get_by_text("'next-catalog.csv' is a Photoshop file (PSD), not a catalog export").wait_for(timeout=120_000)
+    assert page.get_by_text("3 of 3 rows done").is_visible()
+    assert page.get_by_role("button", name="Download as CSV").count() == 1
+
 
 def test_report_page_draws_link_like_class_names_as_text(server, page, project):
     requests = []
